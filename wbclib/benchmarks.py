@@ -1,0 +1,201 @@
+"""Benchmarks as deterministic split tables written to disk.
+
+* **PBC-LT** – the 9 sub-typed WBC classes of pbc; a stratified 20 % held-out
+  test, 5-fold CV on the rest, and the training part sub-sampled to an
+  exponential long tail with imbalance ratio rho (head chosen by the seed).
+* **Shift** – every validation and test image gets a deterministic
+  (degradation kind, severity) for the "phase 2" evaluation; the pristine
+  image stays available (severity 0).
+* **Cross-lab** – the classes the labs share; train on pbc and test on zheng1
+  and bccd crops, and leave-one-lab-out over the three labs.
+
+A split table has one row per image with ``path`` (relative to the data root),
+``label`` (class name), ``split`` (train / val / test) and, for shifted sets,
+``degradation`` and ``severity`` columns.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from . import data
+from .degrade import assign_degradations
+
+PBC_LT_CLASSES = ("SNE", "BNE", "MY", "MMY", "PMY", "EO", "BA", "LY", "MO")
+CROSSLAB_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+LABS = ("pbc", "zheng1", "bccd")
+RHOS = (1, 10, 100)
+
+
+# --------------------------------------------------------------------------
+# PBC-LT
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PbcLtDefinition:
+    """The recorded choices behind a PBC-LT split table."""
+
+    seed: int
+    test_fraction: float
+    n_folds: int
+    head_order: List[str]
+    counts_available: Dict[str, int] = field(default_factory=dict)
+
+
+def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.2,
+                n_folds: int = 5) -> tuple:
+    """Build the PBC-LT table from the (de-duplicated) pbc manifest.
+
+    Returns ``(table, definition)``. The table has ``path``, ``label`` (fine
+    class), ``split`` (test or cv), ``fold`` (0..n_folds-1, -1 for test) and
+    ``rank`` (a seeded order within each class that decides which training
+    images survive the long-tail sub-sampling), plus deterministic
+    ``degradation``/``severity`` for phase-2 evaluation.
+    """
+    df = manifest[manifest["fine_label"].isin(PBC_LT_CLASSES)][["path", "fine_label"]]
+    df = df.rename(columns={"fine_label": "label"}).sort_values("path").reset_index(drop=True)
+    rest, test = train_test_split(df, test_size=test_fraction, stratify=df["label"], random_state=seed)
+    test = test.assign(split="test", fold=-1)
+    rest = rest.assign(split="cv", fold=-1)
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, idx) in enumerate(folds.split(rest, rest["label"])):
+        rest.iloc[idx, rest.columns.get_loc("fold")] = k
+    table = pd.concat([rest, test]).sort_values("path").reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    table["rank"] = 0
+    for label, idx in table.groupby("label").groups.items():
+        table.loc[idx, "rank"] = rng.permutation(len(idx))
+    kinds, levels = assign_degradations(table["path"], seed)
+    table["degradation"], table["severity"] = kinds, levels
+    head_order = list(np.random.default_rng(seed + 1).permutation(PBC_LT_CLASSES))
+    definition = PbcLtDefinition(
+        seed=seed, test_fraction=test_fraction, n_folds=n_folds, head_order=head_order,
+        counts_available=table[table.split == "cv"]["label"].value_counts().to_dict(),
+    )
+    return table, definition
+
+
+def long_tail_counts(head_order: Sequence[str], n_max: int, rho: float) -> Dict[str, int]:
+    """Exponential profile n_i = n_max * rho^(-i / (C - 1)), i = 0 for the head."""
+    c = len(head_order)
+    return {cls: max(1, int(round(n_max * rho ** (-i / (c - 1))))) for i, cls in enumerate(head_order)}
+
+
+def pbc_lt_split(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, fold: int,
+                 n_max: Optional[int] = None, val_per_class: Optional[int] = None,
+                 test_per_class: Optional[int] = None) -> pd.DataFrame:
+    """Train / val / test rows for one (rho, fold).
+
+    ``n_max`` (head-class size) defaults to the smallest number of training
+    images any class has in this fold, so every class can fill its quota; a
+    smaller value caps the whole benchmark (the ``cpu`` profile). Validation
+    and test keep their natural class mix unless capped per class.
+    """
+    cv = table[table["split"] == "cv"]
+    train_pool = cv[cv["fold"] != fold]
+    available = train_pool["label"].value_counts()
+    n_max = int(min(available.min(), n_max or available.min()))
+    quotas = long_tail_counts(definition.head_order, n_max, rho)
+    train = _take_quota(train_pool, quotas)
+    val = _cap(cv[cv["fold"] == fold], val_per_class)
+    test = _cap(table[table["split"] == "test"], test_per_class)
+    out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
+    return out.reset_index(drop=True)
+
+
+def _take_quota(pool: pd.DataFrame, quotas: Dict[str, int]) -> pd.DataFrame:
+    parts = [g.sort_values("rank").head(quotas[label]) for label, g in pool.groupby("label")]
+    return pd.concat(parts)
+
+
+def _cap(df: pd.DataFrame, per_class: Optional[int]) -> pd.DataFrame:
+    if per_class is None:
+        return df
+    return pd.concat([g.sort_values("rank").head(per_class) for _, g in df.groupby("label")])
+
+
+# --------------------------------------------------------------------------
+# Cross-lab
+# --------------------------------------------------------------------------
+
+
+def make_crosslab(manifests: pd.DataFrame, seed: int = 0, val_fraction: float = 0.2,
+                  classes: Sequence[str] = CROSSLAB_CLASSES) -> pd.DataFrame:
+    """One table over all labs: ``path``, ``lab``, ``label`` (common class),
+    ``part`` (train or val within its lab, stratified), ``rank`` (seeded order
+    within lab and class, for per-class caps)."""
+    df = manifests[manifests["label"].isin(classes)][["path", "lab", "label"]]
+    df = df.sort_values("path").reset_index(drop=True)
+    df["part"] = "train"
+    rng = np.random.default_rng(seed)
+    df["rank"] = 0
+    for (lab, label), idx in df.groupby(["lab", "label"]).groups.items():
+        order = rng.permutation(len(idx))
+        df.loc[idx, "rank"] = order
+        n_val = int(round(val_fraction * len(idx)))
+        df.loc[idx[order < n_val], "part"] = "val"
+    return df
+
+
+def crosslab_split(table: pd.DataFrame, target_labs: Sequence[str], source_labs: Optional[Sequence[str]] = None,
+                   train_per_class: Optional[int] = None, val_per_class: Optional[int] = None) -> pd.DataFrame:
+    """Train and validate on the source labs (in-domain validation), test on
+    every image of each target lab. ``split`` is train / val / test."""
+    source_labs = [l for l in LABS if l not in target_labs] if source_labs is None else list(source_labs)
+    src = table[table["lab"].isin(source_labs)]
+    train = _cap_lab(src[src["part"] == "train"], train_per_class)
+    val = _cap_lab(src[src["part"] == "val"], val_per_class)
+    test = table[table["lab"].isin(target_labs)]
+    out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
+    return out.reset_index(drop=True)
+
+
+def _cap_lab(df: pd.DataFrame, per_class: Optional[int]) -> pd.DataFrame:
+    if per_class is None:
+        return df
+    return pd.concat([g.sort_values("rank").head(per_class) for _, g in df.groupby(["lab", "label"])])
+
+
+# --------------------------------------------------------------------------
+# Writing and reading split files
+# --------------------------------------------------------------------------
+
+
+def write_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Dict[str, Path]:
+    """Build every benchmark table from the data root and write it to ``out_dir``.
+
+    Files: ``pbc_lt_seed{seed}.csv`` + ``.json`` (definition) and
+    ``crosslab_seed{seed}.csv``. Re-running with the same inputs rewrites
+    identical files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifests = data.drop_duplicates(data.all_manifests(root, cache_dir=cache_dir))
+    table, definition = make_pbc_lt(manifests[manifests["source"] == "pbc"], seed=seed)
+    paths = {
+        "pbc_lt": out_dir / f"pbc_lt_seed{seed}.csv",
+        "pbc_lt_definition": out_dir / f"pbc_lt_seed{seed}.json",
+        "crosslab": out_dir / f"crosslab_seed{seed}.csv",
+    }
+    table.to_csv(paths["pbc_lt"], index=False)
+    paths["pbc_lt_definition"].write_text(json.dumps(asdict(definition), indent=2, sort_keys=True))
+    make_crosslab(manifests, seed=seed).to_csv(paths["crosslab"], index=False)
+    return paths
+
+
+def read_pbc_lt(out_dir: Path, seed: int = 0) -> tuple:
+    out_dir = Path(out_dir)
+    table = pd.read_csv(out_dir / f"pbc_lt_seed{seed}.csv")
+    definition = PbcLtDefinition(**json.loads((out_dir / f"pbc_lt_seed{seed}.json").read_text()))
+    return table, definition
+
+
+def read_crosslab(out_dir: Path, seed: int = 0) -> pd.DataFrame:
+    return pd.read_csv(Path(out_dir) / f"crosslab_seed{seed}.csv")

