@@ -4,14 +4,14 @@
   test, 5-fold CV on the rest, and the training part sub-sampled to an
   exponential long tail with imbalance ratio rho (head chosen by the seed).
 * **Shift** – every validation and test image gets a deterministic
-  (degradation kind, severity) for the "phase 2" evaluation; the pristine
-  image stays available (severity 0).
+  (degradation kind, severity) for the "phase 2" evaluation (:func:`phase2`);
+  split rows are pristine (``severity`` 0) until it is switched on.
 * **Cross-lab** – the classes the labs share; train on pbc and test on zheng1
   and bccd crops, and leave-one-lab-out over the three labs.
 
 A split table has one row per image with ``path`` (relative to the data root),
-``label`` (class name), ``split`` (train / val / test) and, for shifted sets,
-``degradation`` and ``severity`` columns.
+``label`` (class name), ``split`` (train / val / test) and, for PBC-LT,
+``degradation`` and ``severity`` columns read by the image loader.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.
     Returns ``(table, definition)``. The table has ``path``, ``label`` (fine
     class), ``split`` (test or cv), ``fold`` (0..n_folds-1, -1 for test) and
     ``rank`` (a seeded order within each class that decides which training
-    images survive the long-tail sub-sampling), plus deterministic
-    ``degradation``/``severity`` for phase-2 evaluation.
+    images survive the long-tail sub-sampling), plus each image's phase-2
+    ``degradation`` kind and ``phase2_severity`` (1-4).
     """
     df = manifest[manifest["fine_label"].isin(PBC_LT_CLASSES)][["path", "fine_label"]]
     df = df.rename(columns={"fine_label": "label"}).sort_values("path").reset_index(drop=True)
@@ -73,7 +73,7 @@ def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.
     for label, idx in table.groupby("label").groups.items():
         table.loc[idx, "rank"] = rng.permutation(len(idx))
     kinds, levels = assign_degradations(table["path"], seed)
-    table["degradation"], table["severity"] = kinds, levels
+    table["degradation"], table["phase2_severity"] = kinds, levels
     head_order = list(np.random.default_rng(seed + 1).permutation(PBC_LT_CLASSES))
     definition = PbcLtDefinition(
         seed=seed, test_fraction=test_fraction, n_folds=n_folds, head_order=head_order,
@@ -107,7 +107,17 @@ def pbc_lt_split(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, f
     val = _cap(cv[cv["fold"] == fold], val_per_class)
     test = _cap(table[table["split"] == "test"], test_per_class)
     out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
-    return out.reset_index(drop=True)
+    return out.assign(severity=0).reset_index(drop=True)
+
+
+def phase2(rows: pd.DataFrame) -> pd.DataFrame:
+    """The same rows with their assigned phase-2 degradation switched on."""
+    return rows.assign(severity=rows["phase2_severity"])
+
+
+def at_severity(rows: pd.DataFrame, kind: str, severity: int) -> pd.DataFrame:
+    """The same rows all degraded by ``kind`` at ``severity`` (0 = pristine)."""
+    return rows.assign(degradation=kind, severity=severity)
 
 
 def _take_quota(pool: pd.DataFrame, quotas: Dict[str, int]) -> pd.DataFrame:
@@ -188,6 +198,15 @@ def write_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) ->
     paths["pbc_lt_definition"].write_text(json.dumps(asdict(definition), indent=2, sort_keys=True))
     make_crosslab(manifests, seed=seed).to_csv(paths["crosslab"], index=False)
     return paths
+
+
+def ensure_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Path:
+    """Write the benchmark files unless they are already there; returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    needed = [out_dir / f"pbc_lt_seed{seed}.csv", out_dir / f"pbc_lt_seed{seed}.json", out_dir / f"crosslab_seed{seed}.csv"]
+    if not all(p.is_file() for p in needed):
+        write_benchmarks(out_dir, root=root, seed=seed, cache_dir=cache_dir)
+    return out_dir
 
 
 def read_pbc_lt(out_dir: Path, seed: int = 0) -> tuple:

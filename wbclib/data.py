@@ -51,9 +51,9 @@ def load_image(path: PathLike) -> np.ndarray:
             im.load()
             mode = im.mode
             if mode in ("RGB",):
-                arr = np.asarray(im)
+                arr = np.array(im)
             elif mode in ("L", "P", "RGBA", "LA", "CMYK", "YCbCr"):
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im.convert("RGB"))
             else:
                 raise DataError(f"{path}: unsupported image mode {mode!r} (expected RGB, L, P or RGBA)")
     except DataError:
@@ -62,7 +62,7 @@ def load_image(path: PathLike) -> np.ndarray:
         raise DataError(f"{path}: not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -20,7 +20,7 @@ SEVERITIES = (1, 2, 3, 4)
 #: shorter side, or colour-cast strength).
 SEVERITY_PARAMS: Dict[str, Dict[int, float]] = {
     "salt_pepper": {1: 0.01, 2: 0.03, 3: 0.06, 4: 0.10},
-    "gaussian_blur": {1: 0.003, 2: 0.006, 3: 0.010, 4: 0.016},
+    "gaussian_blur": {1: 0.004, 2: 0.008, 3: 0.013, 4: 0.020},
     "illumination": {1: 0.15, 2: 0.30, 3: 0.45, 4: 0.60},
 }
 

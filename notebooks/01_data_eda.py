@@ -1,0 +1,129 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The data: three labs, one taxonomy
+#
+# Three public sets of peripheral-blood leukocyte images from three labs
+# ({cite}`acevedo2020pbc`, {cite}`zheng2018micron`, {cite}`bccd2017`). This
+# chapter builds one manifest per source, maps each lab's labels onto common
+# names, looks for duplicated files, and shows how differently the labs image
+# the same cells. How to obtain each set is in `data/README.md`.
+
+# %% tags=["parameters"]
+profile = "cpu"
+data_root = None  # None: $WBC_DATA_ROOT, else ../shared/datasets beside the project
+cache_dir = None  # None: <project>/cache
+seed = 0
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+from wbclib import data, plots, profiles
+
+cfg = profiles.get(profile)
+root = data.data_root(data_root)
+cache = profiles.output_dir("cache", cache_dir)
+manifests = data.all_manifests(root, cache_dir=cache)
+print(f"data root: {root}; {len(manifests)} images")
+
+# %% [markdown]
+# ## Images per lab and class
+#
+# pbc is large and fine-grained (sub-typed neutrophils and immature
+# granulocytes); zheng1 and bccd are small and dominated by neutrophils, with
+# basophils almost absent. The y-axis is logarithmic.
+
+# %%
+counts = manifests.pivot_table(index="label", columns="lab", values="path", aggfunc="size", fill_value=0)
+display(counts)
+plots.class_counts(manifests, title="images per common class and lab");
+
+# %%
+fine = manifests[manifests.lab == "pbc"].groupby("fine_label").size().sort_values(ascending=False).rename("images")
+display(fine.to_frame().T)
+
+# %% [markdown]
+# ## What the labs look like
+#
+# The same cell types under three stains, microscopes and cameras: pbc's
+# CellaVision fields centre one leukocyte among red cells, zheng1 crops tightly
+# around the cell on a yellowish background, and bccd crops come from
+# lower-magnification smear photographs.
+
+# %%
+sample = manifests[manifests.label.isin(["neutrophil", "lymphocyte", "monocyte", "eosinophil"])].copy()
+sample["lab / class"] = sample["lab"] + " / " + sample["label"]
+plots.sample_grid(sample, root, row="lab / class", n=6, seed=seed);
+
+# %%
+plots.sample_grid(manifests[manifests.lab == "pbc"], root, row="fine_label", n=8, seed=seed,
+                  title="pbc fine classes");
+
+# %% [markdown]
+# ## Image size and colour
+#
+# Sizes differ by a factor of three between labs, and so does the number of
+# pixels a cell covers: a resize alone does not make the labs comparable (the
+# cross-lab chapter returns to this). Mean colour per image is computed on a
+# per-lab sample.
+
+# %%
+display(manifests.groupby("lab")[["width", "height"]].describe().round(1))
+
+
+# %%
+def mean_colour(rows):
+    return np.stack([data.load_image(root / p).reshape(-1, 3).mean(0) for p in rows["path"]])
+
+
+per_lab = 20 if cfg.name == "smoke" else 200
+colour = []
+for lab, rows in manifests.groupby("lab"):
+    pick = rows.sample(min(per_lab, len(rows)), random_state=seed)
+    colour.append(pd.DataFrame(mean_colour(pick), columns=["R", "G", "B"]).assign(lab=lab))
+colour = pd.concat(colour, ignore_index=True)
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+for ax, ch in zip(axes, "RGB"):
+    for lab, rows in colour.groupby("lab"):
+        ax.hist(rows[ch], bins=25, alpha=0.55, label=lab, density=True)
+    ax.set_xlabel(f"mean {ch} per image")
+axes[0].legend()
+fig.tight_layout()
+
+# %% [markdown]
+# ## Duplicates
+#
+# Byte-identical files (same SHA-256). The policy applied before any split:
+# copies carrying **different** labels are all dropped (the true label is
+# unknown); copies with the same label keep one, so no image can sit on both
+# sides of a train/test split.
+
+# %%
+dups = data.find_duplicates(manifests)
+print(f"{dups['group'].nunique()} duplicate groups, {len(dups)} files; "
+      f"{dups[dups.cross_class]['group'].nunique()} group(s) across classes")
+display(dups[["path", "fine_label", "n", "cross_class"]])
+clean = data.drop_duplicates(manifests)
+print(f"after the policy: {len(clean)} of {len(manifests)} images kept")
+
+# %% [markdown]
+# ## Integrity
+#
+# Every file is checked against the data set's `SHA256SUMS` list
+# (`wbc data verify` does the same from the command line).
+
+# %%
+problems = data.verify_checksums(root)
+print("all files match SHA256SUMS" if problems.empty else f"{len(problems)} problem(s)")
+display(problems.head())

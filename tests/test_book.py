@@ -1,0 +1,66 @@
+"""End to end: every notebook runs with papermill on the smoke profile, the
+book builds with warnings as errors, and its pages and figures load in
+headless Chromium."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from wbclib import runbook
+from wbclib.data import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, root):
+    work = tmp_path_factory.mktemp("book")
+    params = {"data_root": str(root), "results_dir": str(work / "results"), "cache_dir": str(work / "cache"),
+              "splits_dir": str(work / "splits")}
+    notebooks = runbook.execute("smoke", out_dir=work / "executed", parameters=params)
+    assert [p.stem for p in notebooks] == [p.stem for p in runbook.notebook_sources()]
+    return work
+
+
+def test_notebooks_write_results(executed):
+    results = executed / "results" / "smoke"
+    assert list((results / "pbc_lt" / "probe").glob("rho100_fold0/predictions_test_degraded.csv"))
+    assert (results / "pbc_lt" / "erm" / "rho100_fold0" / "metrics.json").is_file()
+    assert (results / "crosslab" / "erm" / "pbc_to_others_seed0" / "predictions_zheng1.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def html(executed):
+    site = executed / "site"
+    for name in ["_config.yml", "_toc.yml", "book"]:
+        src = PROJECT_ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, site / name)
+    shutil.copytree(executed / "executed", site / "executed")
+    build = subprocess.run(["jupyter-book", "build", str(site), "-W", "-n", "--keep-going"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    return site / "_build" / "html"
+
+
+def test_pages_and_figures_load_in_chromium(html):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (make setup installs it)")
+    pages = {"index.html": 0, "executed/01_data_eda.html": 3, "executed/03_erm_baseline.html": 3,
+             "executed/04_crosslab_erm.html": 2}
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        for name, min_figures in pages.items():
+            page.goto((html / name).as_uri())
+            page.wait_for_load_state("load")
+            assert page.title(), name
+            images = page.evaluate(
+                "Array.from(document.querySelectorAll('main img')).map(i => [i.src, i.complete && i.naturalWidth > 0])")
+            assert len(images) >= min_figures, (name, images)
+            broken = [src for src, ok in images if not ok]
+            assert not broken, (name, broken)
+        browser.close()

@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, multilabel_confusion_matrix,
+                             precision_score)
+
+from wbclib import metrics
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_scores_agree_with_scikit_learn(trial):
+    rng = np.random.default_rng(trial)
+    c = int(rng.integers(2, 9))
+    n = int(rng.integers(5, 200))
+    y = rng.integers(0, c, n)
+    p = np.where(rng.random(n) < 0.5, y, rng.integers(0, c, n))
+    s = metrics.scores(y, p, c)
+    assert s["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p))
+    assert s["macro_precision"] == pytest.approx(precision_score(y, p, average="macro", zero_division=0))
+    mcm = multilabel_confusion_matrix(y, p)
+    spec = [tn / (tn + fp) if tn + fp else 0.0 for (tn, fp), _ in mcm]
+    assert s["macro_specificity"] == pytest.approx(np.mean(spec))
+    labels = np.arange(c)
+    np.testing.assert_array_equal(metrics.confusion(y, p, c), confusion_matrix(y, p, labels=labels))
+
+
+def test_per_class_table():
+    y = [0, 0, 1, 1, 2]
+    p = [0, 1, 1, 1, 0]
+    t = metrics.per_class(y, p, ["a", "b", "c"])
+    assert t.loc["a", "precision"] == 0.5 and t.loc["b", "recall"] == 1.0 and t.loc["c", "f1"] == 0.0
+    assert t.support.tolist() == [2, 2, 1]
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    def ci(n):
+        y = rng.integers(0, 3, n)
+        p = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
+        point = metrics.scores(y, p, 3)["macro_f1"]
+        lo, hi = metrics.bootstrap_ci(y, p, 3, n_boot=300)
+        assert lo <= point <= hi
+        return hi - lo
+    assert ci(2000) < ci(100)
+
+
+def test_summarize_mean_and_std_over_folds():
+    t = pd.DataFrame({"rho": [1, 1, 10, 10], "macro_f1": [0.5, 0.7, 0.2, 0.2],
+                      "balanced_accuracy": 0.0, "macro_precision": 0.0, "macro_specificity": 0.0})
+    s = metrics.summarize(t, by=["rho"])
+    assert s.loc[1, "macro_f1_mean"] == pytest.approx(0.6)
+    assert s.loc[1, "macro_f1_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert s.loc[10, "n"] == 2
+    assert metrics.format_mean_std(s).loc[1, "macro_f1"] == "60.0 ± 14.1"

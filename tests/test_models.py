@@ -1,0 +1,79 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wbclib import models
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_lite_weights_load_every_tensor(name):
+    source = torch.load(models.lite_weights_path(name), map_location="cpu", weights_only=True)
+    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    backbone = models.create_backbone(name, pretrained=True)
+    dst = [v for k, v in backbone.model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(dst) == len(src) - 2  # headless: the ImageNet classifier is dropped
+    for a, b in zip(src, dst):
+        assert torch.equal(a, b)
+    assert backbone.mean == (0.5, 0.5, 0.5) and backbone.num_features == 1280
+
+
+def test_lite_weights_with_classifier_give_confident_imagenet_logits():
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    models.load_lite_weights(model, "tf_efficientnet_lite0")
+    model.eval()
+    # A smooth natural-looking input: a pretrained net is far from uniform on it, a random one is not.
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224), indexing="ij")
+    x = torch.stack([torch.sin(3 * xx), torch.cos(2 * yy), xx * yy])[None]
+    with torch.no_grad():
+        p = model(x).softmax(1)
+    assert p.max() > 0.05
+
+
+def test_other_backbones_random_init_and_paper_aliases():
+    backbone = models.create_backbone("resnet18", pretrained=False)
+    assert not backbone.pretrained and backbone.num_features == 512
+    with pytest.raises(KeyError, match="no offline weights"):
+        models.lite_weights_path("resnet50")
+    assert models.PAPER_BACKBONES["swin_t"].startswith("swin_tiny")
+
+
+def _table(root, n=6):
+    paths = sorted((root / "zheng1" / "images").glob("*.png"))[:n]
+    return pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths], "label": ["x"] * n})
+
+
+def test_image_table_resizes_degrades_and_indexes_domains(root):
+    table = _table(root).assign(domain=["b", "a", "b", "a", "a", "b"], degradation="salt_pepper", severity=0)
+    ds = models.ImageTable(table, root, ["x"], image_size=48)
+    x, y, d = ds[0]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and y == 0 and d == 1
+    noisy = models.ImageTable(table.assign(severity=4), root, ["x"], image_size=48)
+    assert not torch.equal(noisy[0][0], x)
+    with pytest.raises(ValueError, match="not among the classes"):
+        models.ImageTable(table, root, ["y"], image_size=48)
+
+
+def test_embedding_cache_is_keyed_and_reused(root, tmp_path, monkeypatch):
+    backbone = models.create_backbone("tf_efficientnet_lite0", pretrained=True)
+    table = _table(root)
+    first = models.extract_embeddings(backbone, table, root, 32, cache_dir=tmp_path, num_workers=0)
+    assert first.shape == (6, 1280) and len(list(tmp_path.glob("*.npy"))) == 1
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cached embedding must not read images")
+
+    monkeypatch.setattr(models, "load_image", no_reading)
+    np.testing.assert_array_equal(first, models.extract_embeddings(backbone, table, root, 32, cache_dir=tmp_path))
+    key = models.embedding_cache_key
+    assert key("a", True, 32, table, 0) != key("a", True, 64, table, 0)
+    assert key("a", True, 32, table, 0) != key("a", True, 32, table.assign(severity=2, degradation="gaussian_blur"), 0)
+    assert key("a", True, 32, table, 0) != key("b", True, 32, table, 0)
+
+
+def test_random_init_needs_a_weights_tag(root):
+    backbone = models.create_backbone("resnet18", pretrained=False)
+    with pytest.raises(ValueError, match="weights_tag"):
+        models.extract_embeddings(backbone, _table(root), root, 32)
