@@ -2,18 +2,68 @@
 
 Head-only experiments read cached embeddings (see ``models.extract_embeddings``)
 and train in seconds on a CPU.
+
+The decoupled classifiers follow Kang et al. 2020 ("Decoupling representation
+and classifier for long-tailed recognition"): keep the embeddings, then
+
+* ``crt`` re-trains a freshly initialised linear head with class-balanced
+  sampling (here with the hybrid loss of Le et al. 2026, Sec. 2.2.2);
+* ``tau_normalize`` rescales each class's weight vector by ``1 / ||w_c||^tau``;
+* ``fit_lws`` freezes the head and learns one scale per class.
+
+``HEADS`` names complete recipes with one signature so notebooks can sweep them.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .losses import make_loss
+from .registry import Registry
 from .samplers import make_sampler
+
+HEADS = Registry("head")
+
+
+def _train(
+    module: nn.Module,
+    params: Sequence[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    sampler: str,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """AdamW with a cosine schedule over ``epochs`` passes of the named sampler."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=make_sampler(sampler, y.numpy(), seed=seed))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    module.train()
+    for epoch in range(epochs):
+        if hasattr(criterion, "set_epoch"):
+            criterion.set_epoch(epoch)
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(module(xb), yb).backward()
+            optimizer.step()
+            scheduler.step()
+    module.eval()
+
+
+def _as_tensors(features: np.ndarray, labels: Sequence[int]):
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return x, y
 
 
 def fit_linear_head(
@@ -37,47 +87,172 @@ def fit_linear_head(
     pass raw embeddings at prediction time too.
     """
     torch.manual_seed(seed)
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    x, y = _as_tensors(features, labels)
     counts = np.bincount(y.numpy(), minlength=num_classes)
     mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
     std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
     head = StandardizedLinear(mean, std, num_classes)
     criterion = make_loss(loss, counts.tolist(), **(loss_hparams or {}))
-    loader = DataLoader(
-        TensorDataset(x, y),
-        batch_size=batch_size,
-        sampler=make_sampler(sampler, y.numpy(), seed=seed),
-    )
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
-    head.train()
-    for epoch in range(epochs):
-        if hasattr(criterion, "set_epoch"):
-            criterion.set_epoch(epoch)
-        for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
-            criterion(head(xb), yb).backward()
-            optimizer.step()
-            scheduler.step()
-    head.eval()
+    _train(head, list(head.parameters()), x, y, criterion, sampler, epochs, lr, weight_decay, batch_size, seed)
     return head
+
+
+def crt(
+    features: np.ndarray,
+    labels: Sequence[int],
+    num_classes: int,
+    loss: str = "hybrid",
+    sampler: str = "class_balanced",
+    **fit_kwargs,
+) -> nn.Module:
+    """Classifier re-training (cRT): a new linear head on fixed embeddings, re-balanced.
+
+    Defaults are Stage 2 of Le et al. 2026: class-balanced sampling and the
+    hybrid CB-CE + CB-focal loss. Note that the two re-balance twice (uniform
+    class sampling, then weights close to ``1 / n_c``), as in the paper.
+    Other arguments go to ``fit_linear_head``.
+    """
+    return fit_linear_head(features, labels, num_classes, loss=loss, sampler=sampler, **fit_kwargs)
 
 
 class StandardizedLinear(nn.Module):
     """``Linear((x - mean) / std)`` with the statistics stored as buffers."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int, bias: bool = True):
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
-        self.linear = nn.Linear(mean.numel(), num_classes)
+        self.linear = nn.Linear(mean.numel(), num_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear((x - self.mean) / self.std)
 
 
 @torch.no_grad()
+def tau_normalize(head: StandardizedLinear, tau: float) -> StandardizedLinear:
+    """A copy of ``head`` with weight rows ``w_c / ||w_c||^tau`` and no bias (Kang et al. 2020).
+
+    Instance-balanced training gives head classes larger weight norms; tau = 1
+    equalises them, tau = 0 keeps them. Kang et al. drop the bias, so tau = 0
+    reproduces ``head`` only when its bias is zero. On standardised features
+    the bias also carries the class prior, so dropping it is a re-balancing
+    step of its own.
+    """
+    norms = head.linear.weight.norm(dim=1, keepdim=True)
+    normalized = StandardizedLinear(head.mean.clone(), head.std.clone(), head.linear.out_features, bias=False)
+    normalized.linear.weight.copy_(head.linear.weight / norms.pow(tau))
+    return normalized.eval()
+
+
+def _macro_f1(head: nn.Module, features: np.ndarray, labels: Sequence[int]) -> float:
+    pred = predict_proba(head, features).argmax(1)
+    return float(f1_score(np.asarray(labels), pred, average="macro", zero_division=0))
+
+
+def choose_tau(
+    head: StandardizedLinear,
+    val_features: np.ndarray,
+    val_labels: Sequence[int],
+    taus: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11)),
+) -> float:
+    """The tau in ``taus`` whose tau-normalised head has the best validation macro-F1 (first on ties)."""
+    scores = [_macro_f1(tau_normalize(head, tau), val_features, val_labels) for tau in taus]
+    return float(taus[int(np.argmax(scores))])
+
+
+class LearnableWeightScaling(nn.Module):
+    """``f_c * head(x)_c``: a frozen head times one learnt scale per class (Kang et al. 2020, LWS).
+
+    As in the authors' code the scale multiplies the whole logit, bias included.
+    """
+
+    def __init__(self, head: nn.Module, num_classes: int):
+        super().__init__()
+        self.head = head
+        self.head.requires_grad_(False)
+        self.scales = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) * self.scales
+
+
+def fit_lws(
+    head: nn.Module,
+    features: np.ndarray,
+    labels: Sequence[int],
+    loss: str = "ce",
+    sampler: str = "class_balanced",
+    epochs: int = 10,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+    loss_hparams: Optional[dict] = None,
+) -> LearnableWeightScaling:
+    """Learn per-class logit scales for a copy of ``head`` with class-balanced sampling.
+
+    ``head`` itself is left untouched. No weight decay: it would pull the
+    scales towards 0 rather than towards the identity.
+    """
+    torch.manual_seed(seed)
+    x, y = _as_tensors(features, labels)
+    with torch.no_grad():
+        num_classes = head(x[:1]).shape[1]
+    scaled = LearnableWeightScaling(copy.deepcopy(head), num_classes)
+    counts = np.bincount(y.numpy(), minlength=num_classes)
+    criterion = make_loss(loss, counts.tolist(), **(loss_hparams or {}))
+    _train(scaled, [scaled.scales], x, y, criterion, sampler, epochs, lr, 0.0, batch_size, seed)
+    return scaled
+
+
+@torch.no_grad()
 def predict_proba(head: nn.Module, features: np.ndarray) -> np.ndarray:
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     return torch.softmax(head(x), dim=1).numpy()
+
+
+def make_head(
+    name: str,
+    train_features: np.ndarray,
+    train_labels: Sequence[int],
+    val_features: np.ndarray,
+    val_labels: Sequence[int],
+    num_classes: int,
+    seed: int = 0,
+    **hparams,
+) -> nn.Module:
+    """Fit the head recipe registered as ``name``; recipes that tune nothing ignore the validation set."""
+    return HEADS.create(name, train_features, train_labels, val_features, val_labels, num_classes, seed, **hparams)
+
+
+@HEADS.register("linear_probe")
+def linear_probe_recipe(train_features, train_labels, val_features, val_labels, num_classes, seed, **fit_kwargs):
+    """Plain linear head, instance-balanced CE unless ``fit_kwargs`` say otherwise."""
+    return fit_linear_head(train_features, train_labels, num_classes, seed=seed, **fit_kwargs)
+
+
+@HEADS.register("crt")
+def crt_recipe(train_features, train_labels, val_features, val_labels, num_classes, seed, **crt_kwargs):
+    """Classifier re-training with class-balanced sampling and the hybrid loss (see ``crt``)."""
+    return crt(train_features, train_labels, num_classes, seed=seed, **crt_kwargs)
+
+
+@HEADS.register("tau_norm")
+def tau_norm_recipe(
+    train_features, train_labels, val_features, val_labels, num_classes, seed,
+    tau: Optional[float] = None, taus: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11)), **probe_kwargs,
+):
+    """Instance-balanced linear probe, then tau-normalised; tau chosen on validation macro-F1 unless given."""
+    probe = fit_linear_head(train_features, train_labels, num_classes, seed=seed, **probe_kwargs)
+    if tau is None:
+        tau = choose_tau(probe, val_features, val_labels, taus)
+    return tau_normalize(probe, tau)
+
+
+@HEADS.register("lws")
+def lws_recipe(
+    train_features, train_labels, val_features, val_labels, num_classes, seed,
+    lws_epochs: int = 10, lws_lr: float = 1e-2, **probe_kwargs,
+):
+    """Instance-balanced linear probe, then learnable weight scaling with class-balanced sampling."""
+    probe = fit_linear_head(train_features, train_labels, num_classes, seed=seed, **probe_kwargs)
+    return fit_lws(probe, train_features, train_labels, epochs=lws_epochs, lr=lws_lr, seed=seed)
