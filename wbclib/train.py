@@ -70,8 +70,10 @@ def _atomic_save(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def _split_by_domain(x, y, d) -> List[tuple]:
-    return [(x[d == k], y[d == k]) for k in torch.unique(d).tolist()]
+def _split_by_domain(x, y, d, num_domains: int) -> List[tuple]:
+    # One pair per domain, in domain order and empty when a domain is absent from
+    # the batch: DANN and BoDA read the position as the domain label.
+    return [(x[d == k], y[d == k]) for k in range(num_domains)]
 
 
 @torch.no_grad()
@@ -177,7 +179,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             x, y, d = x.to(device), y.to(device), d.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                stats = method.update(_split_by_domain(x, y, d))
+                stats = method.update(_split_by_domain(x, y, d, method.num_domains))
             losses.append(stats["loss"])
             for sch in schedulers:
                 sch.step()

@@ -1,0 +1,384 @@
+"""Behaviour of every registered training method on tiny synthetic multi-domain data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wbclib.methods import METHODS, Method, boda_calibration, coral_distance, create_method
+
+NUM_DOMAINS, NUM_CLASSES, NUM_FEATURES = 3, 4, 16
+# Hyper-parameters the generic tests override: BoDA's term would otherwise only
+# start after 500 warm-up updates.
+TEST_HPARAMS = {"boda": {"warmup_steps": 0}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors are tiny: extra threads only add contention on shared cores (~15x slower).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_featurizer() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, NUM_FEATURES), nn.ReLU())
+
+
+def make_method(name: str, num_domains: int = NUM_DOMAINS, hparams: dict | None = None, **kwargs) -> Method:
+    torch.manual_seed(0)
+    merged = {**TEST_HPARAMS.get(name, {}), **(hparams or {})}
+    return create_method(name, tiny_featurizer(), NUM_FEATURES, NUM_CLASSES, num_domains=num_domains,
+                         hparams=merged, **kwargs)
+
+
+def domain_batch(domain: int, classes, per_class: int = 3, seed: int = 0):
+    """Images 3x8x8 whose mean depends on the class and whose colour channels
+    are offset by the domain (a lab's stain)."""
+    g = torch.Generator().manual_seed(seed * 100 + domain)
+    y = torch.tensor([c for c in classes for _ in range(per_class)])
+    x = torch.randn(len(y), 3, 8, 8, generator=g) * 0.5 + y[:, None, None, None].float()
+    colour = torch.tensor([0.8, -0.5, 0.3]) * (domain - 1)
+    return x + colour[None, :, None, None], y
+
+
+def batches(num_domains: int = NUM_DOMAINS):
+    return [domain_batch(d, range(NUM_CLASSES)) for d in range(num_domains)]
+
+
+def train(method: Method, minibatches, steps: int = 30):
+    return [method.update(minibatches) for _ in range(steps)]
+
+
+# --------------------------------------------------------------------------- every method
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_defaults_resolved_and_unknown_rejected(name):
+    cls = METHODS.get(name)
+    expected = {}
+    for klass in reversed(cls.__mro__):  # a subclass's defaults override its parents'
+        expected.update(vars(klass).get("defaults", {}))
+    assert make_method(name, hparams={}).hparams == {**expected, **TEST_HPARAMS.get(name, {})}
+    assert make_method(name, hparams={"lr": 0.5}).hparams["lr"] == 0.5
+    with pytest.raises(KeyError, match="not_a_hparam"):
+        make_method(name, hparams={"not_a_hparam": 1})
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_updates_lower_the_loss(name):
+    method = make_method(name)
+    logs = train(method, batches())
+    losses = [log["loss"] for log in logs]
+    assert all(math.isfinite(v) for log in logs for v in log.values())
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_predict_and_featurize_shapes(name):
+    method = make_method(name)
+    x = torch.randn(5, 3, 8, 8)
+    assert method.predict(x).shape == (5, NUM_CLASSES)
+    assert method.featurize(x).shape == (5, NUM_FEATURES)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_copes_with_missing_classes_and_an_empty_domain(name):
+    method = make_method(name)
+    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+    # Domain 1 has a single image: too few for a covariance, enough for everything else.
+    minibatches = [domain_batch(0, [0, 1, 2]), domain_batch(1, [3], per_class=1), empty]
+    for log in train(method, minibatches, steps=3):
+        assert math.isfinite(log["loss"])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_single_domain_training(name):
+    method = make_method(name, num_domains=1)
+    losses = [log["loss"] for log in train(method, batches(1))]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_optimizers_cover_every_trainable_parameter_once(name):
+    method = make_method(name)
+    optimised = [id(p) for opt in method.optimizers() for group in opt.param_groups for p in group["params"]]
+    assert len(optimised) == len(set(optimised))
+    assert set(optimised) == {id(p) for p in method.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_state_dict_round_trip_restores_predictions(name):
+    method = make_method(name)
+    train(method, batches(), steps=3)
+    restored = make_method(name)
+    restored.load_state_dict(method.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    method.eval(), restored.eval()
+    torch.testing.assert_close(restored.predict(x), method.predict(x))
+
+
+# --------------------------------------------------------------------------- CORAL
+
+def test_coral_distance_matches_hand_computation():
+    a = torch.randn(50, 4)
+    assert coral_distance(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    # A shift moves only the means: mean over 4 entries of 2**2.
+    assert coral_distance(a, a + 2.0).item() == pytest.approx(4.0, rel=1e-5)
+    # Scaling by 2 keeps a zero mean difference only for centred data; the covariances differ by 3 * cov.
+    c = a - a.mean(0)
+    cov = c.T @ c / 49
+    assert coral_distance(c, 2 * c).item() == pytest.approx((3 * cov).pow(2).mean().item(), rel=1e-4)
+
+
+def test_coral_penalty_decreases():
+    logs = train(make_method("coral"), batches())
+    assert logs[0]["penalty"] > 0
+    assert np.mean([log["penalty"] for log in logs[-3:]]) < np.mean([log["penalty"] for log in logs[:3]])
+
+
+def test_coral_with_one_domain_is_erm():
+    logs = train(make_method("coral", num_domains=1), batches(1), steps=2)
+    assert all(log["penalty"] == 0 and log["loss"] == log["ce"] for log in logs)
+
+
+# --------------------------------------------------------------------------- DANN
+
+def _snapshot(module: nn.Module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module: nn.Module) -> bool:
+    return any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
+def test_dann_alternates_discriminator_and_generator_steps():
+    method = make_method("dann", hparams={"d_steps_per_g": 1})
+    minibatches = batches()
+    for expect_discriminator_step in (False, True, False, True):
+        disc, net = _snapshot(method.discriminator), _snapshot(method.featurizer) + _snapshot(method.classifier)
+        log = method.update(minibatches)
+        assert {"loss", "disc_loss", "disc_acc"} <= set(log)
+        assert _changed(disc, method.discriminator) == expect_discriminator_step
+        net_changed = _changed(net[:2], method.featurizer) or _changed(net[2:], method.classifier)
+        assert net_changed != expect_discriminator_step
+
+
+def test_dann_discriminator_learns_the_domains():
+    # Practically only discriminator steps: the colour offsets make the labs easy to tell apart.
+    method = make_method("dann", hparams={"d_steps_per_g": 1000, "grad_penalty": 0.1})
+    logs = train(method, batches(), steps=40)
+    assert logs[-1]["disc_acc"] > 0.9
+    assert logs[-1]["disc_loss"] < logs[0]["disc_loss"]
+
+
+def test_dann_generator_steps_fool_the_discriminator():
+    method = make_method("dann", hparams={"d_steps_per_g": 1000})
+    minibatches = batches()
+    train(method, minibatches, steps=40)
+    method.hparams["d_steps_per_g"] = 0  # from now on every step is a generator step
+    logs = train(method, minibatches, steps=20)
+    assert logs[-1]["disc_loss"] > logs[0]["disc_loss"]
+
+
+def test_dann_with_one_domain_never_steps_the_discriminator():
+    method = make_method("dann", num_domains=1)
+    disc = _snapshot(method.discriminator)
+    train(method, batches(1), steps=4)
+    assert not _changed(disc, method.discriminator)
+
+
+def test_dann_rejects_minibatches_out_of_domain_order():
+    with pytest.raises(ValueError, match="one \\(x, y\\) pair per training domain"):
+        make_method("dann").update(batches(2))
+
+
+# --------------------------------------------------------------------------- Mixup
+
+class RecordingFeaturizer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_featurizer()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_mixup_mixes_each_domain_with_another():
+    # Constant images per domain (0, 1, 3) and lam ~ Beta(1e4, 1e4) ~= 0.5: every
+    # mixed image is the average of two different domains' values.
+    torch.manual_seed(0)
+    recorder = RecordingFeaturizer()
+    method = create_method("mixup", recorder, NUM_FEATURES, NUM_CLASSES, num_domains=3,
+                           hparams={"mixup_alpha": 1e4})
+    minibatches = [(torch.full((4, 3, 8, 8), v), torch.arange(4)) for v in (0.0, 1.0, 3.0)]
+    method.update(minibatches)
+    seen = sorted(float(x.mean()) for x in recorder.inputs)
+    assert seen == pytest.approx([0.5, 1.5, 2.0], abs=0.05)
+
+
+def test_mixup_with_one_domain_mixes_within_it():
+    torch.manual_seed(0)
+    recorder = RecordingFeaturizer()
+    method = create_method("mixup", recorder, NUM_FEATURES, NUM_CLASSES, hparams={"mixup_alpha": 1e4})
+    x = torch.arange(8.0)[:, None, None, None].expand(8, 3, 8, 8)
+    method.update([(x, torch.arange(8) % NUM_CLASSES)])
+    (mixed,) = recorder.inputs
+    values = mixed[:, 0, 0, 0]
+    assert not torch.allclose(values, torch.arange(8.0))  # partners were shuffled
+    assert values.sum().item() == pytest.approx(28.0, rel=1e-3)  # each image used once on either side
+
+
+# --------------------------------------------------------------------------- SelfReg
+
+def test_selfreg_partners_share_the_class_and_permute_it():
+    torch.manual_seed(0)
+    y = torch.tensor([2, 0, 2, 1, 0, 2, 3])
+    partner = METHODS.get("selfreg").same_class_partner(y)
+    assert torch.equal(y[partner], y)
+    assert sorted(partner.tolist()) == list(range(len(y)))
+    assert partner[6] == 6  # alone in its class: paired with itself
+
+
+def test_selfreg_trains_its_projection():
+    method = make_method("selfreg")
+    before = _snapshot(method.projection)
+    method.update(batches())
+    assert _changed(before, method.projection)
+
+
+def test_selfreg_reports_a_regulariser_that_shrinks():
+    logs = train(make_method("selfreg"), batches())
+    assert logs[0]["regulariser"] > 0
+    assert np.mean([log["regulariser"] for log in logs[-3:]]) < np.mean([log["regulariser"] for log in logs[:3]])
+
+
+# --------------------------------------------------------------------------- BoDA
+
+def test_boda_calibration_matches_hand_computation():
+    counts = torch.tensor([[10.0, 0.0, 40.0], [5.0, 20.0, 1.0]])
+    w = boda_calibration(counts, nu=0.5)
+    assert w.shape == (6, 6)
+    pair = lambda d, c: d * 3 + c  # noqa: E731 - flattened (domain, class) index
+    assert w[pair(0, 0), pair(1, 1)].item() == pytest.approx((20 / 10) ** 0.5)
+    assert w[pair(1, 2), pair(0, 2)].item() == pytest.approx((40 / 1) ** 0.5)
+    assert w[pair(0, 2), pair(1, 0)].item() == pytest.approx((5 / 40) ** 0.5)
+    assert torch.allclose(torch.diagonal(w), torch.ones(6))
+    assert torch.isfinite(w).all()  # the empty pair (0, 1) is clamped to one sample
+
+
+def test_boda_statistics_update_seen_pairs_only():
+    method = make_method("boda", hparams={"warmup_steps": 10**6, "momentum": 0.9})
+    minibatches = [domain_batch(0, [0, 1, 2]), domain_batch(1, [1, 3], per_class=2),
+                   (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))]
+    seen = torch.zeros(NUM_DOMAINS, NUM_CLASSES, dtype=torch.bool)
+    seen[0, [0, 1, 2]] = True
+    seen[1, [1, 3]] = True
+
+    def batch_means():
+        with torch.no_grad():
+            return {(d, c): method.featurize(x[y == c]).mean(0)
+                    for d, (x, y) in enumerate(minibatches) for c in range(NUM_CLASSES) if seen[d, c]}
+
+    first = batch_means()
+    method.update(minibatches)
+    assert torch.equal(method.observed_counts > 0, seen)
+    assert method.observed_counts[0, 0] == 3 and method.observed_counts[1, 3] == 2
+    assert (method.centroids[~seen] == 0).all()
+    for (d, c), mean in first.items():  # a pair's first batch sets its centroid
+        torch.testing.assert_close(method.centroids[d, c], mean)
+
+    second = batch_means()  # the features moved with the optimiser step
+    method.update(minibatches)
+    for (d, c), mean in second.items():
+        torch.testing.assert_close(method.centroids[d, c], 0.9 * first[(d, c)] + 0.1 * mean)
+    assert (method.centroids[~seen] == 0).all()
+
+
+def test_boda_domain_class_counts_declared_or_estimated():
+    declared = [[10, 0, 5, 1], [3, 3, 3, 3], [1, 2, 3, 4]]
+    method = make_method("boda", hparams={"domain_class_counts": declared})
+    assert torch.equal(method.domain_class_counts(), torch.tensor(declared, dtype=torch.float32))
+    with pytest.raises(ValueError, match="shape"):
+        make_method("boda", hparams={"domain_class_counts": [[1, 2], [3, 4]]})
+
+    # Estimated: each class's total split by the domain shares seen in batches.
+    method = make_method("boda", class_counts=[100, 40, 10, 60], hparams={"warmup_steps": 10**6})
+    method.update([domain_batch(0, [0, 1], per_class=3), domain_batch(1, [0], per_class=1),
+                   domain_batch(2, [1, 3], per_class=2)])
+    expected = torch.tensor([[75.0, 24.0, 0, 0], [25.0, 0, 0, 0], [0, 16.0, 0, 60.0]])
+    torch.testing.assert_close(method.domain_class_counts(), expected)
+
+
+def reference_boda_loss(z, d, y, centroids, seen, counts, nu, temperature):
+    """Eq. 3 written out loop by loop (mean over (image, positive) pairs)."""
+    terms = []
+    num_domains, num_classes = seen.shape
+    for i in range(len(z)):
+        n_i = counts[d[i], y[i]]
+
+        def logit(dd, cc):
+            w = (counts[dd, cc] / n_i) ** nu
+            return -w * np.linalg.norm(z[i] - centroids[dd, cc]) / n_i / temperature
+
+        others = [(dd, cc) for dd in range(num_domains) for cc in range(num_classes)
+                  if seen[dd, cc] and (dd, cc) != (d[i], y[i])]
+        log_denominator = np.log(sum(np.exp(logit(dd, cc)) for dd, cc in others))
+        terms += [-(logit(dd, y[i]) - log_denominator) for dd in range(num_domains) if dd != d[i] and seen[dd, y[i]]]
+    return np.mean(terms)
+
+
+def test_boda_loss_matches_equation_3():
+    method = make_method("boda", hparams={"nu": 0.5, "temperature": 0.7,
+                                          "domain_class_counts": [[4, 2, 1, 0], [8, 0, 3, 2], [1, 1, 6, 5]]})
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(NUM_DOMAINS, NUM_CLASSES, NUM_FEATURES))
+    seen = np.array([[1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 1, 1]], dtype=bool)
+    method.centroids.copy_(torch.as_tensor(centroids * seen[..., None], dtype=torch.float32))
+    method.observed_counts.copy_(torch.as_tensor(seen, dtype=torch.float32))
+    z = rng.normal(size=(6, NUM_FEATURES))
+    d = np.array([0, 0, 1, 1, 2, 2])
+    y = np.array([0, 2, 0, 3, 1, 2])
+    counts = np.array([[4, 2, 1, 0], [8, 0, 3, 2], [1, 1, 6, 5]], dtype=float)
+    got = method.boda_loss(torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(d * NUM_CLASSES + y),
+                           torch.as_tensor(y))
+    expected = reference_boda_loss(z, d, y, centroids, seen, counts, 0.5, 0.7)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_boda_mahalanobis_with_full_shrinkage_is_scaled_euclidean():
+    method = make_method("boda", hparams={"distance": "mahalanobis", "covariance_shrinkage": 1.0,
+                                          "warmup_steps": 10**6})
+    method.update(batches())
+    z = torch.randn(5, NUM_FEATURES)
+    seen = method.observed_counts.flatten() > 0
+    means = method.centroids.view(-1, NUM_FEATURES)
+    second = method.second_moments.view(-1, NUM_FEATURES, NUM_FEATURES)
+    variance = (torch.diagonal(second, dim1=1, dim2=2) - means ** 2)[seen].mean()
+    expected = torch.cdist(z, means) / (variance + 1e-6).sqrt()
+    torch.testing.assert_close(method.distances(z), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_boda_mahalanobis_trains():
+    method = make_method("boda", hparams={"distance": "mahalanobis"})
+    logs = train(method, batches())
+    assert all(math.isfinite(log["boda"]) for log in logs)
+    assert np.mean([log["loss"] for log in logs[-3:]]) < np.mean([log["loss"] for log in logs[:3]])
+
+
+def test_boda_rejects_an_unknown_distance():
+    with pytest.raises(ValueError, match="distance"):
+        make_method("boda", hparams={"distance": "cosine"})
+
+
+def test_boda_waits_for_warmup_and_has_no_term_with_one_domain():
+    method = make_method("boda", hparams={"warmup_steps": 2})
+    logs = train(method, batches(), steps=3)
+    assert ["boda" in log for log in logs] == [False, False, True]
+    single = make_method("boda", num_domains=1)
+    assert all(log["boda"] == 0 for log in train(single, batches(1), steps=2))
