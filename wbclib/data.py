@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 PathLike = Union[str, Path]
@@ -153,9 +154,7 @@ def _image_size(path: Path) -> tuple:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
-def _rows_to_manifest(rows: list, root: Path, hashes: bool) -> "pd.DataFrame":
-    import pandas as pd
-
+def _rows_to_manifest(rows: list, root: Path, hashes: bool) -> pd.DataFrame:
     for row in rows:
         full = root / row["path"]
         row["width"], row["height"] = _image_size(full)
@@ -181,8 +180,6 @@ def _pbc_rows(root: Path) -> list:
 
 
 def _zheng1_rows(root: Path) -> list:
-    import pandas as pd
-
     base = root / "zheng1"
     table = base / "labels.csv"
     if not table.is_file():
@@ -217,15 +214,13 @@ _SOURCE_ROWS = {"pbc": _pbc_rows, "zheng1": _zheng1_rows, "bccd": _bccd_rows}
 
 
 def manifest(source: str, root: Optional[PathLike] = None, hashes: bool = True,
-             cache_dir: Optional[PathLike] = None) -> "pd.DataFrame":
+             cache_dir: Optional[PathLike] = None) -> pd.DataFrame:
     """One row per image of a source: path (relative to the root), source, lab,
     fine label, common label, width, height, sha256.
 
     With ``cache_dir`` the table is stored as CSV keyed by the root and the
     source's file list and modification times, so later calls are instant.
     """
-    import pandas as pd
-
     if source not in _SOURCE_ROWS:
         raise DataError(f"unknown source {source!r}; known: {', '.join(SOURCES)} (use image_folder() for others)")
     root = data_root(root)
@@ -246,7 +241,7 @@ def manifest(source: str, root: Optional[PathLike] = None, hashes: bool = True,
     return df
 
 
-def image_folder(folder: PathLike, lab: str, hashes: bool = True) -> "pd.DataFrame":
+def image_folder(folder: PathLike, lab: str, hashes: bool = True) -> pd.DataFrame:
     """Manifest of a generic ``<folder>/<class name>/<image>`` tree from any lab.
 
     Class folder names are mapped to common names (case-insensitive, plural
@@ -267,9 +262,7 @@ def image_folder(folder: PathLike, lab: str, hashes: bool = True) -> "pd.DataFra
     return _rows_to_manifest(rows, folder, hashes)
 
 
-def all_manifests(root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> "pd.DataFrame":
-    import pandas as pd
-
+def all_manifests(root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> pd.DataFrame:
     return pd.concat([manifest(s, root, cache_dir=cache_dir) for s in SOURCES], ignore_index=True)
 
 
@@ -278,7 +271,7 @@ def all_manifests(root: Optional[PathLike] = None, cache_dir: Optional[PathLike]
 # --------------------------------------------------------------------------
 
 
-def find_duplicates(df: "pd.DataFrame") -> "pd.DataFrame":
+def find_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Groups of byte-identical files (same sha256) with more than one member.
 
     Adds ``group`` (the hash), ``n`` (group size) and ``cross_class`` (the
@@ -293,7 +286,7 @@ def find_duplicates(df: "pd.DataFrame") -> "pd.DataFrame":
     return dup.sort_values(["group", "path"]).reset_index(drop=True)
 
 
-def drop_duplicates(df: "pd.DataFrame") -> "pd.DataFrame":
+def drop_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Apply the duplicate policy.
 
     * copies that carry *different* labels are all dropped: the true label is
@@ -308,14 +301,12 @@ def drop_duplicates(df: "pd.DataFrame") -> "pd.DataFrame":
     return kept.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def verify_checksums(root: Optional[PathLike] = None, sources=SOURCES) -> "pd.DataFrame":
+def verify_checksums(root: Optional[PathLike] = None, sources=SOURCES) -> pd.DataFrame:
     """Check every file listed in ``SHA256SUMS`` for the given sources.
 
     Returns one row per problem (``path``, ``problem`` in {missing, mismatch});
     an empty table means the copy is intact.
     """
-    import pandas as pd
-
     root = data_root(root)
     sums = root / "SHA256SUMS"
     if not sums.is_file():

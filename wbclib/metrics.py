@@ -7,7 +7,7 @@ scores 0 where its denominator is empty (scikit-learn's ``zero_division=0``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import pandas as pd

@@ -4,6 +4,21 @@
 * ``cpu`` – the default main job: the whole book in under an hour on 2 CPU cores
   (capped per-class counts, 128 px, one fine-tuned fold).
 * ``gpu`` – paper scale: full benchmark sizes, 224 px, every fold fine-tuned.
+
+Long-tail chapter keys (``experiments.pbc_lt_heads`` / ``decoupled_finetune``):
+
+* ``lt_backbones`` – frozen ImageNet backbones whose embeddings every head
+  recipe is trained on (rho 10 and 100 of ``rhos``, every probe fold);
+* ``lt_recipes`` – the head recipes (``experiments.head_recipes``);
+* ``lt_stain_backbones`` – those also run with Macenko-normalised images;
+* ``lt_tta_backbones`` / ``lt_tta_stains`` – those also evaluated with
+  test-time augmentation (``tta_views`` dihedral views, on ``tta_sets``);
+* ``decoupled_backbones`` – backbones fine-tuned end to end (stage 1,
+  ``finetune_folds``, rho 100) before classifier re-training on their
+  embeddings (stage 2), with ``decoupled_augmentation``, ``decoupled_stain``
+  and TTA when ``decoupled_tta``;
+* ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
+  weights; False here (offline: random init), set True where the hub is reachable.
 """
 from __future__ import annotations
 
@@ -14,6 +29,16 @@ from typing import Optional
 
 from .data import PROJECT_ROOT, PathLike
 
+#: EfficientNet-Lite0/1/2, the backbones with offline ImageNet weights.
+_LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+#: Every head recipe of ``experiments.head_recipes``.
+_LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm", "lws"]
+
+#: Cross-lab chapter (``crosslab.crosslab_dg``): the table rows, the SADA ablations and the LOLO settings.
+_DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
+_DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
+_LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
+
 PROFILES = {
     "smoke": dict(
         image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -21,6 +46,15 @@ PROFILES = {
         rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, patience=2,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
         crosslab_seeds=[0], severity_grid_per_class=2, n_boot=50, lr=1e-3,
+        lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], lt_recipes=list(_LT_RECIPES),
+        lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
+        lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["test", "test_degraded"],
+        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
+        decoupled_stain="none", decoupled_tta=True, hub_pretrained=False,
+        dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0], dg_train_per_class=8, dg_test_per_class=4,
+        dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=3, sada_beta=0.1,
+        sada_sweep_k=[2, 3], sada_sweep_beta=[0.1], sada_sweep_settings=["LOLO:zheng1"],
+        dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=1,
     ),
     "cpu": dict(
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -28,6 +62,15 @@ PROFILES = {
         rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=40, finetune_epochs=6, patience=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
         crosslab_seeds=[0], severity_grid_per_class=20, n_boot=1000, lr=1e-3,
+        lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
+        lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
+        lt_tta_stains=["none"], tta_views=8, tta_sets=["test_degraded"],
+        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
+        decoupled_stain="none", decoupled_tta=False, hub_pretrained=False,
+        dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=80, dg_test_per_class=150,
+        dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150, sada_k=3, sada_beta=0.1,
+        sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=list(_LOLO),
+        dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=2,
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -36,6 +79,15 @@ PROFILES = {
         finetune_epochs=30, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
         crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], severity_grid_per_class=None, n_boot=1000,
         lr=3e-4,
+        lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
+        lt_stain_backbones=list(_LITE), lt_tta_backbones=list(_LITE),
+        lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["val", "val_degraded", "test", "test_degraded"],
+        decoupled_backbones=["resnet50", "resnet152", "swin_t", *_LITE],
+        decoupled_augmentation="decoupled", decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=False,
+        dg_regime="end_to_end", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=None,
+        dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
+        sada_k=3, sada_beta=0.1, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
+        sada_sweep_settings=list(_LOLO), dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=3,
     ),
 }
 
@@ -54,3 +106,18 @@ def output_dir(kind: str, path: Optional[PathLike] = None) -> Path:
     path = Path(path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def setup(profile: str = "cpu", data_root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
+          splits_dir: Optional[PathLike] = None, results_dir: Optional[PathLike] = None, seed: int = 0) -> SimpleNamespace:
+    """What every chapter starts with: the profile's settings (``cfg``), the
+    checked data ``root``, the ``cache`` and ``splits`` folders (benchmark files
+    written if missing) and the profile's ``results`` folder."""
+    from . import benchmarks
+    from .data import data_root as resolve_root
+
+    root = resolve_root(data_root)
+    cache = output_dir("cache", cache_dir)
+    splits = benchmarks.ensure_benchmarks(output_dir("splits", splits_dir), root, seed, cache_dir=cache)
+    results = output_dir("results", results_dir) / profile
+    return SimpleNamespace(cfg=get(profile), root=root, cache=cache, splits=splits, results=results, seed=seed)
