@@ -25,3 +25,11 @@ def test_missing_root_is_a_clear_error(tmp_path, capsys):
 def test_splits_are_written(root, tmp_path, capsys):
     assert cli.main(["splits", "--root", str(root), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "pbc_lt_seed0.csv").is_file() and (tmp_path / "crosslab_seed0.csv").is_file()
+
+
+def test_segment_prints_mean_dice(root, capsys):
+    assert cli.main(["segment", "--source", "zheng1", "--limit", "6", "--root", str(root)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("mean Dice over 6 images: nucleus 0.")
+    nucleus = float(last.split("nucleus ")[1].split(",")[0])
+    assert nucleus > 0.7

@@ -69,6 +69,18 @@ def _methods(args) -> int:
     return 0
 
 
+def _segment(args) -> int:
+    from . import segment
+
+    if args.source != "zheng1":
+        raise SystemExit("wbc segment: only --source zheng1 has expert masks to score against")
+    table = segment.evaluate_zheng1(args.root, backend=args.backend, limit=args.limit, model_path=args.model)
+    summary = segment.summarize_dice(table)
+    print(summary.round(3).to_string())
+    print(f"mean Dice over {len(table)} images: nucleus {table.nucleus_dice.mean():.3f}, cell {table.cell_dice.mean():.3f}")
+    return 0
+
+
 def _book_execute(args) -> int:
     from . import runbook
 
@@ -99,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list registered methods, losses, samplers, augmentations")
     p.set_defaults(func=_methods)
+
+    p = sub.add_parser("segment", help="score WBC segmentation against expert masks (mean Dice)")
+    p.add_argument("--source", default="zheng1")
+    p.add_argument("--backend", default="classical", choices=["classical", "cellpose"])
+    p.add_argument("--model", help="trained Cellpose model (cellpose back-end)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--root")
+    p.set_defaults(func=_segment)
 
     book_p = sub.add_parser("book", help="run the book's notebooks")
     book_sub = book_p.add_subparsers(dest="action", required=True)
