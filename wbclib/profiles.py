@@ -19,6 +19,38 @@ Long-tail chapter keys (``experiments.pbc_lt_heads`` / ``decoupled_finetune``):
   and TTA when ``decoupled_tta``;
 * ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
   weights; False here (offline: random init), set True where the hub is reachable.
+
+Restoration chapter keys (``restore``, notebook 08):
+
+* ``restore_detector_images`` – pristine images given noise at each of
+  ``restore_rates`` to measure the noise detector's precision and recall;
+* ``restore_pool_images`` – the phase-2 degraded "raw" set (None: every
+  cross-validation image) that the detector partitions and whose clean part
+  trains Pix2Pix; ``restore_heldout_images`` – pristine images for PSNR/SSIM;
+* ``restore_kinds`` – the synthetic degradations Pix2Pix learns to undo;
+* ``p2p_*`` – Pix2Pix: crop size, epochs, crops per image and epoch, batch,
+  generator width and depth (U-Net levels), discriminator width and layers
+  (3: the 70x70 PatchGAN), Adam learning rate (Isola's 2e-4 at paper scale,
+  1e-3 for the short CPU schedules).
+
+Segmentation chapter keys (notebook 09):
+
+* ``seg_zheng1_images`` / ``seg_bccd_fields`` – zheng1 images scored against
+  the expert masks and bccd fields scored for localisation (None: all);
+* ``morph_per_class`` – pbc images per fine class measured for morphology;
+* ``cellpose_images``, ``cellpose_folds``, ``cellpose_epochs`` – the
+  cross-validated cellpose back-end on zheng1 (``segment.cellpose_kfold``),
+  trained from scratch; full length (300 epochs, all images) needs a GPU.
+
+Rescue chapter keys (``rescue.pbc_lt_rescue``, notebook 10):
+
+* ``rescue_rare`` – how many of the rarest training classes may be rescued;
+* ``rescue_head_epochs`` – epochs of the supervised-contrastive verifier head;
+* ``rescue_probe_folds`` – linear-probe folds rescued (the fine-tuned ERM
+  uses ``finetune_folds``);
+* ``rescue_strengths`` – boost exponents searched on validation;
+* ``rescue_siglip_path`` – local SigLIP / MedSigLIP weights for the verifier
+  (None: the profile's frozen backbone).
 """
 from __future__ import annotations
 
@@ -55,6 +87,12 @@ PROFILES = {
         dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=3, sada_beta=0.1,
         sada_sweep_k=[2, 3], sada_sweep_beta=[0.1], sada_sweep_settings=["LOLO:zheng1"],
         dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=1,
+        restore_detector_images=18, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=27, restore_heldout_images=1,
+        restore_kinds=["salt_pepper"], p2p_crop=32, p2p_epochs=1, p2p_crops_per_image=1, p2p_batch_size=8,
+        p2p_channels=8, p2p_depth=3, p2p_d_channels=8, p2p_d_layers=1, p2p_lr=1e-3,
+        seg_zheng1_images=12, seg_bccd_fields=4, morph_per_class=2, cellpose_images=4, cellpose_folds=2,
+        cellpose_epochs=1, rescue_rare=2, rescue_head_epochs=5, rescue_probe_folds=[0],
+        rescue_strengths=[0.0, 1.0, 2.0], rescue_siglip_path=None,
     ),
     "cpu": dict(
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -67,10 +105,17 @@ PROFILES = {
         lt_tta_stains=["none"], tta_views=8, tta_sets=["test_degraded"],
         decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
         decoupled_stain="none", decoupled_tta=False, hub_pretrained=False,
-        dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=80, dg_test_per_class=150,
-        dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150, sada_k=3, sada_beta=0.1,
-        sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=list(_LOLO),
+        dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1], dg_train_per_class=60, dg_test_per_class=150,
+        dg_epochs=20, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150, sada_k=3, sada_beta=0.1,
+        sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=["LOLO:zheng1"],
         dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=2,
+        restore_detector_images=360, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=450,
+        restore_heldout_images=18, restore_kinds=["salt_pepper"], p2p_crop=64, p2p_epochs=10,
+        p2p_crops_per_image=8, p2p_batch_size=16, p2p_channels=16, p2p_depth=4, p2p_d_channels=16, p2p_d_layers=2,
+        p2p_lr=1e-3,
+        seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=20, cellpose_folds=2,
+        cellpose_epochs=3, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
+        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], rescue_siglip_path=None,
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -88,6 +133,13 @@ PROFILES = {
         dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
         sada_k=3, sada_beta=0.1, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
         sada_sweep_settings=list(_LOLO), dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=3,
+        restore_detector_images=2000, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=None,
+        restore_heldout_images=180, restore_kinds=["salt_pepper"], p2p_crop=256, p2p_epochs=20,
+        p2p_crops_per_image=1, p2p_batch_size=16, p2p_channels=64, p2p_depth=8, p2p_d_channels=64, p2p_d_layers=3,
+        p2p_lr=2e-4,
+        seg_zheng1_images=None, seg_bccd_fields=None, morph_per_class=100, cellpose_images=None, cellpose_folds=5,
+        cellpose_epochs=300, rescue_rare=2, rescue_head_epochs=60, rescue_probe_folds=[0, 1, 2, 3, 4],
+        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], rescue_siglip_path=None,
     ),
 }
 

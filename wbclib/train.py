@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .augment import make_augmentation
+from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
 from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
 from .samplers import make_sampler
+from .swad import SWAD, update_bn
 
 
 @dataclass
@@ -117,10 +118,15 @@ def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_
 
 def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Path, classes: Sequence[str],
               eval_sets: Optional[Dict[str, pd.DataFrame]] = None, device: Optional[torch.device] = None,
-              n_boot: int = 1000) -> Dict[str, Dict[str, float]]:
+              n_boot: int = 1000, swad: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
     """Train ``config.method`` on ``split`` (rows with split train / val), keep the
     epoch with the best validation macro-F1, and evaluate it on ``eval_sets``
     (name -> table; default: the split's test rows).
+
+    ``swad`` (a dict of :class:`swad.SWAD` settings, ``{}`` for its defaults)
+    evaluates the SWAD average of the weights instead (segments = epochs,
+    chosen by validation loss; batch-norm statistics re-estimated), saved as
+    ``swad.pt``; it is recorded in ``config.json``.
 
     Re-running a finished run returns its saved metrics; an interrupted run
     resumes from ``checkpoint.pt``. Returns ``{set name: scores}``.
@@ -128,6 +134,8 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = asdict(config)
+    if swad is not None:
+        config_dict["swad"] = dict(swad)
     config_path = run_dir / "config.json"
     if config_path.is_file():
         saved = json.loads(config_path.read_text())
@@ -147,7 +155,9 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     train_set = ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
                            transform=make_augmentation(config.augmentation, config.image_size))
-    val_set = ImageTable(val_rows, root, classes, config.image_size, config.degrade_seed)
+    # Presets that crop during training crop every evaluation image the same way.
+    test_view = eval_transform(config.augmentation, config.image_size)
+    val_set = ImageTable(val_rows, root, classes, config.image_size, config.degrade_seed, transform=test_view)
     counts = np.bincount(train_set.labels, minlength=len(classes))
     method = build_method(config, len(classes), len(train_set.domain_names), counts.tolist()).to(device)
 
@@ -155,6 +165,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * steps_per_epoch))
                   for opt in method.optimizers()]
     start_epoch, best, bad_epochs, history = 0, -1.0, 0, []
+    averager = SWAD(**swad) if swad is not None else None
     ckpt_path, best_path = run_dir / "checkpoint.pt", run_dir / "best.pt"
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -164,6 +175,8 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         for sch, s in zip(schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+        if averager is not None and state.get("swad"):
+            averager.load_state_dict(state["swad"])
 
     for epoch in range(start_epoch, config.epochs):
         if bad_epochs >= config.patience:
@@ -183,8 +196,13 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
             losses.append(stats["loss"])
             for sch in schedulers:
                 sch.step()
+            if averager is not None:
+                averager.collect(method)
         val_probs = predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
         val_scores = M.scores(val_set.labels, val_probs.argmax(1), len(classes))
+        if averager is not None:
+            true_prob = val_probs[np.arange(len(val_probs)), val_set.labels]
+            averager.end_segment(float(-np.log(np.clip(true_prob, 1e-12, None)).mean()))
         history.append(dict(epoch=epoch, loss=float(np.mean(losses)), **{f"val_{k}": v for k, v in val_scores.items()}))
         if val_scores["macro_f1"] > best:
             best, bad_epochs = val_scores["macro_f1"], 0
@@ -193,18 +211,28 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
             bad_epochs += 1
         _atomic_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
                           schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
-                          bad_epochs=bad_epochs, history=history), ckpt_path)
+                          bad_epochs=bad_epochs, history=history,
+                          swad=averager.state_dict() if averager is not None else None), ckpt_path)
         pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
 
-    method.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    if averager is not None:
+        method.load_state_dict(averager.averaged_state(method))
+        bn_loader = DataLoader(ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
+                                          transform=test_view), batch_size=config.batch_size, num_workers=workers)
+        update_bn(method, bn_loader, forward=lambda batch: method.predict(batch[0].to(device)))
+        _atomic_save(method.state_dict(), run_dir / "swad.pt")
+    else:
+        method.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     results = {}
     for name, table in eval_sets.items():
-        dataset = ImageTable(table, root, classes, config.image_size, config.degrade_seed)
+        dataset = ImageTable(table, root, classes, config.image_size, config.degrade_seed, transform=test_view)
         probs = predict_proba(method, dataset, device=device, num_workers=workers, desc=name)
         pred = predictions_frame(table, probs, classes)
         pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
         results[name] = score_predictions(pred, classes, n_boot=n_boot)
     results["best_val_macro_f1"] = {"macro_f1": best}
+    if averager is not None:
+        results["swad"] = averager.summary()
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(metrics_path)

@@ -1,0 +1,229 @@
+"""Long-tail pieces: loss settings through ``Method``, the papers' augmentation
+presets, and the long-tail experiment protocols (frozen-feature heads with
+Macenko and TTA, decoupled fine-tuning, ensembles) on a tiny synthetic PBC-LT."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_png
+from test_infer import cell_image
+from wbclib import augment, experiments, infer, losses, profiles
+from wbclib import benchmarks as B
+from wbclib.methods import create_method
+from wbclib.train import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------
+# Method(loss_hparams=...)
+# --------------------------------------------------------------------------
+
+
+def _method(**hparams):
+    featurizer = nn.Sequential(nn.Flatten(), nn.Linear(12, 8))
+    return create_method("erm", featurizer, 8, 3, class_counts=[50, 10, 2], hparams=hparams)
+
+
+def test_method_forwards_loss_hparams_to_the_loss():
+    method = _method(loss="ldam_drw", loss_hparams={"drw_epoch": 2, "max_margin": 0.3, "scale": 1.0})
+    assert isinstance(method.criterion, losses.LDAMLoss)
+    assert method.criterion.drw_epoch == 2 and method.criterion.margins.max().item() == pytest.approx(0.3)
+    method.set_epoch(2)
+    assert method.criterion.reweighting
+    focal = _method(loss="focal", loss_hparams={"gamma": 0.5})
+    assert focal.criterion.gamma == 0.5
+    assert _method().hparams["loss_hparams"] == {}
+    with pytest.raises(TypeError):
+        _method(loss="focal", loss_hparams={"no_such_setting": 1})
+    # The trainer's hparams reach it too.
+    assert TrainConfig(loss="ldam_drw", hparams={"loss_hparams": {"drw_epoch": 3}}).hparams["loss_hparams"]["drw_epoch"] == 3
+
+
+# --------------------------------------------------------------------------
+# Augmentation presets of the two WBCBench papers
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["decoupled", "hybrid"])
+def test_paper_presets_keep_shape_and_are_seeded(name):
+    x = torch.from_numpy(cell_image(np.random.default_rng(0), size=32)).permute(2, 0, 1).contiguous()
+    aug = augment.make_augmentation(name, 32)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(aug(x))
+    assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
+    torch.manual_seed(4)
+    assert not torch.equal(aug(x), outs[0])
+
+
+def test_decoupled_preset_crops_the_centre_like_368_to_224_and_evaluation_does_too():
+    assert augment.zoom_crop_size(224) == 368 and augment.zoom_crop_size(128) == 210
+    x = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32)
+    view = augment.eval_transform("decoupled", 32)(x)
+    assert view.shape == (3, 32, 32)
+    # The crop keeps the central 224/368 of the field, enlarged: its corner comes from inside the image.
+    assert view[0, 0, 0] > x[0, 5, 5] and view[0, -1, -1] < x[0, -6, -6]
+    assert augment.eval_transform("dihedral_jitter", 32) is None and augment.eval_transform("hybrid", 32) is None
+    with pytest.raises(KeyError):
+        augment.eval_transform("nope", 32)
+
+
+# --------------------------------------------------------------------------
+# A tiny synthetic PBC-LT
+# --------------------------------------------------------------------------
+
+TINT = {c: (60 + 18 * i, 150 - 10 * i, 110 + 12 * i) for i, c in enumerate(B.PBC_LT_CLASSES)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """9 classes x 15 cell images (nucleus colour by class), the PBC-LT split files and a profile."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, tint in TINT.items():
+        for i in range(15):
+            path = write_png(root / "pbc" / label / f"{label}_{i}.png", cell_image(rng, nucleus=tint, size=36))
+            rows.append(dict(path=str(path.relative_to(root)), fine_label=label))
+    table, definition = B.make_pbc_lt(pd.DataFrame(rows), seed=0)
+    splits = tmp_path_factory.mktemp("splits")
+    table.to_csv(splits / "pbc_lt_seed0.csv", index=False)
+    (splits / "pbc_lt_seed0.json").write_text(json.dumps(definition.__dict__))
+    cfg = SimpleNamespace(**dict(
+        profiles.PROFILES["smoke"], name="tiny", n_max=None, val_per_class=None, test_per_class=None,
+        probe_folds=[0, 1], rhos=[10, 100], probe_epochs=3, finetune_epochs=1, finetune_folds=[0],
+        lt_backbones=["tf_efficientnet_lite0"], lt_recipes=["ib", "cb_sampling", "ldam_drw", "crt", "tau_norm", "lws"],
+        lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
+        lt_tta_stains=["none"], tta_views=3, tta_sets=["test_degraded"], decoupled_backbones=["resnet18"],
+        decoupled_tta=True, batch_size=16))
+    return SimpleNamespace(root=root, splits=splits, cfg=cfg, cache=tmp_path_factory.mktemp("cache"),
+                           results=tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def heads(tiny):
+    return experiments.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+
+
+def test_heads_cover_every_recipe_rho_fold_variant_and_eval_set(tiny, heads):
+    cfg = tiny.cfg
+    plain = heads[~heads.tta]
+    assert set(plain.recipe) == set(cfg.lt_recipes) and set(plain.rho) == {10, 100} and set(plain.fold) == {0, 1}
+    assert set(plain.eval_set) == set(experiments.EVAL_SETS) and set(plain.stain) == {"none", "macenko"}
+    assert len(plain) == 6 * 2 * 2 * 4 * 2
+    tta = heads[heads.tta]
+    assert set(tta.eval_set) == {"test_degraded"} and set(tta.stain) == {"none"} and len(tta) == 6 * 2 * 2
+    run = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "macenko", 100, 1, "crt")
+    pred = pd.read_csv(run / "predictions_val_degraded.csv")
+    assert {"path", "label", "pred", "prob_SNE", "prob_MO"} <= set(pred.columns)
+    assert np.allclose(pred.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
+    reference = json.loads((tiny.results / "pbc_lt" / "stain_reference.json").read_text())
+    assert reference["path"].startswith("pbc/") and np.array(reference["stain_matrix"]).shape == (3, 2)
+
+
+def test_tta_predictions_average_the_head_over_dihedral_views(tiny, heads):
+    run = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "none", 10, 0, "ib")
+    tta = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "none_tta", 10, 0, "ib")
+    plain, averaged = pd.read_csv(run / "predictions_test_degraded.csv"), pd.read_csv(tta / "predictions_test_degraded.csv")
+    assert plain.path.tolist() == averaged.path.tolist()
+    assert not np.allclose(plain.filter(like="prob_"), averaged.filter(like="prob_"))
+    assert not (tta / "predictions_test.csv").exists()
+
+
+def test_heads_are_resumable_without_refitting(tiny, heads, monkeypatch):
+    monkeypatch.setattr(experiments, "make_head", lambda *a, **k: pytest.fail("a finished head must not be refitted"))
+    monkeypatch.setattr(experiments, "extract_embeddings", lambda *a, **k: pytest.fail("no embeddings needed"))
+    again = experiments.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    pd.testing.assert_frame_equal(again, heads)
+
+
+def test_ensembles_average_saved_predictions(tiny, heads):
+    cfg = SimpleNamespace(**dict(vars(tiny.cfg), lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite0"]))
+    ens = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100)
+    by_backbone = ens[ens.kind == "backbones"]
+    assert set(by_backbone.fold) == {0, 1} and set(by_backbone.eval_set) == set(experiments.EVAL_SETS)
+    folds = ens[ens.kind == "folds"]
+    assert set(folds.eval_set) == {"test", "test_degraded"} and set(folds.ensemble) == {"Lite0", "all"}
+    assert (folds[folds.ensemble == "Lite0"].members == 2).all() and (folds[folds.ensemble == "all"].members == 4).all()
+    runs = [experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "macenko", 100, f, "crt") for f in (0, 1)]
+    manual = infer.average_predictions([pd.read_csv(r / "predictions_test.csv") for r in runs])
+    saved = tiny.results / "pbc_lt" / "ensembles" / "heads" / "macenko" / "crt" / "folds" / "Lite0" / "rho100"
+    pd.testing.assert_frame_equal(pd.read_csv(saved / "predictions_test.csv"), manual, atol=1e-5)
+    # Different folds' validation sets are different images: averaging them is refused.
+    with pytest.raises(ValueError, match="differs from table 0|rows"):
+        infer.average_predictions([pd.read_csv(r / "predictions_val.csv") for r in runs])
+
+
+def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
+    rows = experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100)
+    assert set(rows.recipe) == set(experiments.DECOUPLED_RECIPES) and set(rows.backbone) == {"resnet18"}
+    assert set(rows[rows.tta].eval_set) == {"test_degraded"}
+    stage1 = experiments.stage1_run_dir(tiny.cfg, tiny.results, "resnet18", 100, 0)
+    assert "stage1" in str(stage1) and (stage1 / "best.pt").is_file()
+    assert json.loads((stage1 / "config.json").read_text())["pretrained"] is False
+    # The stage-1 classifier applied to cached embeddings reproduces the stage-1 run's predictions.
+    own = pd.read_csv(stage1 / "predictions_test.csv")
+    supervised = pd.read_csv(experiments.lt_run_dir(tiny.results, "decoupled", "resnet18", "none", 100, 0, "supervised")
+                             / "predictions_test.csv")
+    assert (own.pred == supervised.pred).all()
+    np.testing.assert_allclose(own.filter(like="prob_"), supervised.filter(like="prob_"), atol=1e-4)
+    assert any("resnet18" in p.name for p in tiny.cache.glob("emb_*.npy"))
+    monkeypatch.setattr(experiments, "train_run", lambda *a, **k: {})
+    monkeypatch.setattr(experiments, "_stage1_model", lambda *a, **k: pytest.fail("finished: no stage 2 either"))
+    pd.testing.assert_frame_equal(
+        experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100), rows)
+
+
+def test_stage1_reuses_the_baseline_erm_run_when_identical():
+    cfg = profiles.get("cpu")
+    assert experiments.stage1_run_dir(cfg, "r", cfg.backbone, 100, 0).parts[-3:] == ("pbc_lt", "erm", "rho100_fold0")
+    assert "stage1" in experiments.stage1_run_dir(cfg, "r", "tf_efficientnet_lite1", 100, 0).parts
+    gpu = profiles.get("gpu")
+    assert "stage1" in experiments.stage1_run_dir(gpu, "r", gpu.backbone, 100, 0).parts  # RandAugment + Macenko
+    assert not experiments.stage1_config(gpu, "resnet50").pretrained and experiments.stage1_config(gpu, gpu.backbone).pretrained
+
+
+def test_trainer_applies_the_presets_evaluation_crop(synthetic_root, tmp_path, monkeypatch):
+    from wbclib import data, train
+
+    split = data.image_folder(synthetic_root, lab="toy")
+    split["split"] = (["train"] * 6 + ["val"] * 4 + ["test"] * 2) * 2
+    calls = []
+
+    def counting_crop(name, size):
+        crop = augment.eval_transform(name, size)
+        calls.append(name)
+        return crop
+
+    monkeypatch.setattr(train, "eval_transform", counting_crop)
+    config = TrainConfig(epochs=1, image_size=32, batch_size=8, augmentation="decoupled", num_workers=0)
+    result = train.train_run(config, split, synthetic_root, tmp_path / "run", ["lymphocyte", "neutrophil"], n_boot=0)
+    assert calls == ["decoupled"] and "test" in result
+
+
+def test_long_tail_profile_keys_name_known_things():
+    recipes = experiments.head_recipes(10)
+    assert recipes["ldam_drw"][1]["loss_hparams"]["drw_epoch"] == 8
+    for name, p in profiles.PROFILES.items():
+        assert set(p["lt_recipes"]) <= set(recipes), name
+        for key in ("lt_backbones", "lt_stain_backbones", "lt_tta_backbones", "decoupled_backbones"):
+            assert set(p[key]) <= set(experiments.BACKBONE_NAMES), (name, key)
+        assert set(p["lt_stain_backbones"]) <= set(p["lt_backbones"]) and set(p["lt_tta_backbones"]) <= set(p["lt_backbones"])
+        assert set(p["tta_sets"]) <= set(experiments.EVAL_SETS) and 1 <= p["tta_views"] <= 8
+        assert p["decoupled_augmentation"] in augment.AUGMENTATIONS and p["decoupled_stain"] in ("none", "macenko")
+        assert 100 in p["finetune_rhos"] and experiments.lt_rhos(profiles.get(name)) == [10, 100]
