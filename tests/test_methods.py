@@ -36,18 +36,27 @@ def make_method(name: str, num_domains: int = NUM_DOMAINS, hparams: dict | None 
                          hparams=merged, **kwargs)
 
 
-def domain_batch(domain: int, classes, per_class: int = 3, seed: int = 0):
+#: Methods that train on re-stained views: here they get two precomputed views
+#: per image, (N, 1 + 2, 3, 8, 8), as in the frozen-map regime.
+VIEW_METHODS = ("sada", "erm_restain")
+
+
+def domain_batch(domain: int, classes, per_class: int = 3, seed: int = 0, views: bool = False):
     """Images 3x8x8 whose mean depends on the class and whose colour channels
-    are offset by the domain (a lab's stain)."""
+    are offset by the domain (a lab's stain); with ``views``, each image is
+    followed by two copies with other colour offsets (re-stained views)."""
     g = torch.Generator().manual_seed(seed * 100 + domain)
     y = torch.tensor([c for c in classes for _ in range(per_class)])
     x = torch.randn(len(y), 3, 8, 8, generator=g) * 0.5 + y[:, None, None, None].float()
-    colour = torch.tensor([0.8, -0.5, 0.3]) * (domain - 1)
-    return x + colour[None, :, None, None], y
+    colour = torch.tensor([0.8, -0.5, 0.3])
+    x = x + colour[None, :, None, None] * (domain - 1)
+    if views:
+        x = torch.stack([x] + [x + colour[None, :, None, None] * shift for shift in (-1.0, 1.5)], 1)
+    return x, y
 
 
-def batches(num_domains: int = NUM_DOMAINS):
-    return [domain_batch(d, range(NUM_CLASSES)) for d in range(num_domains)]
+def batches(num_domains: int = NUM_DOMAINS, views: bool = False):
+    return [domain_batch(d, range(NUM_CLASSES), views=views) for d in range(num_domains)]
 
 
 def train(method: Method, minibatches, steps: int = 30):
@@ -71,7 +80,7 @@ def test_defaults_resolved_and_unknown_rejected(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_updates_lower_the_loss(name):
     method = make_method(name)
-    logs = train(method, batches())
+    logs = train(method, batches(views=name in VIEW_METHODS))
     losses = [log["loss"] for log in logs]
     assert all(math.isfinite(v) for log in logs for v in log.values())
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -88,9 +97,10 @@ def test_predict_and_featurize_shapes(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_copes_with_missing_classes_and_an_empty_domain(name):
     method = make_method(name)
-    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+    views = name in VIEW_METHODS
+    empty = (torch.zeros((0, 3, 3, 8, 8) if views else (0, 3, 8, 8)), torch.zeros(0, dtype=torch.long))
     # Domain 1 has a single image: too few for a covariance, enough for everything else.
-    minibatches = [domain_batch(0, [0, 1, 2]), domain_batch(1, [3], per_class=1), empty]
+    minibatches = [domain_batch(0, [0, 1, 2], views=views), domain_batch(1, [3], per_class=1, views=views), empty]
     for log in train(method, minibatches, steps=3):
         assert math.isfinite(log["loss"])
 
@@ -98,7 +108,7 @@ def test_copes_with_missing_classes_and_an_empty_domain(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_single_domain_training(name):
     method = make_method(name, num_domains=1)
-    losses = [log["loss"] for log in train(method, batches(1))]
+    losses = [log["loss"] for log in train(method, batches(1, views=name in VIEW_METHODS))]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
@@ -113,7 +123,7 @@ def test_optimizers_cover_every_trainable_parameter_once(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_state_dict_round_trip_restores_predictions(name):
     method = make_method(name)
-    train(method, batches(), steps=3)
+    train(method, batches(views=name in VIEW_METHODS), steps=3)
     restored = make_method(name)
     restored.load_state_dict(method.state_dict())
     x = torch.randn(4, 3, 8, 8)
@@ -218,7 +228,9 @@ def test_mixup_mixes_each_domain_with_another():
                            hparams={"mixup_alpha": 1e4})
     minibatches = [(torch.full((4, 3, 8, 8), v), torch.arange(4)) for v in (0.0, 1.0, 3.0)]
     method.update(minibatches)
-    seen = sorted(float(x.mean()) for x in recorder.inputs)
+    (mixed,) = recorder.inputs  # one forward pass over every pair's mixed images
+    assert mixed.shape[0] == 12
+    seen = sorted({round(float(v), 1) for v in mixed.mean((1, 2, 3))})
     assert seen == pytest.approx([0.5, 1.5, 2.0], abs=0.05)
 
 

@@ -38,7 +38,7 @@ Minibatches = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 class Method(nn.Module):
     """Base class: a featurizer, a linear classifier and AdamW."""
 
-    defaults: Dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-4, "loss": "ce"}
+    defaults: Dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-4, "loss": "ce", "loss_hparams": {}}
 
     def __init__(
         self,
@@ -57,7 +57,8 @@ class Method(nn.Module):
         self.class_counts = list(class_counts) if class_counts is not None else [1] * num_classes
         self.featurizer = featurizer
         self.classifier = nn.Linear(num_features, num_classes)
-        self.criterion = make_loss(self.hparams["loss"], self.class_counts)
+        # ``loss_hparams`` are the loss's own settings (e.g. ``{"drw_epoch": 8}`` for LDAM-DRW).
+        self.criterion = make_loss(self.hparams["loss"], self.class_counts, **dict(self.hparams["loss_hparams"] or {}))
         self.optimizer = self.make_optimizer(self.parameters())
 
     @classmethod
@@ -270,16 +271,18 @@ class Mixup(Method):
         present = [(x, y) for x, y in minibatches if len(y) > 0]
         order = torch.randperm(len(present)).tolist()
         beta = torch.distributions.Beta(self.hparams["mixup_alpha"], self.hparams["mixup_alpha"])
-        loss = 0.0
+        mixed, pairs = [], []
         for i, j in zip(order, order[1:] + order[:1]):
             (xi, yi), (xj, yj) = present[i], present[j]
             n = min(len(yi), len(yj))
             partner = torch.randperm(len(yj), device=yj.device)[:n]
-            xi, yi, xj, yj = xi[:n], yi[:n], xj[partner], yj[partner]
             lam = beta.sample().item()
-            logits = self.predict(lam * xi + (1 - lam) * xj)
-            loss = loss + lam * self.criterion(logits, yi) + (1 - lam) * self.criterion(logits, yj)
-        loss = loss / len(present)
+            mixed.append(lam * xi[:n] + (1 - lam) * xj[partner])
+            pairs.append((lam, yi[:n], yj[partner]))
+        # One forward pass over every pair's mixed images: batch norm sees the whole batch.
+        all_logits = self.predict(torch.cat(mixed)).split([len(m) for m in mixed])
+        loss = sum(lam * self.criterion(logits, yi) + (1 - lam) * self.criterion(logits, yj)
+                   for logits, (lam, yi, yj) in zip(all_logits, pairs)) / len(present)
         self.step(loss)
         return {"loss": loss.item()}
 
@@ -507,3 +510,7 @@ class BoDA(Method):
 
 def create_method(name: str, featurizer: nn.Module, num_features: int, num_classes: int, **kwargs) -> Method:
     return METHODS.create(name, featurizer, num_features, num_classes, **kwargs)
+
+
+# SADA lives in its own module (stain decomposition, re-staining); importing it registers "sada".
+from . import sada as _sada  # noqa: E402,F401

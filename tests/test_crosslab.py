@@ -1,0 +1,256 @@
+"""Cross-lab protocol pieces: scale normalisation, SWAD, Grad-CAM, the frozen-map
+regime, tables, and the end-to-end (gpu profile) path on tiny synthetic data."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_png
+from wbclib import crosslab, profiles, scale
+from wbclib.gradcam import grad_cam, last_conv
+from wbclib.models import ImageTable
+from wbclib.swad import SWAD, update_bn
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster on a shared machine and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def disc_image(size: int, radius: float, seed: int = 0) -> np.ndarray:
+    """A purple 'nucleus' disc of the given radius centred on a pale pink field."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = np.empty((size, size, 3), np.uint8)
+    image[...] = (235, 215, 220)
+    inside = np.hypot(yy - size / 2 + 0.5, xx - size / 2 + 0.5) < radius
+    image[inside] = (90, 40, 140)
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Scale
+# --------------------------------------------------------------------------
+
+
+def test_nucleus_mask_finds_the_central_disc_and_ignores_specks():
+    image = disc_image(64, 12)
+    image[2:5, 2:5] = (90, 40, 140)  # a speck in the corner
+    mask = scale.nucleus_mask(image)
+    truth = scale.nucleus_mask(disc_image(64, 12))
+    assert not mask[:8, :8].any()
+    assert abs(mask.mean() - np.pi * 12 ** 2 / 64 ** 2) < 0.01
+    assert (mask == truth).mean() > 0.99
+
+
+def test_centre_crop_pad_scales_area_fractions():
+    image = disc_image(60, 10)
+    crop = scale.centre_crop_pad(image, 0.5)
+    pad = scale.centre_crop_pad(image, 1.5)
+    assert crop.shape == (30, 30, 3) and pad.shape == (90, 90, 3)
+    assert (pad[0, 0] == np.median(np.concatenate([image[0], image[-1]]), axis=0)).all()
+    f = scale.nucleus_fraction(image)
+    assert scale.nucleus_fraction(crop) == pytest.approx(f * 4, rel=0.1)
+    assert scale.nucleus_fraction(pad) == pytest.approx(f / 2.25, rel=0.1)
+
+
+def test_scale_normaliser_equalises_a_synthetic_ratio(tmp_path):
+    rows = []
+    for lab, radius, size in (("small", 8, 96), ("large", 20, 80), ("mid", 9, 48)):
+        for i in range(5):
+            path = write_png(tmp_path / lab / f"{i}.png", disc_image(size, radius * (0.9 + 0.05 * i), seed=i))
+            rows.append(dict(path=str(path.relative_to(tmp_path)), lab=lab))
+    table = pd.DataFrame(rows)
+    before = scale.measure(table, tmp_path)
+    medians = before.groupby("lab")["nucleus_fraction"].median()
+    assert medians.max() / medians.min() > 3
+    factors = scale.crop_factors(before, "max")
+    assert factors["large"] == pytest.approx(1.0) and factors["small"] < 1
+    after = scale.measure(table, tmp_path, factors).groupby("lab")["nucleus_fraction"].median()
+    assert after.max() / after.min() < 1.15
+    padded = scale.measure(table, tmp_path, scale.crop_factors(before, "min")).groupby("lab")["nucleus_fraction"]
+    assert padded.median().max() / padded.median().min() < 1.15
+
+
+def test_image_table_crops_before_resizing(tmp_path):
+    image = disc_image(80, 10)
+    write_png(tmp_path / "a.png", image)
+    table = pd.DataFrame(dict(path=["a.png", "a.png"], label=["x", "x"], crop=[1.0, 0.5]))
+    full, cropped = (ImageTable(table, tmp_path, ["x"], 40)[i][0] for i in range(2))
+    assert full.shape == cropped.shape == (3, 40, 40)
+    dark = lambda x: (x[1] < 100).float().mean()  # noqa: E731 - green is low inside the disc
+    assert dark(cropped) == pytest.approx(4 * dark(full), rel=0.15)
+
+
+# --------------------------------------------------------------------------
+# SWAD
+# --------------------------------------------------------------------------
+
+
+def test_swad_average_is_the_mean_of_the_collected_weights_in_the_loss_valley():
+    model = nn.Linear(2, 1)
+    averager = SWAD(n_converge=2, n_tolerance=2, tolerance_ratio=0.3)
+    losses = [3.0, 2.0, 1.0, 1.1, 1.2, 5.0, 5.0]
+    collected = []
+    for segment, loss in enumerate(losses):
+        for step in range(2):
+            with torch.no_grad():
+                model.weight.fill_(10 * segment + step)
+                model.bias.fill_(-segment)
+            collected.append((segment, model.weight.clone(), model.bias.clone()))
+            averager.collect(model)
+        averager.end_segment(loss)
+    state = averager.averaged_state(model)
+    # converged at segment 2 (1.0 stays lowest of (1.0, 1.1)); threshold 1.3 * 1.05;
+    # 1.2 still under it, then 5.0, 5.0 close the valley
+    assert averager.window == [2, 3, 4]
+    chosen = [(w, b) for s, w, b in collected if s in (2, 3, 4)]
+    assert torch.allclose(state["weight"], torch.stack([w for w, _ in chosen]).mean(0))
+    assert torch.allclose(state["bias"], torch.stack([b for _, b in chosen]).mean(0))
+
+
+def test_swad_without_a_valley_falls_back_to_the_best_segment_and_update_bn_runs():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    averager = SWAD(n_converge=3)
+    for loss in (3.0, 2.0):
+        averager.collect(model)
+        averager.end_segment(loss)
+    state = averager.averaged_state(model)
+    assert not averager.converged and averager.window == [1]
+    model.load_state_dict(state)
+    update_bn(model, [torch.randn(8, 3) + 5 for _ in range(3)])
+    assert model[1].running_mean.abs().mean() > 0.5
+
+
+# --------------------------------------------------------------------------
+# Grad-CAM
+# --------------------------------------------------------------------------
+
+
+def blob_batch(n: int, rng, size: int = 16):
+    """Class 1 images hold a bright 4x4 blob at a random place; class 0 are noise."""
+    x = torch.tensor(rng.normal(0, 0.3, (n, 1, size, size)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 2, n))
+    where = rng.integers(0, size - 4, (n, 2))
+    for i in range(n):
+        if y[i]:
+            x[i, 0, where[i, 0]: where[i, 0] + 4, where[i, 1]: where[i, 1] + 4] += 2.0
+    return x, y, where
+
+
+def test_grad_cam_shape_and_peak_on_the_discriminative_blob():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        x, y, _ = blob_batch(32, rng)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    x, y, where = blob_batch(64, rng)
+    positives = y == 1
+    cams = grad_cam(model, last_conv(model), x[positives], torch.ones(int(positives.sum()), dtype=torch.long))
+    assert cams.shape == (int(positives.sum()), 16, 16)
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6
+    peaks = [divmod(int(c.argmax()), 16) for c in cams]
+    hits = [w[0] - 1 <= r <= w[0] + 4 and w[1] - 1 <= c <= w[1] + 4
+            for (r, c), w in zip(peaks, where[positives.numpy()])]
+    assert np.mean(hits) > 0.9
+
+
+# --------------------------------------------------------------------------
+# The frozen-map regime and tables
+# --------------------------------------------------------------------------
+
+
+def test_methods_train_on_cached_maps_with_swad():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 96)
+    d = rng.integers(0, 2, 96)
+    centres = rng.normal(0, 1, (4, 16, 1, 1))
+    x = torch.tensor(centres[y] + rng.normal(0, 0.5, (96, 16, 3, 3)), dtype=torch.float32)
+    views = x[:, None].repeat(1, 3, 1, 1, 1) + 0.1 * torch.randn(96, 3, 16, 3, 3)
+    for name, train_x in (("erm", x), ("boda", x), ("sada", views)):
+        method, history, swad = crosslab.train_on_maps(name, {"lr": 1e-2}, train_x, y, d, x[:32], y[:32],
+                                                       epochs=8, batch_size=16, seed=0, swad={"n_converge": 2},
+                                                       width=8)
+        accuracy = (crosslab._predict(method, x[32:]).argmax(1) == y[32:]).mean()
+        assert len(history) == 8 and swad["window"], name
+        assert accuracy > 0.6, (name, accuracy)
+
+
+def test_table_one_has_the_shape_of_sada_table_one():
+    rows = []
+    for method in ("ERM", "SADA"):
+        for seed in (0, 1):
+            for setting, lab in (("LOLO:pbc", "pbc"), ("LOLO:zheng1", "zheng1"), ("LOLO:bccd", "bccd")):
+                rows.append(dict(method=method, setting=setting, seed=seed, eval_set=lab,
+                                 macro_f1=0.5 + 0.1 * seed, micro_f1=0.6))
+                rows.append(dict(method=method, setting=setting, seed=seed, eval_set="val", macro_f1=0.9, micro_f1=0.9))
+    table = crosslab.table_one(pd.DataFrame(rows), order=["SADA", "ERM"])
+    assert list(table.index) == ["SADA", "ERM"]
+    assert list(table.columns.get_level_values(0).unique()) == ["pbc", "zheng1", "bccd", "average"]
+    assert table.loc["ERM", ("average", "F1-macro")] == "55.0 ± 7.1"
+    assert crosslab.SADA_TABLE_I.loc["SADA", "average|F1-macro"] == 68.6
+
+
+def test_profiles_carry_the_cross_lab_keys():
+    keys = [k for k in profiles.PROFILES["cpu"] if k.startswith(("dg_", "sada_"))]
+    assert len(keys) >= 10
+    for name in profiles.PROFILES:
+        cfg = profiles.get(name)
+        assert set(cfg.dg_rows) <= set(crosslab.ROWS) and set(cfg.dg_ablation_rows) <= set(crosslab.ROWS)
+
+
+# --------------------------------------------------------------------------
+# The end-to-end (gpu profile) path, on CPU with tiny synthetic labs
+# --------------------------------------------------------------------------
+
+
+def synthetic_labs(root: Path, per_class: int = 4) -> pd.DataFrame:
+    """Three 'labs' with the four cross-lab classes: class = nucleus size,
+    lab = stain tint and cell scale."""
+    rows = []
+    tints = {"pbc": (0, 0, 0), "zheng1": (20, 30, -30), "bccd": (-20, 10, 20)}
+    sizes = {"pbc": 48, "zheng1": 32, "bccd": 40}
+    for lab, tint in tints.items():
+        for c, cls in enumerate(crosslab.CLASSES):
+            for i in range(per_class):
+                image = disc_image(sizes[lab], sizes[lab] * (0.12 + 0.05 * c), seed=i)
+                image = np.clip(image.astype(int) + tint, 0, 255).astype(np.uint8)
+                path = write_png(root / lab / cls / f"{i}.png", image)
+                rows.append(dict(path=str(path.relative_to(root)), lab=lab, label=cls,
+                                 part="val" if i == 0 else "train", rank=i))
+    return pd.DataFrame(rows)
+
+
+def test_end_to_end_path_trains_on_images_on_tiny_synthetic_labs(tmp_path):
+    root, splits, results, cache = (tmp_path / n for n in ("data", "splits", "results", "cache"))
+    splits.mkdir()
+    synthetic_labs(root).to_csv(splits / "crosslab_seed0.csv", index=False)
+    cfg = SimpleNamespace(**{**profiles.PROFILES["gpu"], "name": "test", "pretrained": False, "image_size": 32,
+                             "batch_size": 8, "dg_epochs": 2, "dg_seeds": [0], "n_boot": 10, "probe_epochs": 2,
+                             "crosslab_val_per_class": None, "dg_scale_per_lab": 4, "num_workers": 0})
+    torch.manual_seed(0)
+    out = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["BoDA decoupled", "SADA"],
+                               settings=["pbc→others"], progress=False)
+    assert set(out["eval_set"]) == {"val", "zheng1", "bccd"} and len(out) == 6
+    assert out["macro_f1"].between(0, 1).all()
+    sada_run = results / "crosslab_dg" / "main" / "sada" / "pbc_to_others_seed0"
+    assert (sada_run / "train" / "swad.pt").is_file() and (sada_run / "predictions_bccd.csv").is_file()
+    # re-running reads the finished runs back
+    again = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"], settings=["pbc→others"],
+                                 progress=False)
+    assert np.allclose(again["macro_f1"], out[out["method"] == "SADA"]["macro_f1"])
+    examples, images, cams = crosslab.gradcam_examples(cfg, root, splits, cache, results, rows=["SADA"], per_lab=1)
+    assert images.shape == (3, 32, 32, 3) and cams["SADA"].shape == (3, 32, 32)

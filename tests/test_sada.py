@@ -1,0 +1,189 @@
+"""SADA: stain statistics, pseudo-domains, re-staining, its losses and the registered method."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wbclib import methods, sada
+from wbclib.stain import restain
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster on a shared machine and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+#: Two stain populations (RGB absorption of the nuclear and the cytoplasm stain,
+#: columns). Every channel absorbs enough that stained pixels pass the
+#: normalisers' "OD >= 0.15 in every channel" rule.
+STAINS = {
+    "purple": np.array([[0.65, 0.30], [0.70, 0.90], [0.29, 0.32]]),
+    "teal": np.array([[0.80, 0.35], [0.35, 0.85], [0.50, 0.40]]),
+}
+
+
+def synthetic_cells(n: int, stain: str, size: int = 24, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3) images made exactly by Beer-Lambert from two
+    stain densities: a dark round 'nucleus' on a light 'cytoplasm' disc."""
+    rng = np.random.default_rng(seed)
+    w = STAINS[stain] / np.linalg.norm(STAINS[stain], axis=0)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        cy, cx = rng.uniform(0.35, 0.65, 2) * size
+        r = np.hypot(yy - cy, xx - cx)
+        nucleus = (r < size * rng.uniform(0.15, 0.25)) * rng.uniform(0.8, 1.2)
+        cytoplasm = (r < size * 0.4) * rng.uniform(0.6, 0.9)
+        density = np.stack([nucleus, cytoplasm]) + rng.uniform(0, 0.03, (2, size, size))
+        od = np.einsum("cs,shw->hwc", w, density)
+        out.append(np.clip(256 * np.exp(-od) - 1, 0, 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+class TinyMaps(nn.Module):
+    """A featurizer with the map interface SADA uses: conv maps, then mean pooling."""
+
+    map_channels = 8
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+
+    def feature_map(self, x):
+        return self.body(x.float() / 255.0 if x.dtype == torch.uint8 else x.float())
+
+    def pool(self, maps):
+        return maps.mean((2, 3))
+
+    def forward(self, x):
+        return self.pool(self.feature_map(x))
+
+
+def make_sada(**hparams):
+    torch.manual_seed(0)
+    return methods.create_method("sada", TinyMaps(), 8, 3, num_domains=1,
+                                 hparams={"k": 3, "stage1_epochs": 1, "lr": 1e-2, **hparams})
+
+
+def test_sada_is_registered_and_has_its_hparams():
+    assert "sada" in methods.METHODS.names() and "erm_restain" in methods.METHODS.names()
+    model = make_sada(beta=0.5)
+    assert model.hparams["beta"] == 0.5 and model.hparams["anchors"] == "mean"
+    with pytest.raises(KeyError):
+        make_sada(not_a_setting=1)
+    with pytest.raises(ValueError):
+        make_sada(k=1)
+
+
+def test_restain_reproduces_an_image_with_its_own_stains():
+    images = synthetic_cells(6, "purple")
+    matrices, maxima = sada.stain_statistics(images)
+    same = restain(images, matrices, matrices, maxima)
+    error = np.abs(same.astype(int) - images.astype(int))
+    assert error.mean() < 1.5 and error.max() <= 4
+    # restain_views with every image as its own donor is the same operation
+    views = sada.restain_views(torch.from_numpy(images), matrices, maxima, torch.arange(6).view(1, 6))
+    assert views.shape == (1, 6, 24, 24, 3)
+    assert np.array_equal(views[0].numpy(), same)
+
+
+def test_kmeans_pseudo_domains_separate_two_stain_populations():
+    images = np.concatenate([synthetic_cells(10, "purple", seed=1), synthetic_cells(10, "teal", seed=2)])
+    matrices, _ = sada.stain_statistics(images)
+    labels = sada.pseudo_domains(matrices, 2, torch.Generator().manual_seed(0)).numpy()
+    truth = np.repeat([0, 1], 10)
+    assert (labels == truth).all() or (labels == 1 - truth).all()
+    # and on points directly, with more clusters than populations each cluster stays pure
+    rng = np.random.default_rng(0)
+    points = torch.tensor(np.concatenate([rng.normal(0, 0.05, (30, 6)), rng.normal(1, 0.05, (30, 6))]))
+    labels, centres = sada.kmeans(points, 3, generator=torch.Generator().manual_seed(0))
+    assert centres.shape == (3, 6)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        assert len(set((members >= 30).tolist())) == 1
+
+
+def test_donors_come_from_the_other_clusters():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    targets = sada.pick_targets(labels, 3, torch.Generator().manual_seed(0))
+    assert targets.shape == (2, 7)
+    for i, own in enumerate(labels.tolist()):
+        donor_clusters = sorted(labels[targets[:, i]].tolist())
+        assert donor_clusters == [c for c in range(3) if c != own]
+    # a cluster with no members is replaced by any image outside the own cluster
+    targets = sada.pick_targets(torch.tensor([0, 0, 1]), 3, torch.Generator().manual_seed(0))
+    assert (torch.tensor([0, 0, 1])[targets[:, :2]] != 0).all()
+
+
+def test_disc_loss_prefers_class_clusters_and_local_alignment_prefers_equal_views():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 0, 1, 1])
+    centres = torch.randn(2, 16) * 3
+    aligned = centres[y.repeat(3)] + 0.01 * torch.randn(12, 16)
+    shuffled = aligned[torch.randperm(12)]
+    assert sada.disc_loss(aligned, y, 2, 0.1) < sada.disc_loss(shuffled, y, 2, 0.1)
+    assert sada.disc_loss(aligned, y, 2, 0.1, anchors="self") < sada.disc_loss(shuffled, y, 2, 0.1, anchors="self")
+    maps = torch.randn(4, 5, 3, 3)
+    assert sada.local_alignment_loss(maps.repeat(3, 1, 1, 1), 2) < 1e-6
+    assert sada.local_alignment_loss(torch.randn(12, 5, 3, 3), 2) > 0.1
+
+
+def test_sada_step_on_precomputed_views_lowers_its_loss_and_predicts():
+    model = make_sada()
+    rng = np.random.default_rng(0)
+    # three synthetic "domains" (stain populations) of feature inputs, 1 raw + 2 views each
+    x = torch.tensor(rng.normal(size=(12, 3, 3, 8, 8)), dtype=torch.float32)
+    y = torch.tensor([0, 1, 2] * 4)
+    model.train()
+    model.set_epoch(0)
+
+    def stage1_loss():
+        parts = model.stage1_losses(x, y)
+        return float((parts["disc"] + model.hparams["beta"] * parts["la"]).detach())
+
+    before = stage1_loss()
+    stats = model.update([(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])])
+    assert {"loss", "disc", "la", "ce"} <= set(stats) and np.isfinite(stats["loss"])
+    assert stage1_loss() < before
+    model.eval()
+    assert model.predict(x[:, 0]).shape == (12, 3) and model.predict(x).shape == (12, 3)
+
+
+def test_sada_restains_uint8_batches_itself_and_stage_two_trains_only_the_classifier():
+    model = make_sada(k=2)
+    images = np.concatenate([synthetic_cells(4, "purple", seed=3), synthetic_cells(4, "teal", seed=4)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    raw, views = model.make_views(x)
+    assert raw is x and views.shape == (1, 8, 3, 24, 24) and views.dtype == torch.uint8
+    model.train()
+    model.set_epoch(0)
+    assert np.isfinite(model.update([(x, y)])["la"])
+    model.set_epoch(1)  # stage 2
+    featurizer = {k: v.clone() for k, v in model.featurizer.state_dict().items()}
+    classifier = model.classifier.weight.clone()
+    model.update([(x, y)])
+    assert all(torch.equal(v, model.featurizer.state_dict()[k]) for k, v in featurizer.items())
+    assert not torch.equal(classifier, model.classifier.weight)
+
+
+def test_erm_on_restained_views_trains_on_every_view():
+    torch.manual_seed(0)
+    model = methods.create_method("erm_restain", TinyMaps(), 8, 3, hparams={"k": 3})
+    x = torch.randn(6, 3, 3, 8, 8)
+    stats = model.update([(x, torch.tensor([0, 1, 2, 0, 1, 2]))])
+    assert np.isfinite(stats["loss"]) and model.predict(x[:, 0]).shape == (6, 3)
+
+
+def test_stain_columns_are_aligned_across_images():
+    w = torch.tensor(STAINS["purple"], dtype=torch.float32)
+    w = w / w.norm(dim=0)
+    matrices = torch.stack([w, w.flip(-1), w, w.flip(-1)]) + 0.01 * torch.randn(4, 3, 2)
+    maxima = torch.tensor([[1.0, 2.0], [2.0, 1.0], [1.0, 2.0], [2.0, 1.0]])
+    aligned, aligned_maxima = sada.align_stain_order(matrices, maxima)
+    assert torch.allclose(aligned[1], matrices[1].flip(-1)) and torch.allclose(aligned[0], matrices[0])
+    assert torch.equal(aligned_maxima, torch.tensor([[1.0, 2.0]] * 4))

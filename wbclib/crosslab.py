@@ -1,0 +1,848 @@
+"""Cross-lab domain generalisation: the protocol of SADA's Table I on the public labs.
+
+Four classes (neutrophil, lymphocyte, monocyte, eosinophil), leave-one-lab-out
+over {pbc, zheng1, bccd} and train-on-pbc / test-on-the-others
+(``experiments.CROSSLAB_SETTINGS``); every method of :data:`ROWS` for every
+setting and seed; F1-macro and F1-micro (= accuracy for one label per image)
+per target lab with bootstrap intervals; SWAD weight averaging for every
+method alike.
+
+Two regimes, chosen by the profile's ``dg_regime``:
+
+* ``"maps"`` (``smoke``/``cpu``) – a frozen ImageNet EfficientNet-Lite0 trunk
+  turns every image into its final feature map (1280 x 4 x 4 at 128 px),
+  computed once and cached; each method's featurizer is a small trainable
+  conv head on those maps (:class:`MapHead`). SADA's re-stained views are
+  precomputed too: the stain matrices of the setting's training images are
+  clustered once (k-means), every training image is re-stained once towards
+  a random member of each other cluster, and the trunk maps of those copies
+  are cached – an approximation of SADA's per-batch clustering and random
+  re-staining (same clusters and donors for every epoch).
+* ``"end_to_end"`` (``gpu``) – every method fine-tunes the whole backbone on
+  images through :func:`train.train_run` (SADA re-stains inside each batch).
+
+With one source lab (pbc→others) the domain-aware baselines (CORAL, DANN,
+BoDA) get stain-colour clusters of the training images as domains (the
+pseudo-domains SADA uses), since one lab alone gives nothing to align.
+
+Scale: :func:`scale_factors` measures each lab's nucleus-to-image ratio and
+returns the per-lab centre crop (``crop`` column, applied by the image
+loader before resizing) that equalises the lab medians.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import benchmarks as B
+from . import heads
+from . import metrics as M
+from . import scale as SC
+from .experiments import CROSSLAB_SETTINGS, _slug
+from .gradcam import grad_cam, last_conv
+from .methods import create_method
+from .models import ImageTable, Normalized, create_backbone, default_workers
+from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
+from .swad import SWAD, update_bn
+from .train import TrainConfig, _split_by_domain, build_method, predictions_frame, score_predictions, train_run
+
+CLASSES = list(B.CROSSLAB_CLASSES)
+#: Versions of the run configuration, of the cached images/maps/stain statistics, and of the cached views.
+VERSION = "dg-v2"
+CACHE_VERSION = "dg-v1"
+VIEWS_VERSION = "views-v2"
+#: Methods that train on SADA's re-stained views (the maps regime feeds them precomputed views).
+VIEW_METHODS = ("sada", "erm_restain")
+
+#: Table rows: label -> (registered method, hyper-parameter overrides, options).
+#: Option ``decoupled`` re-trains the classifier with class-balanced sampling
+#: on the frozen features afterwards (BoDA's "Ours+").
+ROWS: Dict[str, Tuple[str, dict, dict]] = {
+    "ERM": ("erm", {}, {}),
+    "CORAL": ("coral", {}, {}),
+    "DANN": ("dann", {}, {}),
+    "Mixup": ("mixup", {}, {}),
+    "SelfReg": ("selfreg", {}, {}),
+    "BoDA": ("boda", {}, {}),
+    "BoDA decoupled": ("boda", {}, {"decoupled": True}),
+    "SADA": ("sada", {}, {}),
+    # ablations (SADA's Table III; M1 is ERM) and a control
+    "M2: SADA without L_LA": ("sada", {"beta": 0.0}, {}),
+    "M3: SupCon, no L_LA": ("sada", {"anchors": "self", "beta": 0.0}, {}),
+    "ERM + re-stained views": ("erm_restain", {}, {}),
+}
+
+#: SADA's Table I (ResNet-50, four source labs, five classes; leave-one-domain-out), mean ± std of 3 trials.
+SADA_TABLE_I = pd.DataFrame(
+    [
+        ["ERM", 70.0, 71.3, 83.8, 67.0, 86.9, 59.1, 77.8, 55.4, 79.6, 63.2],
+        ["CORAL", 70.7, 73.6, 84.2, 66.7, 87.2, 61.0, 77.7, 57.3, 79.9, 64.7],
+        ["Mixup", 67.0, 69.3, 83.4, 67.6, 87.4, 61.9, 77.0, 54.2, 78.7, 63.3],
+        ["SelfReg", 68.4, 70.3, 84.5, 67.8, 86.8, 60.0, 76.5, 53.4, 79.0, 62.9],
+        ["BoDA", 70.5, 73.6, 82.2, 65.8, 86.8, 60.6, 80.5, 58.7, 80.0, 64.7],
+        ["SADA", 79.9, 81.6, 86.0, 68.2, 87.4, 61.9, 84.3, 62.6, 84.4, 68.6],
+    ],
+    columns=["method"] + [f"{lab}|{m}" for lab in ("Acevedo-20", "LDWBC", "Raabin-WBC", "Zheng-18", "average")
+                          for m in ("F1-micro", "F1-macro")],
+).set_index("method")
+
+#: SADA's Table III (average over its four public target sets).
+SADA_TABLE_III = pd.DataFrame(
+    [["M1 (ERM)", 79.6, 63.2], ["M2 (no L_LA)", 83.9, 68.2], ["M3 (SupCon, no L_LA)", 78.8, 62.2],
+     ["SADA", 84.4, 68.6]], columns=["variant", "F1-micro", "F1-macro"]).set_index("variant")
+
+
+def one_thread(fn):
+    """Run ``fn`` with one intra-op torch thread (restored afterwards). The
+    heads trained here are tiny, and on a shared 2-core machine two threads
+    spin against each other: measured 20x slower for the head, 2x for the
+    trunk under load. One thread also keeps results independent of the core count."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:20]
+
+
+def _listing(rows: pd.DataFrame) -> str:
+    crop = rows["crop"].astype(float).round(6).astype(str) if "crop" in rows else "1.0"
+    return (rows["path"].astype(str) + "|" + crop).str.cat(sep="\n")
+
+
+# --------------------------------------------------------------------------
+# Scale
+# --------------------------------------------------------------------------
+
+
+def scale_sample(table: pd.DataFrame, per_lab: Optional[int]) -> pd.DataFrame:
+    """Up to ``per_lab`` images of each lab, spread over its classes (by rank)."""
+    parts = []
+    for _, rows in table.groupby("lab"):
+        rows = rows.sort_values(["rank", "path"])
+        parts.append(rows if per_lab is None else rows.head(per_lab))
+    return pd.concat(parts).reset_index(drop=True)
+
+
+@one_thread
+def scale_factors(cfg: SimpleNamespace, table: pd.DataFrame, root: Path, cache_dir: Path
+                  ) -> Tuple[Dict[str, float], pd.DataFrame]:
+    """Per-lab crop factors (:func:`scale.crop_factors` with target
+    ``cfg.dg_scale``) and the nucleus fractions measured before and after them
+    (column ``stage``), cached in ``cache_dir``. ``dg_scale=None`` switches
+    scale normalisation off (all factors 1)."""
+    sample = scale_sample(table, cfg.dg_scale_per_lab)
+    path = Path(cache_dir) / f"scale_{_hash(CACHE_VERSION, cfg.dg_scale, _listing(sample))}.csv"
+    if path.is_file():
+        measured = pd.read_csv(path)
+    else:
+        before = SC.measure(sample, root)
+        factors = SC.crop_factors(before, cfg.dg_scale or "max") if cfg.dg_scale else {l: 1.0 for l in B.LABS}
+        after = SC.measure(sample, root, factors)
+        measured = pd.concat([before.assign(stage="before"), after.assign(stage="after")])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        measured.to_csv(path, index=False)
+    after = measured[measured["stage"] == "after"]
+    factors = after.groupby("lab")["crop"].first().astype(float).to_dict()
+    return factors, measured
+
+
+# --------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------
+
+
+def dg_sets(cfg: SimpleNamespace, table: pd.DataFrame, sources: Sequence[str], targets: Sequence[str],
+            crops: Optional[Dict[str, float]] = None) -> Tuple[pd.DataFrame, Dict[str, pd.DataFrame]]:
+    """Train / val rows of the source labs and one capped test set per target
+    lab, with ``domain`` (the lab) and ``crop`` (the lab's scale factor)."""
+    split = B.crosslab_split(table, targets, sources, train_per_class=cfg.dg_train_per_class,
+                             val_per_class=cfg.crosslab_val_per_class)
+    split = split.assign(domain=split["lab"], crop=[float((crops or {}).get(l, 1.0)) for l in split["lab"]])
+    sets = {"val": split[split["split"] == "val"]}
+    test = split[split["split"] == "test"]
+    for lab in targets:
+        sets[lab] = B._cap_lab(test[test["lab"] == lab], cfg.dg_test_per_class)
+    return split, sets
+
+
+def settings_named(names: Optional[Sequence[str]] = None) -> List[tuple]:
+    names = names or [n for n, _, _ in CROSSLAB_SETTINGS]
+    known = {n: (n, s, t) for n, s, t in CROSSLAB_SETTINGS}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise KeyError(f"unknown cross-lab settings {unknown}; known: {list(known)}")
+    return [known[n] for n in names]
+
+
+# --------------------------------------------------------------------------
+# Frozen-trunk regime: cached feature maps and a trainable head
+# --------------------------------------------------------------------------
+
+
+class MapHead(nn.Module):
+    """Featurizer on frozen-trunk feature maps (N, C, h, w): a 1x1 conv to
+    ``width`` channels and a 3x3 conv, each with batch norm and ReLU, then
+    global average pooling to (N, width)."""
+
+    def __init__(self, in_channels: int, width: int = 128):
+        super().__init__()
+        self.map_channels = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.float())
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
+
+
+class MapStore:
+    """Images, stain statistics and frozen-trunk maps of table rows (keyed by
+    ``path`` and ``crop``), computed once and cached as ``.npy`` in ``cache_dir``.
+
+    With a ``universe`` (every row any setting needs; :func:`store_for`) images
+    and maps are computed for the whole universe once and looked up, so the
+    settings share one cache entry; stain statistics likewise over
+    ``stain_universe`` (every training row). Rows outside get their own entry.
+    Arrays returned by :meth:`images`, :meth:`maps` and :meth:`stain_stats` follow
+    the unique rows of the argument, sorted (index them with :meth:`index`).
+    """
+
+    def __init__(self, cfg: SimpleNamespace, root: Path, cache_dir: Path, batch_size: int = 64,
+                 universe: Optional[pd.DataFrame] = None, stain_universe: Optional[pd.DataFrame] = None):
+        self.cfg, self.root, self.cache_dir, self.batch_size = cfg, Path(root), Path(cache_dir), batch_size
+        self.universe = None if universe is None else self._unique(universe)
+        self.stain_universe = None if stain_universe is None else self._unique(stain_universe)
+        self._trunk: Optional[Normalized] = None
+
+    # generic cache --------------------------------------------------------
+
+    def _cached(self, name: str, key: str, compute):
+        path = self.cache_dir / f"dg_{name}_{self.cfg.backbone}_{self.cfg.image_size}_{key}.npy"
+        if path.is_file():
+            return np.load(path)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, value)
+        tmp.replace(path)
+        return value
+
+    def _over(self, name: str, rows: pd.DataFrame, universe: Optional[pd.DataFrame], compute, *key) -> np.ndarray:
+        """``compute(unique rows)`` cached, evaluated over ``universe`` when it holds every row."""
+        unique = self._unique(rows)
+        if universe is not None:
+            lookup = {(p, round(float(c), 6)): i for i, (p, c) in enumerate(zip(universe["path"], universe["crop"]))}
+            keys = [(p, round(float(c), 6)) for p, c in zip(unique["path"], unique["crop"])]
+            if all(k in lookup for k in keys):
+                values = self._cached(name, _hash(CACHE_VERSION, *key, _listing(universe)), lambda: compute(universe))
+                return values[[lookup[k] for k in keys]]
+        return self._cached(name, _hash(CACHE_VERSION, *key, _listing(unique)), lambda: compute(unique))
+
+    @property
+    def trunk(self) -> Normalized:
+        if self._trunk is None:
+            backbone = create_backbone(self.cfg.backbone, pretrained=self.cfg.pretrained)
+            self._trunk = Normalized(backbone).eval().to(memory_format=torch.channels_last)
+        return self._trunk
+
+    # images and maps ------------------------------------------------------
+
+    @staticmethod
+    def _unique(rows: pd.DataFrame) -> pd.DataFrame:
+        rows = rows[["path", "label"] + (["crop"] if "crop" in rows else [])].copy()
+        if "crop" not in rows:
+            rows["crop"] = 1.0
+        return rows.drop_duplicates(["path", "crop"]).sort_values(["path", "crop"]).reset_index(drop=True)
+
+    def index(self, rows: pd.DataFrame, of: pd.DataFrame) -> np.ndarray:
+        """Positions of ``rows`` within the unique rows of ``of``."""
+        unique = self._unique(of)
+        lookup = {(p, round(float(c), 6)): i for i, (p, c) in enumerate(zip(unique["path"], unique["crop"]))}
+        crops = rows["crop"] if "crop" in rows else pd.Series(1.0, index=rows.index)
+        return np.array([lookup[(p, round(float(c), 6))] for p, c in zip(rows["path"], crops)], dtype=int)
+
+    def _load(self, unique: pd.DataFrame) -> np.ndarray:
+        data = ImageTable(unique, self.root, CLASSES, self.cfg.image_size)
+        loader = DataLoader(data, batch_size=64, num_workers=min(2, default_workers()))
+        return torch.cat([x for x, _, _ in tqdm(loader, desc="images", leave=False, disable=None)]).numpy()
+
+    @one_thread
+    def images(self, rows: pd.DataFrame) -> np.ndarray:
+        """uint8 (N, 3, S, S) of the rows as the training loader sees them (crop, resize)."""
+        universe = self.universe if self.universe is not None else self.stain_universe
+        return self._over("images", rows, universe, self._load)
+
+    @one_thread
+    @torch.inference_mode()
+    def trunk_maps(self, images: np.ndarray, desc: str = "trunk maps") -> np.ndarray:
+        """float16 trunk feature maps (N, C, h, w) of uint8 images (N, 3, S, S)."""
+        out = []
+        for start in tqdm(range(0, len(images), self.batch_size), desc=desc, leave=False, disable=None):
+            x = torch.from_numpy(np.ascontiguousarray(images[start: start + self.batch_size]))
+            out.append(feature_maps(self.trunk, x.contiguous(memory_format=torch.channels_last)).half().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), np.float16)
+
+    @one_thread
+    def maps(self, rows: pd.DataFrame) -> np.ndarray:
+        """Trunk maps of the unique rows of ``rows``."""
+        return self._over("maps", rows, self.universe, lambda u: self.trunk_maps(self.images(u)), self.cfg.pretrained)
+
+    @one_thread
+    def stain_stats(self, rows: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+        """Vahadane stain matrices (N, 3, 2) and 99th-percentile densities (N, 2) of the unique rows."""
+
+        def compute(unique):
+            images = torch.from_numpy(self.images(unique)).permute(0, 2, 3, 1).contiguous()
+            parts = [stain_statistics(images[s: s + 64]) for s in
+                     tqdm(range(0, len(images), 64), desc="stain matrices", leave=False, disable=None)]
+            return np.concatenate([torch.cat([w.flatten(1), m], 1).numpy() for w, m in parts])
+
+        stats = self._over("stains", rows, self.stain_universe, compute)
+        return stats[:, :6].reshape(-1, 3, 2), stats[:, 6:]
+
+    @one_thread
+    def stain_clusters(self, rows: pd.DataFrame, k: int, seed: int = 0) -> np.ndarray:
+        """k-means stain-colour cluster of each unique row (pseudo-domains)."""
+        stats = (torch.from_numpy(np.ascontiguousarray(a)) for a in self.stain_stats(rows))
+        matrices, _ = align_stain_order(*stats)
+        return pseudo_domains(matrices, k, torch.Generator().manual_seed(seed)).numpy()
+
+    def _donors(self, unique: pd.DataFrame, k: int, seed: int):
+        images = torch.from_numpy(self.images(unique)).permute(0, 2, 3, 1).contiguous()
+        matrices, maxima = align_stain_order(*(torch.from_numpy(np.ascontiguousarray(a))
+                                               for a in self.stain_stats(unique)))
+        generator = torch.Generator().manual_seed(seed)
+        labels = pseudo_domains(matrices, k, generator)
+        return images, matrices, maxima, pick_targets(labels, k, generator)
+
+    @one_thread
+    def view_maps(self, train_rows: pd.DataFrame, k: int, seed: int = 0) -> np.ndarray:
+        """Trunk maps (N, k - 1, C, h, w) of SADA's re-stained copies of the unique
+        training rows: clusters and donors drawn once over these training rows."""
+        unique = self._unique(train_rows)
+
+        def compute():
+            images, matrices, maxima, targets = self._donors(unique, k, seed)
+            views = []
+            for s in tqdm(range(0, len(images), 128), desc=f"re-staining (k={k})", leave=False, disable=None):
+                chunk = restain_views(images[s: s + 128], matrices[s: s + 128], maxima[s: s + 128],
+                                      targets[:, s: s + 128], matrices, maxima)
+                views.append(chunk.permute(1, 0, 4, 2, 3).numpy())  # (n, V, 3, S, S)
+            views = np.concatenate(views)
+            flat = self.trunk_maps(views.reshape(-1, *views.shape[2:]), desc=f"trunk maps of views (k={k})")
+            return flat.reshape(len(unique), k - 1, *flat.shape[1:])
+
+        return self._cached("views", _hash(VIEWS_VERSION, self.cfg.pretrained, k, seed, _listing(unique)), compute)
+
+    @one_thread
+    def view_images(self, train_rows: pd.DataFrame, k: int, seed: int = 0, n: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+        """``n`` training images (one per lab in turn) and their re-stained copies
+        (n, k - 1, S, S, 3), drawn as :meth:`view_maps` draws them (for figures)."""
+        unique = self._unique(train_rows)
+        images, matrices, maxima, targets = self._donors(unique, k, seed)
+        labs = train_rows.drop_duplicates("path").set_index("path")["lab"].reindex(unique["path"]).to_numpy()
+        order = pd.DataFrame(dict(lab=labs, i=range(len(labs))))
+        order["turn"] = order.groupby("lab").cumcount()
+        pick = torch.tensor(order.sort_values(["turn", "lab"])["i"].to_numpy()[:n])
+        views = restain_views(images[pick], matrices[pick], maxima[pick], targets[:, pick], matrices, maxima)
+        return images[pick].numpy(), views.transpose(0, 1).numpy()
+
+
+def store_for(cfg: SimpleNamespace, root: Path, cache_dir: Path, table: pd.DataFrame,
+              crops: Optional[Dict[str, float]]) -> MapStore:
+    """A :class:`MapStore` whose universe is every row of the four settings."""
+    splits = [dg_sets(cfg, table, s, t, crops) for _, s, t in CROSSLAB_SETTINGS]
+    train = pd.concat([sp[sp["split"] == "train"] for sp, _ in splits])
+    universe = pd.concat([train] + [rows for _, sets in splits for rows in sets.values()])
+    return MapStore(cfg, root, cache_dir, universe=universe, stain_universe=train)
+
+
+def _labels(rows: pd.DataFrame) -> np.ndarray:
+    index = {c: i for i, c in enumerate(CLASSES)}
+    return rows["label"].map(index).to_numpy()
+
+
+def _val_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+@torch.no_grad()
+def _predict(method, maps: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    method.eval()
+    out = [torch.softmax(method.predict(maps[s: s + batch_size].float()), 1) for s in range(0, len(maps), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+@torch.no_grad()
+def _features(method, maps: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    method.eval()
+    parts = [method.featurize(maps[s: s + batch_size].float()) for s in range(0, len(maps), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def train_on_maps(method_name: str, hparams: dict, train_x: torch.Tensor, train_y: np.ndarray, train_d: np.ndarray,
+                  val_x: torch.Tensor, val_y: np.ndarray, epochs: int, batch_size: int, seed: int,
+                  swad: Optional[dict] = None, width: int = 128):
+    """Train a method whose featurizer is a :class:`MapHead` on cached maps.
+
+    ``train_x`` is (N, C, h, w), or (N, 1 + V, C, h, w) with views for SADA.
+    Validation (in-domain) after every epoch: the best-macro-F1 epoch is kept,
+    or with ``swad`` the SWAD average (BN statistics re-estimated). Returns
+    ``(method, history, swad summary or None)``.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    in_channels = train_x.shape[-3]
+    num_domains = int(train_d.max()) + 1
+    counts = np.bincount(train_y, minlength=len(CLASSES))
+    steps_per_epoch = max(1, len(train_y) // batch_size)
+    hparams = dict(hparams)
+    if method_name == "boda":
+        table = np.zeros((num_domains, len(CLASSES)))
+        np.add.at(table, (train_d, train_y), 1)
+        hparams.setdefault("domain_class_counts", table.tolist())
+        hparams.setdefault("warmup_steps", int(0.2 * epochs * steps_per_epoch))
+    if method_name == "sada":
+        hparams.setdefault("stage1_epochs", epochs // 2)
+    if method_name in VIEW_METHODS:
+        hparams.setdefault("seed", seed)
+    method = create_method(method_name, MapHead(in_channels, width), width, len(CLASSES), num_domains=num_domains,
+                           class_counts=counts.tolist(), hparams=hparams)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(1, epochs * steps_per_epoch))
+                  for o in method.optimizers()]
+    averager = SWAD(**swad) if swad is not None else None
+    y_all, d_all = torch.tensor(np.asarray(train_y)), torch.tensor(np.asarray(train_d))
+    best, best_state, history = -1.0, None, []
+    generator = torch.Generator().manual_seed(seed)
+    # DANN steps one of its two optimisers per update; the other's scheduler still
+    # advances, which PyTorch warns about (harmless: both follow the same clock).
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+    for epoch in range(epochs):
+        method.train()
+        method.set_epoch(epoch)
+        order = torch.randperm(len(train_y), generator=generator)
+        logs = []
+        for s in range(steps_per_epoch):
+            idx = order[s * batch_size: (s + 1) * batch_size]
+            x, y, d = train_x[idx].float(), y_all[idx], d_all[idx]
+            logs.append(method.update(_split_by_domain(x, y, d, method.num_domains)))
+            for sch in schedulers:
+                sch.step()
+            if averager is not None:
+                averager.collect(method)
+        val_probs = _predict(method, val_x)
+        scores = M.scores(val_y, val_probs.argmax(1), len(CLASSES))
+        loss = _val_loss(val_probs, val_y)
+        # every logged quantity (loss, and e.g. BoDA's or SADA's terms), averaged over the epoch
+        means = pd.DataFrame(logs).mean().to_dict()
+        history.append(dict(epoch=epoch, **means, val_loss=loss, val_macro_f1=scores["macro_f1"]))
+        if averager is not None:
+            averager.end_segment(loss)
+        if scores["macro_f1"] > best:
+            best, best_state = scores["macro_f1"], {k: v.clone() for k, v in method.state_dict().items()}
+    if averager is not None:
+        method.load_state_dict(averager.averaged_state(method))
+        raw = train_x[:, 0] if train_x.ndim == 5 else train_x
+        batches = [raw[s: s + batch_size].float() for s in range(0, len(raw), batch_size)]
+        update_bn(method, batches, forward=method.featurize)
+    else:
+        method.load_state_dict(best_state)
+    method.eval()
+    return method, history, (averager.summary() if averager is not None else None)
+
+
+# --------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------
+
+
+def _score_sets(run_dir: Path, eval_sets: Dict[str, pd.DataFrame], probs: Dict[str, np.ndarray], n_boot: int) -> dict:
+    results = {}
+    for name, rows in eval_sets.items():
+        pred = predictions_frame(rows, probs[name], CLASSES)
+        pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+        results[name] = score_predictions(pred, CLASSES, n_boot=n_boot if name != "val" else 0)
+    return results
+
+
+def _finish(run_dir: Path, results: dict) -> dict:
+    tmp = run_dir / "metrics.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(run_dir / "metrics.json")
+    return results
+
+
+def _run_dir(results_dir: Path, variant: str, row: str, setting: str, seed: int) -> Path:
+    slug = row.lower().replace(" ", "_").replace(":", "").replace("+", "plus").replace("/", "_")
+    return Path(results_dir) / "crosslab_dg" / variant / slug / f"{_slug(setting)}_seed{seed}"
+
+
+def _existing(run_dir: Path, config: dict) -> Optional[dict]:
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    if metrics_path.is_file() and config_path.is_file() and json.loads(config_path.read_text()) == config:
+        return json.loads(metrics_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    metrics_path.unlink(missing_ok=True)
+    return None
+
+
+class _MapsRunner:
+    """Everything one cross-lab setting needs in the frozen-trunk regime."""
+
+    def __init__(self, cfg, store: MapStore, split: pd.DataFrame, eval_sets: Dict[str, pd.DataFrame],
+                 single_source: bool):
+        self.cfg, self.store = cfg, store
+        self.train = split[split["split"] == "train"].reset_index(drop=True)
+        self.eval_sets = eval_sets
+        everything = pd.concat([self.train] + list(eval_sets.values()))
+        all_maps = torch.from_numpy(store.maps(everything))
+        self.train_idx = store.index(self.train, everything)
+        self.train_x = all_maps[self.train_idx]
+        self.train_y = _labels(self.train)
+        self.eval_x = {n: all_maps[store.index(r, everything)] for n, r in eval_sets.items()}
+        self.eval_y = {n: _labels(r) for n, r in eval_sets.items()}
+        if single_source:  # stain-colour clusters as domains
+            clusters = store.stain_clusters(self.train, cfg.sada_k)
+            self.train_d = clusters[store.index(self.train, self.train)]
+        else:
+            labs = sorted(self.train["lab"].unique())
+            self.train_d = self.train["lab"].map({l: i for i, l in enumerate(labs)}).to_numpy()
+        self._views: Dict[int, torch.Tensor] = {}
+
+    def views(self, k: int) -> torch.Tensor:
+        if k not in self._views:
+            maps = torch.from_numpy(self.store.view_maps(self.train, k))
+            self._views[k] = maps[self.store.index(self.train, self.train)]
+        return self._views[k]
+
+    def run(self, method_name: str, hparams: dict, options: dict, seed: int, run_dir: Path, n_boot: int,
+            save_weights: bool = False) -> dict:
+        cfg = self.cfg
+        x, y, d = self.train_x, self.train_y, self.train_d
+        if method_name in VIEW_METHODS:
+            x = torch.cat([x[:, None], self.views(int(hparams.get("k", cfg.sada_k)))], 1)
+        method, history, swad = train_on_maps(
+            method_name, hparams, x, y, d, self.eval_x["val"], self.eval_y["val"], cfg.dg_epochs, cfg.batch_size,
+            seed, swad={} if cfg.dg_swad else None, width=cfg.dg_head_width)
+        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+        if options.get("decoupled"):
+            head = heads.fit_linear_head(_features(method, self.train_x), self.train_y, len(CLASSES),
+                                         sampler="class_balanced", epochs=cfg.probe_epochs, seed=seed)
+            probs = {n: heads.predict_proba(head, _features(method, m)) for n, m in self.eval_x.items()}
+        else:
+            probs = {n: _predict(method, m) for n, m in self.eval_x.items()}
+        if save_weights:
+            torch.save(method.state_dict(), run_dir / "weights.pt")
+        results = _score_sets(run_dir, self.eval_sets, probs, n_boot)
+        if swad is not None:
+            results["swad"] = swad
+        return results
+
+
+def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets, single_source: bool,
+                method_name: str, hparams: dict, options: dict, seed: int, run_dir: Path, n_boot: int) -> dict:
+    """One run of the ``gpu`` regime: :func:`train.train_run` on images."""
+    split = split.copy()
+    train = split[split["split"] == "train"]
+    if single_source:
+        clusters = store.stain_clusters(train, cfg.sada_k)
+        split.loc[train.index, "domain"] = [f"stain{c}" for c in clusters[store.index(train, train)]]
+    hparams = dict(hparams)
+    if method_name == "sada":
+        hparams.setdefault("stage1_epochs", cfg.dg_epochs // 2)
+    if method_name in VIEW_METHODS:
+        hparams.setdefault("seed", seed)
+    if method_name == "boda":
+        hparams.setdefault("warmup_steps", int(0.2 * cfg.dg_epochs * max(1, len(train) // cfg.batch_size)))
+    config = TrainConfig(method=method_name, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                         image_size=cfg.image_size, epochs=cfg.dg_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         patience=cfg.dg_epochs, seed=seed, hparams=hparams,
+                         num_workers=getattr(cfg, "num_workers", None))
+    stage1 = run_dir
+    results = train_run(config, split, root, stage1 / "train", CLASSES, eval_sets=eval_sets, n_boot=n_boot,
+                        swad={} if cfg.dg_swad else None)
+    if not options.get("decoupled"):
+        for name in eval_sets:
+            pred = pd.read_csv(stage1 / "train" / f"predictions_{name}.csv")
+            pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+        return results
+    # BoDA decoupled: class-balanced linear head on the trained, frozen featurizer.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    counts = np.bincount(_labels(train), minlength=len(CLASSES))
+    num_domains = split.loc[train.index, "domain"].nunique()
+    method = build_method(config, len(CLASSES), num_domains, counts.tolist()).to(device)
+    weights = stage1 / "train" / ("swad.pt" if cfg.dg_swad else "best.pt")
+    method.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+
+    @torch.no_grad()
+    def featurize(rows):
+        loader = DataLoader(ImageTable(rows, root, CLASSES, cfg.image_size), batch_size=cfg.batch_size,
+                            num_workers=default_workers() if getattr(cfg, "num_workers", None) is None
+                            else cfg.num_workers)
+        method.eval()
+        return torch.cat([method.featurize(x.to(device)).float().cpu() for x, _, _ in loader]).numpy()
+
+    head = heads.fit_linear_head(featurize(train), _labels(train), len(CLASSES), sampler="class_balanced",
+                                 epochs=cfg.probe_epochs, seed=seed)
+    probs = {n: heads.predict_proba(head, featurize(rows)) for n, rows in eval_sets.items()}
+    return _score_sets(run_dir, eval_sets, probs, n_boot)
+
+
+@one_thread
+def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                rows: Optional[Sequence[str]] = None, settings: Optional[Sequence[str]] = None,
+                seeds: Optional[Sequence[int]] = None, overrides: Optional[Dict[str, dict]] = None,
+                variant: str = "main", split_seed: int = 0, scale: bool = True,
+                weights_for: Optional[Tuple[str, int]] = None, progress: bool = True) -> pd.DataFrame:
+    """Train and evaluate table rows (:data:`ROWS`, default ``cfg.dg_rows``) on
+    cross-lab settings (default all four) for ``seeds`` (default
+    ``cfg.dg_seeds``). ``overrides`` maps a row to extra hyper-parameters
+    (the k/beta sweep); ``variant`` names the result folder. Finished runs
+    (same configuration) are read back. Returns one row per (row, setting,
+    seed, eval set) with ``macro_f1``, ``micro_f1`` and the bootstrap interval.
+    In the maps regime the trained head of each row for the (setting, seed)
+    ``weights_for`` is kept as ``weights.pt`` (for Grad-CAM)."""
+    table = B.read_crosslab(splits_dir, split_seed)
+    rows = list(rows or cfg.dg_rows)
+    seeds = list(cfg.dg_seeds if seeds is None else seeds)
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise KeyError(f"unknown rows {unknown}; known: {list(ROWS)}")
+    crops = scale_factors(cfg, table, root, cache_dir)[0] if scale else {}
+    store = store_for(cfg, root, cache_dir, table, crops)
+    out = []
+    jobs = [(s, r, seed) for s in settings_named(settings) for r in rows for seed in seeds]
+    bar = tqdm(total=len(jobs), desc=f"cross-lab {variant}", disable=None if progress else True)
+    for name, sources, targets in settings_named(settings):
+        split, eval_sets = dg_sets(cfg, table, sources, targets, crops)
+        single = len(sources) == 1
+        runner = None
+        for row in rows:
+            method_name, hparams, options = ROWS[row]
+            hparams = {**hparams, **(overrides or {}).get(row, {})}
+            if method_name in VIEW_METHODS:
+                hparams.setdefault("k", cfg.sada_k)
+            if method_name == "sada":
+                hparams.setdefault("beta", cfg.sada_beta)
+            for seed in seeds:
+                run_dir = _run_dir(results_dir, variant, row, name, seed)
+                config = dict(version=VERSION, regime=cfg.dg_regime, method=method_name, hparams=hparams,
+                              options=options, seed=seed, epochs=cfg.dg_epochs, batch_size=cfg.batch_size,
+                              swad=cfg.dg_swad, crops=crops, width=cfg.dg_head_width, image_size=cfg.image_size,
+                              train_per_class=cfg.dg_train_per_class, test_per_class=cfg.dg_test_per_class,
+                              lr=cfg.lr if cfg.dg_regime == "end_to_end" else None)
+                keep = cfg.dg_regime == "maps" and weights_for == (name, seed)
+                results = _existing(run_dir, config)
+                if results is not None and keep and not (run_dir / "weights.pt").is_file():
+                    results = None
+                if results is None:
+                    if cfg.dg_regime == "maps":
+                        runner = runner or _MapsRunner(cfg, store, split, eval_sets, single)
+                        results = runner.run(method_name, hparams, options, seed, run_dir, cfg.n_boot, keep)
+                    elif cfg.dg_regime == "end_to_end":
+                        results = _end_to_end(cfg, store, root, split, eval_sets, single, method_name, hparams,
+                                              options, seed, run_dir, cfg.n_boot)
+                    else:
+                        raise ValueError(f"dg_regime must be 'maps' or 'end_to_end', not {cfg.dg_regime!r}")
+                    _finish(run_dir, results)
+                for set_name in eval_sets:
+                    r = results[set_name]
+                    out.append(dict(variant=variant, method=row, setting=name, seed=seed, eval_set=set_name,
+                                    macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
+                                    macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
+                                    **{f"{k}": v for k, v in (overrides or {}).get(row, {}).items()}))
+                bar.update(1)
+    bar.close()
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------
+# Tables and statistics
+# --------------------------------------------------------------------------
+
+
+def target_rows(results: pd.DataFrame, lolo: bool = True) -> pd.DataFrame:
+    """Target-lab rows of the leave-one-lab-out settings (``lolo``) or of pbc→others."""
+    is_lolo = results["setting"].str.startswith("LOLO")
+    return results[(is_lolo if lolo else ~is_lolo) & (results["eval_set"] != "val")]
+
+
+def table_one(results: pd.DataFrame, lolo: bool = True, order: Optional[Sequence[str]] = None,
+              digits: int = 1) -> pd.DataFrame:
+    """SADA's Table I shape: rows methods; columns (target lab, F1-micro / F1-macro)
+    and their average over target labs, as ``mean ± std`` over seeds in percent
+    (the average is taken per seed, then summarised)."""
+    t = target_rows(results, lolo)
+    per_seed = t.pivot_table(index=["method", "seed"], columns="eval_set", values=["micro_f1", "macro_f1"])
+    labs = [l for l in B.LABS if l in t["eval_set"].unique()]
+    cols = {}
+    for lab in labs + ["average"]:
+        for metric, name in (("micro_f1", "F1-micro"), ("macro_f1", "F1-macro")):
+            values = per_seed[metric][labs].mean(axis=1) if lab == "average" else per_seed[metric][lab]
+            g = (100 * values).groupby(level="method")
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            cols[(lab, name)] = [f"{a:.{digits}f} ± {b:.{digits}f}" for a, b in zip(mean, std)]
+            index = mean.index
+    out = pd.DataFrame(cols, index=index)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    if order:
+        out = out.loc[[m for m in order if m in out.index]]
+    return out
+
+
+def average_over_targets(results: pd.DataFrame, lolo: bool = True) -> pd.DataFrame:
+    """Per method: mean and std over seeds of the target-lab average macro/micro-F1."""
+    t = target_rows(results, lolo)
+    per_seed = t.groupby(["method", "seed"])[["macro_f1", "micro_f1"]].mean()
+    g = per_seed.groupby(level="method")
+    return g.mean().add_suffix("_mean").join(g.std(ddof=1).fillna(0.0).add_suffix("_std"))
+
+
+def load_predictions(results_dir: Path, variant: str, row: str, setting: str, seed: int, eval_set: str) -> pd.DataFrame:
+    return pd.read_csv(_run_dir(results_dir, variant, row, setting, seed) / f"predictions_{eval_set}.csv")
+
+
+def paired_gain(results_dir: Path, method: str, baseline: str = "ERM", seeds: Sequence[int] = (0,),
+                lolo: bool = True, variant: str = "main", n_boot: int = 1000, seed: int = 0) -> dict:
+    """Gain of ``method`` over ``baseline`` in target-averaged macro-F1 (and
+    micro-F1), with a paired percentile bootstrap over test images: each
+    replicate resamples every target lab's images once, scores both methods
+    (every seed) on the same sample, and averages over seeds and targets."""
+    settings = [(n, t) for n, _, t in CROSSLAB_SETTINGS if n.startswith("LOLO") == lolo]
+    index = {c: i for i, c in enumerate(CLASSES)}
+    blocks = []  # (y, {method: [pred per seed]})
+    for name, targets in settings:
+        for lab in targets:
+            preds = {m: [load_predictions(results_dir, variant, m, name, s, lab) for s in seeds]
+                     for m in (method, baseline)}
+            y = preds[baseline][0]["label"].map(index).to_numpy()
+            blocks.append((y, {m: [p["pred"].map(index).to_numpy() for p in ps] for m, ps in preds.items()}))
+
+    def averaged(sample):
+        out = {}
+        for m in (method, baseline):
+            macro, micro = [], []
+            for (y, preds), idx in zip(blocks, sample):
+                for p in preds[m]:
+                    s = M.scores(y[idx], p[idx], len(CLASSES))
+                    macro.append(s["macro_f1"])
+                    micro.append(s["accuracy"])
+            out[m] = (np.mean(macro), np.mean(micro))
+        return out[method][0] - out[baseline][0], out[method][1] - out[baseline][1]
+
+    point = averaged([np.arange(len(y)) for y, _ in blocks])
+    rng = np.random.default_rng(seed)
+    boot = np.array([averaged([rng.integers(0, len(y), len(y)) for y, _ in blocks]) for _ in range(n_boot)])
+    low, high = np.quantile(boot, [0.025, 0.975], axis=0)
+    return dict(method=method, baseline=baseline, macro_f1_gain=point[0], macro_f1_gain_low=low[0],
+                macro_f1_gain_high=high[0], micro_f1_gain=point[1], micro_f1_gain_low=low[1],
+                micro_f1_gain_high=high[1], p_not_better=float((boot[:, 0] <= 0).mean()))
+
+
+# --------------------------------------------------------------------------
+# Grad-CAM
+# --------------------------------------------------------------------------
+
+
+@one_thread
+def gradcam_examples(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                     rows: Sequence[str], setting: str = "pbc→others", per_lab: int = 2, seed: int = 0,
+                     variant: str = "main", split_seed: int = 0
+                     ) -> Tuple[pd.DataFrame, np.ndarray, Dict[str, np.ndarray]]:
+    """Grad-CAM of each row's model (trained on ``setting``, seed ``seed``) on
+    ``per_lab`` images of every lab (source labs: validation images; targets:
+    test images), one per class in turn. Returns ``(examples, images
+    (n, S, S, 3), {row: maps (n, S, S)})``; the class explained is the true one."""
+    table = B.read_crosslab(splits_dir, split_seed)
+    crops = scale_factors(cfg, table, root, cache_dir)[0]
+    name, sources, targets = settings_named([setting])[0]
+    _, eval_sets = dg_sets(cfg, table, sources, targets, crops)
+    picks = []
+    for lab in B.LABS:
+        pool = eval_sets["val"] if lab in sources else eval_sets[lab]
+        pool = pool[pool["lab"] == lab].sort_values(["rank", "path"])
+        chosen = [pool[pool["label"] == c].head(1) for c in CLASSES]
+        picks.append(pd.concat(chosen).head(per_lab))
+    examples = pd.concat(picks).reset_index(drop=True)
+    store = store_for(cfg, root, cache_dir, table, crops)
+    images = store.images(examples)[store.index(examples, examples)]
+    x = torch.from_numpy(images)
+    y = torch.tensor(_labels(examples))
+    cams = {}
+    crosslab_dg(cfg, root, splits_dir, cache_dir, results_dir, rows=rows, settings=[setting], seeds=[seed],
+                variant=variant, split_seed=split_seed, weights_for=(setting, seed), progress=False)
+    for row in rows:
+        method_name, hparams, _ = ROWS[row]
+        run_dir = _run_dir(results_dir, variant, row, setting, seed)
+        if cfg.dg_regime == "maps":
+            maps = torch.from_numpy(store.trunk_maps(images)).float()
+            hp = dict(hparams)
+            if method_name in VIEW_METHODS:
+                hp.setdefault("k", cfg.sada_k)
+            if method_name == "sada":
+                hp.setdefault("beta", cfg.sada_beta)
+            if method_name == "boda":
+                hp["domain_class_counts"] = None
+            method = create_method(method_name, MapHead(maps.shape[1], cfg.dg_head_width), cfg.dg_head_width,
+                                   len(CLASSES), num_domains=_num_domains(run_dir), hparams=hp)
+            state = torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
+            method.load_state_dict({k: v for k, v in state.items() if k != "declared_counts"}, strict=False)
+            method.eval()
+            cams[row] = grad_cam(method.predict, last_conv(method.featurizer), maps, y,
+                                 size=tuple(x.shape[-2:])).numpy()
+        else:
+            config = json.loads((run_dir / "train" / "config.json").read_text())
+            config.pop("swad", None)
+            tc = TrainConfig(**config)
+            method = build_method(tc, len(CLASSES), _num_domains(run_dir), [1] * len(CLASSES))
+            weights = run_dir / "train" / ("swad.pt" if cfg.dg_swad else "best.pt")
+            method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            method.eval()
+            cams[row] = grad_cam(method.predict, last_conv(method.featurizer), x, y).numpy()
+    return examples, images.transpose(0, 2, 3, 1), cams
+
+
+def _num_domains(run_dir: Path) -> int:
+    """Domains a saved run was trained with (read from its weights: DANN's
+    discriminator output, BoDA's centroid table), 1 when nothing records it."""
+    for name in ("weights.pt", "train/swad.pt", "train/best.pt"):
+        path = run_dir / name
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if "centroids" in state:
+                return int(state["centroids"].shape[0])
+            last = [k for k in state if k.startswith("discriminator.") and k.endswith(".weight")]
+            if last:
+                return int(state[sorted(last, key=lambda k: int(k.split(".")[1]))[-1]].shape[0])
+            return 1
+    return 1
