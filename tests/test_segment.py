@@ -115,7 +115,7 @@ def test_backends_are_checked():
     with pytest.raises(ValueError, match="unknown backend"):
         segment.segment_cell(image, backend="magic")
     # with or without cellpose installed, a missing model says how to train one
-    with pytest.raises(segment.SegmentationError, match="--train"):
+    with pytest.raises(segment.SegmentationError, match="train_cellpose"):
         segment.segment_cell(image, backend="cellpose")
     with pytest.raises(ValueError, match="RGB"):
         segment.segment_cell(image[..., 0])
@@ -170,3 +170,17 @@ def test_bccd_localisation_on_real_fields(root):
     # measured IoU 0.39, 0.87, 0.56, 0.52, 0.88, 0.53 on these six (0.79 mean over all 358)
     assert (table["iou"] > 0.3).sum() >= 5
     assert table["iou"].mean() > 0.5
+
+
+def test_zheng1_folds_are_stratified_and_seeded():
+    import pandas as pd
+
+    table = pd.DataFrame({"label": ["a"] * 10 + ["b"] * 5 + ["c"] * 1})
+    folds = segment.zheng1_folds(table, 5, seed=0)
+    assert sorted(np.bincount(folds).tolist()) == [3, 3, 3, 3, 4]
+    for label in "ab":
+        assert len(set(folds[table["label"] == label])) == 5  # every fold gets each class
+    assert (folds == segment.zheng1_folds(table, 5, seed=0)).all()
+    assert not (folds == segment.zheng1_folds(table, 5, seed=1)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        segment.zheng1_folds(table, 1)

@@ -26,7 +26,10 @@ and the first 100 bccd fields (by name); ``evaluate_zheng1`` and
 """
 from __future__ import annotations
 
+import json
 import math
+import time
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,7 @@ from skimage.color import hed_from_rgb
 from skimage.filters import threshold_multiotsu, threshold_otsu
 from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
+from skimage.transform import resize
 
 from . import data
 
@@ -50,11 +54,13 @@ Box = Tuple[int, int, int, int]
 BACKENDS = ("classical", "cellpose")
 
 CELLPOSE_TRAINING_HINT = (
-    "train one first, e.g. on zheng1 (write each image as NNN.png and its cell mask as "
-    "NNN_masks.png, 0 = background, 1 = cell, into one folder), then run "
-    "`python -m cellpose --train --dir <folder> --mask_filter _masks --pretrained_model cyto3 "
-    "--n_epochs 100 --use_gpu` on a GPU machine and pass the saved model file as model_path=..."
+    "train one first with wbclib.segment.train_cellpose(images, cell_masks, out_dir, epochs=...) "
+    "(cellpose 3.1, from scratch, on background-relative optical density), or cross-validated on zheng1's "
+    "expert masks with wbclib.segment.cellpose_kfold(root, out_dir, n_folds=5, epochs=...); full-length "
+    "training wants a GPU. Then pass the saved model file as model_path=..."
 )
+#: The cellpose major version this back-end is written for (3.x: CPnet, ``train.train_seg``).
+CELLPOSE_MAJOR = 3
 
 
 class SegmentationError(RuntimeError):
@@ -291,17 +297,117 @@ def _segment_classical(image: np.ndarray, p: ClassicalParams) -> Tuple[np.ndarra
     return nucleus, cell | nucleus
 
 
-def _segment_cellpose(image: np.ndarray, model_path: Optional[PathLike], p: ClassicalParams) -> Tuple[np.ndarray, np.ndarray]:
+def _import_cellpose():
+    """cellpose's ``models`` and ``train`` modules, or a :class:`SegmentationError` saying what to install."""
     try:
-        from cellpose import models
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script_method, used by cellpose 3
+            import cellpose
+            from cellpose import models, train
     except ImportError:
-        raise SegmentationError(f"backend 'cellpose' needs the cellpose package (pip install cellpose) and a trained model; {CELLPOSE_TRAINING_HINT}") from None
+        raise SegmentationError(
+            "the cellpose back-end needs cellpose 3.1 (pip install 'wbclib[segment]', i.e. "
+            f"pip install 'cellpose>=3.1,<4'); {CELLPOSE_TRAINING_HINT}") from None
+    version = getattr(cellpose, "version", None) or _package_version("cellpose")
+    if version and not str(version).startswith(f"{CELLPOSE_MAJOR}."):
+        raise SegmentationError(f"cellpose {version} is installed; this back-end is written for cellpose "
+                                f"{CELLPOSE_MAJOR}.x (pip install 'cellpose>=3.1,<4')")
+    return models, train
+
+
+def _package_version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+#: Input of the cellpose back-end: background-relative optical density (one
+#: channel per RGB channel, :func:`optical_density`) divided by this, so a dark
+#: nucleus is near 1 in every lab's colours; a fixed scale, not per-image
+#: percentiles, so the same OD means the same input everywhere.
+CELLPOSE_OD_SCALE = 1.5
+#: Images are resized by this factor before the network (and masks back):
+#: zheng1's cells (median diameter 75 px at 120 px per image) then measure
+#: ~37 px, near cellpose's own working diameter (30 px), and the network
+#: costs a quarter of full resolution.
+CELLPOSE_SCALE = 0.5
+#: Side (px) of the square training patches (after scaling); a resized zheng1
+#: image (60 px) fits whole, with room for rotations.
+CELLPOSE_PATCH = 64
+
+
+def cellpose_input(image: np.ndarray, params: Optional[ClassicalParams] = None, scale: float = 1.0) -> np.ndarray:
+    """The network input of the cellpose back-end: (H', W', 3) float32 optical
+    density against the slide's own background, over :data:`CELLPOSE_OD_SCALE`,
+    resized by ``scale``.
+
+    Working in OD removes the background colour (yellow zheng1, white pbc)
+    that raw RGB would make the network learn per lab.
+    """
+    p = params or ClassicalParams()
+    od = optical_density(image, background_rgb(image, p.background_percentile)) / CELLPOSE_OD_SCALE
+    if scale != 1.0:
+        h, w = od.shape[:2]
+        od = resize(od, (max(8, round(h * scale)), max(8, round(w * scale))), order=1, anti_aliasing=scale < 1,
+                    preserve_range=True)
+    return od.astype(np.float32)
+
+
+def _resize_labels(labels: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    if labels.shape == tuple(shape):
+        return labels
+    return resize(labels, shape, order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+
+
+_CELLPOSE_MODELS: Dict[tuple, tuple] = {}
+
+
+def _load_cellpose(model_path: PathLike):
+    """(model, settings) for a saved model, cached per file and modification time.
+
+    Models from :func:`train_cellpose` have a ``<model>.json`` beside them
+    (``nchan`` 3, OD input); any other file is taken for a stock cellpose 3
+    model (2 channels, grayscale input).
+    """
+    path = Path(model_path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _CELLPOSE_MODELS:
+        models, _ = _import_cellpose()
+        sidecar = path.with_name(path.name + ".json")
+        settings = json.loads(sidecar.read_text()) if sidecar.is_file() else {"nchan": 2, "input": "rgb"}
+        import torch
+
+        model = models.CellposeModel(pretrained_model=str(path), nchan=int(settings["nchan"]),
+                                     device=torch.device("cpu") if not torch.cuda.is_available() else None)
+        _CELLPOSE_MODELS.clear()  # one model at a time: k-fold evaluation swaps them
+        _CELLPOSE_MODELS[key] = (model, settings)
+    return _CELLPOSE_MODELS[key]
+
+
+def cellpose_instances(image: np.ndarray, model_path: PathLike, params: Optional[ClassicalParams] = None) -> np.ndarray:
+    """The instance label image (H, W) a cellpose model predicts for ``image``."""
+    model, settings = _load_cellpose(model_path)
+    # single-cell images: one object may cover most of the frame, so no upper size limit
+    common = dict(max_size_fraction=1.0, min_size=int(settings.get("min_size", 15)))
+    if settings.get("input") == "od":
+        x = cellpose_input(image, params, float(settings.get("scale", 1.0)))
+        out = model.eval(x, channel_axis=-1, channels=None, normalize=False, rescale=1.0,
+                         bsize=int(settings.get("bsize", 224)), **common)
+    else:
+        out = model.eval(image, channels=[0, 0], **common)
+    return _resize_labels(np.asarray(out[0]).astype(np.int32), image.shape[:2])
+
+
+def _segment_cellpose(image: np.ndarray, model_path: Optional[PathLike], p: ClassicalParams) -> Tuple[np.ndarray, np.ndarray]:
+    _import_cellpose()
     if model_path is None:
         raise SegmentationError(f"backend 'cellpose' needs model_path=<trained cellpose model>; {CELLPOSE_TRAINING_HINT}")
     if not Path(model_path).is_file():
         raise SegmentationError(f"{model_path}: no such cellpose model file; {CELLPOSE_TRAINING_HINT}")
-    model = models.CellposeModel(pretrained_model=str(model_path))
-    instances = np.asarray(model.eval(image)[0])
+    instances = cellpose_instances(image, model_path, p)
     cell = largest_central_component(instances > 0)
     # cellpose gives the cell outline; the nucleus inside it is found by stain
     od = optical_density(image, background_rgb(image, p.background_percentile))
@@ -532,3 +638,147 @@ def evaluate_bccd_localisation(root: Optional[PathLike] = None, limit: Optional[
         iou = max(box_iou(box, t) for t in truth) if truth else float("nan")
         rows.append((path.stem, len(truth), iou, *box))
     return pd.DataFrame(rows, columns=["field", "n_wbc", "iou", "x0", "y0", "x1", "y1"])
+
+
+# --------------------------------------------------------------------------
+# Training the cellpose back-end
+# --------------------------------------------------------------------------
+
+
+def train_cellpose(images, masks, out_dir: PathLike, epochs: int = 100, batch_size: int = 8,
+                   learning_rate: float = 0.005, weight_decay: float = 1e-5, scale: float = CELLPOSE_SCALE,
+                   patch: int = CELLPOSE_PATCH, seed: int = 0, device=None, model_name: str = "wbc_cellpose") -> Path:
+    """Train a cellpose 3.1 network from scratch (``pretrained_model=False``:
+    no cyto3 download) on single-cell images and their cell masks; returns
+    the model file (``out_dir/models/<model_name>``) for ``model_path=``.
+
+    ``images`` are RGB arrays; ``masks`` boolean cell masks (or label images,
+    0 = background) of the same size. The input is :func:`cellpose_input`
+    (3 OD channels, fixed intensity scale: ``normalize=False``) resized by
+    ``scale`` (the same factor at prediction, masks resized back); no
+    per-image diameter rescaling (``rescale=False``, scale jitter 0.75-1.25),
+    rotations and flips in ``patch`` x ``patch`` crops, and ``min_train_masks=1`` because each image
+    holds one cell. cellpose's own schedule: AdamW, linear warm-up over 10
+    epochs. ``<model>.json`` beside the model records the input convention
+    (read back by :func:`segment_cell`), the settings, the per-epoch training
+    loss and the wall time.
+    """
+    models, train = _import_cellpose()
+    import torch
+
+    images, masks = list(images), list(masks)
+    if len(images) != len(masks) or not images:
+        raise ValueError(f"need as many masks as images, at least one; got {len(images)} images, {len(masks)} masks")
+    labels = []
+    for image, mask in zip(images, masks):
+        mask = np.asarray(mask)
+        if mask.shape != np.asarray(image).shape[:2]:
+            raise ValueError(f"mask {mask.shape} and image {np.asarray(image).shape[:2]} differ in size")
+        labels.append((mask > 0).astype(np.uint16) if mask.dtype == bool else mask.astype(np.uint16))
+    if not any(l.any() for l in labels):
+        raise ValueError("every mask is empty: nothing to train on")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = models.CellposeModel(pretrained_model=False, nchan=3, device=device)
+    data = [cellpose_input(np.asarray(im), scale=scale).transpose(2, 0, 1) for im in images]  # (3, H, W)
+    labels = [_resize_labels(l, d.shape[1:]) for l, d in zip(labels, data)]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        path, train_losses, _ = train.train_seg(
+            model.net, train_data=data, train_labels=labels, batch_size=batch_size, learning_rate=learning_rate,
+            n_epochs=epochs, weight_decay=weight_decay, normalize=False, rescale=False, scale_range=0.5, bsize=patch,
+            min_train_masks=1, save_path=str(out_dir), model_name=model_name, save_every=max(epochs, 1))
+    seconds = time.perf_counter() - start
+    path = Path(path)
+    settings = dict(nchan=3, input="od", od_scale=CELLPOSE_OD_SCALE, scale=scale, bsize=patch, min_size=15, epochs=epochs,
+                    batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+                    n_train=len(images), device=str(device), seconds=round(seconds, 2),
+                    train_loss=[round(float(v), 5) for v in np.asarray(train_losses)])
+    path.with_name(path.name + ".json").write_text(json.dumps(settings, indent=2))
+    return path
+
+
+def zheng1_folds(table: pd.DataFrame, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold (0..n_folds-1) of each row: a seeded order within each class dealt
+    round-robin, so every fold gets each class in proportion."""
+    if n_folds < 2:
+        raise ValueError(f"need at least 2 folds, got {n_folds}")
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(table), dtype=int)
+    offset = 0
+    for _, idx in table.reset_index(drop=True).groupby("label").groups.items():
+        order = rng.permutation(np.asarray(idx))
+        folds[order] = (offset + np.arange(len(order))) % n_folds
+        offset += len(order)
+    return folds
+
+
+def cellpose_kfold(root: Optional[PathLike], out_dir: PathLike, n_folds: int = 5, epochs: int = 100,
+                   limit: Optional[int] = None, seed: int = 0, device=None, threads: Optional[int] = None,
+                   **train_kwargs) -> pd.DataFrame:
+    """Cross-validated Dice of the cellpose back-end on zheng1's expert masks:
+    a model is trained from scratch on the other folds and scores only its own
+    fold, so no image is scored by a model that saw it.
+
+    The first ``limit`` images (label-table order) take part, split by
+    :func:`zheng1_folds`. Resumable: each fold writes ``fold<k>/models/...``
+    and then ``fold<k>/scores.csv`` (its presence marks the fold done);
+    ``config.json`` guards the folder against other settings. ``threads``
+    caps torch's CPU threads meanwhile (1 is several times faster than 2 on
+    cores other jobs are using). Returns ``image_id, label, fold,
+    nucleus_dice, cell_dice, train_seconds``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _cellpose_kfold(root, out_dir, n_folds, epochs, limit, seed, device, train_kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cellpose_kfold(root, out_dir, n_folds, epochs, limit, seed, device, train_kwargs) -> pd.DataFrame:
+    root = data.data_root(root)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(n_folds=n_folds, epochs=epochs, limit=limit, seed=seed, od_scale=CELLPOSE_OD_SCALE, version=1,
+                  **{k: v for k, v in train_kwargs.items()})
+    config_path = out_dir / "config.json"
+    if config_path.is_file():
+        if json.loads(config_path.read_text()) != json.loads(json.dumps(config)):
+            raise SegmentationError(f"{out_dir} holds a cellpose k-fold run with other settings; delete it or "
+                                    "choose another folder")
+    else:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    table = _zheng1_table(root).head(limit) if limit is not None else _zheng1_table(root)
+    table = table.reset_index(drop=True).assign(fold=zheng1_folds(table, n_folds, seed))
+    masks = load_zheng1_masks(root, limit)
+    images = {i: data.load_image(root / "zheng1" / "images" / f"{i:03d}.png") for i in table["image_id"]}
+    parts = []
+    for k in range(n_folds):
+        fold_dir = out_dir / f"fold{k}"
+        scores_path = fold_dir / "scores.csv"
+        if scores_path.is_file():
+            parts.append(pd.read_csv(scores_path))
+            continue
+        train_ids = table.loc[table["fold"] != k, "image_id"].tolist()
+        model_path = train_cellpose([images[i] for i in train_ids], [masks[i][1] for i in train_ids], fold_dir,
+                                    epochs=epochs, seed=seed + k, device=device, **train_kwargs)
+        seconds = json.loads(model_path.with_name(model_path.name + ".json").read_text())["seconds"]
+        rows = []
+        for image_id, label in table.loc[table["fold"] == k, ["image_id", "label"]].itertuples(index=False):
+            result = segment_cell(images[image_id], backend="cellpose", model_path=model_path)
+            true_nucleus, true_cell = masks[image_id]
+            rows.append((image_id, label, k, dice(result.nucleus, true_nucleus), dice(result.cell, true_cell), seconds))
+        part = pd.DataFrame(rows, columns=["image_id", "label", "fold", "nucleus_dice", "cell_dice", "train_seconds"])
+        tmp = scores_path.with_suffix(".tmp")
+        part.to_csv(tmp, index=False)
+        tmp.replace(scores_path)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True).sort_values("image_id").reset_index(drop=True)
