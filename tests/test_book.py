@@ -28,11 +28,13 @@ def test_notebooks_write_results(executed):
     assert list((results / "pbc_lt" / "probe").glob("rho100_fold0/predictions_test_degraded.csv"))
     assert (results / "pbc_lt" / "erm" / "rho100_fold0" / "metrics.json").is_file()
     assert (results / "crosslab" / "erm" / "pbc_to_others_seed0" / "predictions_zheng1.csv").is_file()
+    assert (results / "crosslab_dg" / "main" / "sada" / "LOLO_zheng1_seed0" / "predictions_zheng1.csv").is_file()
 
 
 @pytest.fixture(scope="module")
 def html(executed):
     site = executed / "site"
+    site.mkdir()
     for name in ["_config.yml", "_toc.yml", "book"]:
         src = PROJECT_ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, site / name)
@@ -49,7 +51,7 @@ def test_pages_and_figures_load_in_chromium(html):
     if chromium is None:
         pytest.skip("Debian chromium is not installed (make setup installs it)")
     pages = {"index.html": 0, "executed/01_data_eda.html": 3, "executed/03_erm_baseline.html": 3,
-             "executed/04_crosslab_erm.html": 2}
+             "executed/04_crosslab_erm.html": 2, "executed/07_crosslab_dg.html": 5}
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
