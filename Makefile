@@ -8,7 +8,7 @@ ROOT_ARG = $(if $(DATA_ROOT),--root $(DATA_ROOT),)
 
 # Idempotent: pip skips what is already satisfied; Chromium is for the HTML test.
 setup:
-	$(PYTHON) -m pip install -q -e '.[book,dev]'
+	$(PYTHON) -m pip install -q -e '.[book,dev,segment,siglip]'
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 notebooks: setup

@@ -208,3 +208,25 @@ def test_features_separate_lymphocytes_from_neutrophils_on_zheng1(root):
     neut = features.loc[features["label"] == "neutrophil", "nucleus_fraction"].to_numpy()
     auc = (lymph[:, None] > neut[None, :]).mean()
     assert auc > 0.9
+
+
+def test_morphology_cache_measures_each_image_once_and_persists(tmp_path, monkeypatch):
+    from conftest import write_png
+
+    nucleus, cell = disk((105, 96), 18), disk(CENTRE, 40)
+    write_png(tmp_path / "img" / "a.png", paint(nucleus, cell))
+    write_png(tmp_path / "img" / "b.png", paint(disk(CENTRE, 30), cell))
+    rows = pd.DataFrame({"path": ["a.png", "b.png", "a.png"], "degradation": ["none", "none", "salt_pepper"],
+                         "severity": [0, 0, 3]})
+    calls = []
+    measure = morph.cell_morphology
+    monkeypatch.setattr(morph, "cell_morphology", lambda image, **kw: calls.append(1) or measure(image, **kw))
+    cache = morph.MorphologyCache(tmp_path / "img", tmp_path / "morph.csv")
+    first = cache(rows)
+    assert len(calls) == 3 and len(first) == 3  # the degraded copy of a.png is another image
+    assert first.loc[1, "nucleus_area"] > first.loc[0, "nucleus_area"]  # radius 30 vs 18
+    assert cache(rows.iloc[[1, 0]]).equals(first.iloc[[1, 0]].reset_index(drop=True))
+    # a new cache reads the file back: nothing is measured again
+    again = morph.MorphologyCache(tmp_path / "img", tmp_path / "morph.csv")(rows)
+    assert len(calls) == 3
+    pd.testing.assert_frame_equal(again, first)

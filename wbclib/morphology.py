@@ -393,3 +393,51 @@ def cell_morphology(image: np.ndarray, max_side: Optional[int] = MORPHOLOGY_MAX_
     km = kmeans_masks(image, cell_mask=result.cell)
     out.update({f"km_{k}": v for k, v in morphology_features(image, km.nucleus, result.cell).items()})
     return out
+
+
+def _degraded_image(root: Path, row) -> np.ndarray:
+    from .degrade import degrade, image_rng
+
+    image = data.load_image(Path(root) / row.path)
+    kind, level = getattr(row, "degradation", None), int(getattr(row, "severity", 0) or 0)
+    if isinstance(kind, str) and kind not in ("", "none") and level > 0:
+        image = degrade(image, kind, level, image_rng(row.path, 0))
+    return image
+
+
+class MorphologyCache:
+    """:func:`wbclib.morphology.cell_morphology` of table rows (path,
+    degradation, severity: the image as the classifier saw it at native
+    resolution), measured once and kept in a CSV file (``None``: memory only).
+    Call it with a table to get its rows' features in order."""
+
+    VERSION = "v1"
+
+    def __init__(self, root: Union[str, Path], path: Optional[Union[str, Path]] = None):
+        self.root = Path(root)
+        self.path = Path(path) if path is not None else None
+        self.max_side = MORPHOLOGY_MAX_SIDE
+        self.rows: Dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            for rec in pd.read_csv(self.path).to_dict("records"):
+                self.rows[rec.pop("key")] = rec
+
+    @staticmethod
+    def key(row) -> str:
+        kind = getattr(row, "degradation", "none")
+        kind = kind if isinstance(kind, str) else "none"
+        return f"{row.path}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
+
+    def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
+        keys, new = [], []
+        for row in table.itertuples(index=False):
+            k = self.key(row)
+            keys.append(k)
+            if k not in self.rows:
+                self.rows[k] = cell_morphology(_degraded_image(self.root, row), max_side=self.max_side)
+                new.append(k)
+        if new and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            frame = pd.DataFrame([dict(key=k, **self.rows[k]) for k in new])
+            frame.to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
+        return pd.DataFrame([self.rows[k] for k in keys]).reset_index(drop=True)

@@ -710,59 +710,6 @@ def read_paper_table2(path: PathLike) -> Dict[str, float]:
     return rows
 
 
-def _degraded_image(root: Path, row) -> np.ndarray:
-    from .data import load_image
-    from .degrade import degrade, image_rng
-
-    image = load_image(Path(root) / row.path)
-    kind, level = getattr(row, "degradation", None), int(getattr(row, "severity", 0) or 0)
-    if isinstance(kind, str) and kind not in ("", "none") and level > 0:
-        image = degrade(image, kind, level, image_rng(row.path, 0))
-    return image
-
-
-class MorphologyCache:
-    """:func:`wbclib.morphology.cell_morphology` of table rows (path,
-    degradation, severity: the image as the classifier saw it at native
-    resolution), measured once and kept in a CSV file (``None``: memory only).
-    Call it with a table to get its rows' features in order."""
-
-    VERSION = "v1"
-
-    def __init__(self, root: PathLike, path: Optional[PathLike] = None):
-        from .morphology import MORPHOLOGY_MAX_SIDE
-
-        self.root = Path(root)
-        self.path = Path(path) if path is not None else None
-        self.max_side = MORPHOLOGY_MAX_SIDE
-        self.rows: Dict[str, dict] = {}
-        if self.path is not None and self.path.is_file():
-            for rec in pd.read_csv(self.path).to_dict("records"):
-                self.rows[rec.pop("key")] = rec
-
-    @staticmethod
-    def key(row) -> str:
-        kind = getattr(row, "degradation", "none")
-        kind = kind if isinstance(kind, str) else "none"
-        return f"{row.path}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
-
-    def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
-        from .morphology import cell_morphology
-
-        keys, new = [], []
-        for row in table.itertuples(index=False):
-            k = self.key(row)
-            keys.append(k)
-            if k not in self.rows:
-                self.rows[k] = cell_morphology(_degraded_image(self.root, row), max_side=self.max_side)
-                new.append(k)
-        if new and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            frame = pd.DataFrame([dict(key=k, **self.rows[k]) for k in new])
-            frame.to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
-        return pd.DataFrame([self.rows[k] for k in keys]).reset_index(drop=True)
-
-
 def _verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], root: Path, cache_dir: Path):
     """Embeddings for the verifier: a SigLIP tower when ``cfg.rescue_siglip_path``
     names local weights, else the profile's frozen backbone (reusing the
@@ -822,6 +769,8 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
     classes = list(B.PBC_LT_CLASSES)
     folds = list(folds if folds is not None else cfg.finetune_folds)
     cfg = SimpleNamespace(**vars(cfg), _splits=str(splits_dir), _seed=seed)
+    from .morphology import MorphologyCache
+
     morph = MorphologyCache(root, Path(cache_dir) / f"morphology_{MorphologyCache.VERSION}.csv")
     rows = []
     for fold in folds:
