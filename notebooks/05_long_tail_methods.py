@@ -54,19 +54,20 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+backbones = None  # frozen backbones (timm names, see `wbc methods`); None: the profile's lt_backbones
+recipes = None  # head recipes (experiments.head_recipes); None: the profile's lt_recipes
 
 # %%
 import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import data, experiments, metrics, plots, profiles
+from wbclib import experiments, metrics, plots, profiles
 
-cfg = profiles.get(profile)
-root = data.data_root(data_root)
-cache = profiles.output_dir("cache", cache_dir)
-splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed, cache_dir=cache)
-results = profiles.output_dir("results", results_dir) / cfg.name
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
+cfg.lt_backbones = list(backbones or cfg.lt_backbones)
+cfg.lt_recipes = list(recipes or cfg.lt_recipes)
 classes = list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
 short = experiments.BACKBONE_NAMES

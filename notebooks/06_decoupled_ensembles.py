@@ -53,13 +53,10 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import data, experiments, metrics, models, plots, profiles
+from wbclib import experiments, metrics, models, plots, profiles
 
-cfg = profiles.get(profile)
-root = data.data_root(data_root)
-cache = profiles.output_dir("cache", cache_dir)
-splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed, cache_dir=cache)
-results = profiles.output_dir("results", results_dir) / cfg.name
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 classes = list(B.PBC_LT_CLASSES)
 short = experiments.BACKBONE_NAMES
 rho = max(experiments.lt_rhos(cfg))

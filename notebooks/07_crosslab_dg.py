@@ -54,6 +54,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+methods = None  # table rows (crosslab.ROWS: registered methods and variants); None: the profile's dg_rows
 
 # %%
 import time
@@ -63,14 +64,12 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import crosslab, data, plots, profiles, scale
+from wbclib import crosslab, plots, profiles, scale
 
 started = time.time()
-cfg = profiles.get(profile)
-root = data.data_root(data_root)
-cache = profiles.output_dir("cache", cache_dir)
-splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed, cache_dir=cache)
-results = profiles.output_dir("results", results_dir) / cfg.name
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
+cfg.dg_rows = list(methods or cfg.dg_rows)
 table = B.read_crosslab(splits, seed)
 print(f"profile {cfg.name}: regime {cfg.dg_regime}, {cfg.image_size} px, seeds {cfg.dg_seeds}, "
       f"{cfg.dg_train_per_class or 'all'} training images per lab and class, "

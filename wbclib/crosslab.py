@@ -271,7 +271,7 @@ class MapStore:
     def trunk(self) -> Normalized:
         if self._trunk is None:
             backbone = create_backbone(self.cfg.backbone, pretrained=self.cfg.pretrained)
-            self._trunk = Normalized(backbone).eval().to(memory_format=torch.channels_last)
+            self._trunk = Normalized(backbone).eval()
         return self._trunk
 
     # images and maps ------------------------------------------------------

@@ -113,8 +113,8 @@ PROFILES = {
         restore_heldout_images=18, restore_kinds=["salt_pepper"], p2p_crop=64, p2p_epochs=10,
         p2p_crops_per_image=8, p2p_batch_size=16, p2p_channels=16, p2p_depth=4, p2p_d_channels=16, p2p_d_layers=2,
         p2p_lr=1e-3,
-        seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=20, cellpose_folds=2,
-        cellpose_epochs=3, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
+        seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=30, cellpose_folds=2,
+        cellpose_epochs=25, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], rescue_siglip_path=None,
     ),
     "gpu": dict(

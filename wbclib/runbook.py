@@ -29,8 +29,8 @@ def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir
             parameters: Optional[dict] = None, log=print) -> list:
     """Convert and execute notebooks in order; returns the executed paths.
 
-    ``parameters`` (e.g. ``data_root``, ``results_dir``) are passed to every
-    notebook's ``parameters`` cell alongside ``profile``.
+    ``parameters`` (e.g. ``data_root``, ``results_dir``) are passed, with
+    ``profile``, to every notebook whose ``parameters`` cell declares them.
     """
     import jupytext
     import papermill
@@ -45,8 +45,11 @@ def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir
         paired = source.with_suffix(".ipynb")
         jupytext.write(notebook, paired)
         target = out_dir / paired.name
+        # Each chapter gets the parameters it declares (not every chapter has, e.g., results_dir).
+        declared = papermill.inspect_notebook(str(paired))
         start = time.time()
-        papermill.execute_notebook(str(paired), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+        papermill.execute_notebook(str(paired), str(target), parameters={k: v for k, v in params.items() if k in declared},
+                                   cwd=str(NOTEBOOK_DIR),
                                    kernel_name="python3", progress_bar=False)
         log(f"{source.name}: executed in {time.time() - start:.0f} s -> {target}")
         done.append(target)
