@@ -43,7 +43,6 @@ seed = 0
 # %%
 import json
 
-import numpy as np
 import pandas as pd
 from IPython.display import display
 

@@ -58,9 +58,7 @@ seed = 0
 # %%
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
-import seaborn as sns
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wbclib import data
@@ -33,3 +34,12 @@ def synthetic_root(tmp_path) -> Path:
             img = np.clip(rng.normal(colour, 12, size=(40, 40, 3)), 0, 255).astype(np.uint8)
             write_png(tmp_path / cls / f"{cls}_{i}.png", img)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark`` opts in)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -3,7 +3,6 @@ book builds with warnings as errors, and its pages and figures load in
 headless Chromium."""
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 

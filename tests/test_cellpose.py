@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from wbclib import segment
 from test_segment import synthetic_cell
+
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +21,6 @@ def cellpose():
         segment._import_cellpose()
     except segment.SegmentationError as exc:
         pytest.skip(str(exc))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 6.6 M-parameter U-Net on shared cores
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_train_from_scratch_on_two_images_and_segment(cellpose, tmp_path):

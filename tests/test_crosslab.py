@@ -15,14 +15,8 @@ from wbclib.gradcam import grad_cam, last_conv
 from wbclib.models import ImageTable
 from wbclib.swad import SWAD, update_bn
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is faster on a shared machine and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def disc_image(size: int, radius: float, seed: int = 0) -> np.ndarray:

@@ -10,6 +10,9 @@ from wbclib.heads import (
     HEADS, StandardizedLinear, choose_tau, crt, fit_linear_head, fit_lws, make_head, predict_proba, tau_normalize,
 )
 
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TRAIN_COUNTS = [1000, 200, 40, 10]
 TAIL = [2, 3]
 # Four unit-variance Gaussians with means on a circle of radius 2: neighbours overlap, so the prior matters.
@@ -21,15 +24,6 @@ FIT = dict(epochs=100, lr=0.05)
 def gaussians(counts, rng):
     y = np.repeat(np.arange(4), counts)
     return (MEANS[y] + rng.normal(size=(len(y), 2))).astype(np.float32), y
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and the test machine's cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ from torch import nn
 from conftest import write_png
 from wbclib import infer, models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_eight_dihedral_views_are_distinct_and_invertible():

@@ -10,19 +10,13 @@ from torch import nn
 
 from wbclib.methods import METHODS, Method, boda_calibration, coral_distance, create_method
 
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NUM_DOMAINS, NUM_CLASSES, NUM_FEATURES = 3, 4, 16
 # Hyper-parameters the generic tests override: BoDA's term would otherwise only
 # start after 500 warm-up updates.
 TEST_HPARAMS = {"boda": {"warmup_steps": 0}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors are tiny: extra threads only add contention on shared cores (~15x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_featurizer() -> nn.Module:

@@ -14,14 +14,8 @@ from wbclib import restore as R
 from wbclib.data import load_image
 from wbclib.models import ImageTable
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -7,14 +7,9 @@ from torch import nn
 from wbclib import methods, sada
 from wbclib.stain import restain
 
+# Tiny models: one intra-op thread is faster on shared cores, and deterministic.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is faster on a shared machine and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 #: Two stain populations (RGB absorption of the nuclear and the cytoplasm stain,
 #: columns). Every channel absorbs enough that stained pixels pass the
@@ -130,6 +125,17 @@ def test_disc_loss_prefers_class_clusters_and_local_alignment_prefers_equal_view
     maps = torch.randn(4, 5, 3, 3)
     assert sada.local_alignment_loss(maps.repeat(3, 1, 1, 1), 2) < 1e-6
     assert sada.local_alignment_loss(torch.randn(12, 5, 3, 3), 2) > 0.1
+
+
+def test_local_alignment_is_eq4_squared_distance_of_unit_vectors():
+    # One image, one position, D = 3: raw along x; view 1 along y (distance^2
+    # 2), view 2 along x scaled (distance 0): eq. 4 averages over views -> 1.
+    raw = torch.tensor([2.0, 0.0, 0.0])
+    views = [torch.tensor([0.0, 5.0, 0.0]), torch.tensor([7.0, 0.0, 0.0])]
+    maps = torch.stack([raw, *views]).view(3, 3, 1, 1)
+    assert sada.local_alignment_loss(maps, 2).item() == pytest.approx(1.0)
+    # positions and images are averaged: repeating the map changes nothing
+    assert sada.local_alignment_loss(maps.repeat(1, 1, 2, 2), 2).item() == pytest.approx(1.0)
 
 
 def test_sada_step_on_precomputed_views_lowers_its_loss_and_predicts():

@@ -61,7 +61,7 @@ from .train import TrainConfig, _split_by_domain, build_method, predictions_fram
 
 CLASSES = list(B.CROSSLAB_CLASSES)
 #: Versions of the run configuration, of the cached images/maps/stain statistics, and of the cached views.
-VERSION = "dg-v2"
+VERSION = "dg-v3"  # v3: L_LA sums eq. 4 over channels (it averaged them)
 CACHE_VERSION = "dg-v1"
 VIEWS_VERSION = "views-v2"
 #: Methods that train on SADA's re-stained views (the maps regime feeds them precomputed views).

@@ -175,10 +175,16 @@ class ImageTable(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def native_image(self, i: int) -> np.ndarray:
+        """Row ``i``'s image at native resolution, degraded as the row says
+        (subclasses add steps here, e.g. restoration)."""
         image = load_image(self.root / self.paths[i])
         if self.kinds[i] and self.levels[i] > 0:
             image = degrade(image, self.kinds[i], self.levels[i], image_rng(self.paths[i], self.degrade_seed))
+        return image
+
+    def __getitem__(self, i: int):
+        image = self.native_image(i)
         if self.stains[i] == "macenko":
             image = self._stain_normalize(image, self.stain_references[i], self.paths[i])
         if self.crops[i] != 1.0:

@@ -52,10 +52,9 @@ from tqdm.auto import tqdm
 
 from . import degrade as D
 from . import metrics as M
-from .augment import dihedral, eval_transform
+from .augment import eval_transform
 from .data import load_image
 from .models import ImageTable, default_device, default_workers
-from .scale import centre_crop_pad
 
 # --------------------------------------------------------------------------
 # Median filter, bilateral filter, PSNR / SSIM
@@ -801,23 +800,9 @@ class RestoredImageTable(ImageTable):
             raise ValueError("flagged rows need a restorer")
         self.restorer = restorer
 
-    def __getitem__(self, i: int):
-        image = load_table_image(self.root, self.paths[i], self.kinds[i], self.levels[i], self.degrade_seed)
-        if self.flags[i]:
-            image = self.restorer(image)
-        if self.stains[i] == "macenko":
-            image = self._stain_normalize(image, self.stain_references[i], self.paths[i])
-        if self.crops[i] != 1.0:
-            image = centre_crop_pad(image, self.crops[i])
-        x = torch.from_numpy(image).permute(2, 0, 1)
-        x = nn.functional.interpolate(x[None].float(), size=(self.image_size, self.image_size),
-                                      mode="bilinear", antialias=True, align_corners=False)[0]
-        x = x.round().clamp(0, 255).to(torch.uint8)
-        if self.views[i]:
-            x = dihedral(x, self.views[i]).contiguous()
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self.labels[i]), int(self.domains[i])
+    def native_image(self, i: int) -> np.ndarray:
+        image = super().native_image(i)
+        return self.restorer(image) if self.flags[i] else image
 
 
 def load_classifier(run_dir: Path, num_classes: int, device: Optional[torch.device] = None):

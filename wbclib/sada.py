@@ -173,13 +173,16 @@ def restain_views(images: torch.Tensor, matrices: torch.Tensor, maxima: torch.Te
 
 def local_alignment_loss(embeddings: torch.Tensor, num_views: int) -> torch.Tensor:
     """Eq. 4-5 on per-position embeddings ((1 + V) N, D, h, w), raw images
-    first then view by view: mean squared distance between each raw position's
-    unit embedding and the same position in each view, averaged over views."""
+    first then view by view: the squared Euclidean distance (summed over the
+    D channels, eq. 4) between each raw position's unit embedding and the
+    same position in each view, averaged over views. Eq. 5 sums over images
+    and positions; here they are averaged, so ``beta`` means the same at any
+    batch size and feature-map size. Ranges over [0, 4]."""
     e = F.normalize(embeddings.float(), dim=1)
     e = e.view(1 + num_views, -1, *e.shape[1:])
     if num_views == 0:
         return e.new_zeros(())
-    return (e[1:] - e[:1]).pow(2).mean()
+    return (e[1:] - e[:1]).pow(2).sum(2).mean()
 
 
 def disc_loss(projections: torch.Tensor, labels: torch.Tensor, num_views: int, temperature: float,
