@@ -23,6 +23,8 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/bench_throughput.py $(ROOT_ARG)
+	$(PYTHON) bench/bench_stain.py --size 128 $(ROOT_ARG)
+	$(PYTHON) bench/bench_stain.py --size 224 $(ROOT_ARG)
 
 clean-executed:
 	rm -rf executed _build
