@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from wbclib import data
+from wbclib.heads import single_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,5 @@ def synthetic_root(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module of tiny models (``pytestmark`` opts in)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with single_torch_thread():
+        yield

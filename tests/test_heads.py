@@ -7,7 +7,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from wbclib.heads import (
-    HEADS, StandardizedLinear, choose_tau, crt, fit_linear_head, fit_lws, make_head, predict_proba, tau_normalize,
+    HEADS, StandardizedLinear, choose_tau, crt, fit_linear_head, fit_lws, make_head, predict_proba, single_torch_thread,
+    tau_normalize,
 )
 
 # Tiny models: one intra-op thread is faster on shared cores, and deterministic.
@@ -150,3 +151,16 @@ def test_heads_registry(data):
     torch.testing.assert_close(recipe.linear.weight, expected.linear.weight)
     with pytest.raises(KeyError, match="crt, linear_probe, lws, tau_norm"):
         make_head("ncm", *data["train"], *data["val"], 4)
+
+
+def test_single_torch_thread_restores_the_thread_count_even_after_an_error():
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError):
+            with single_torch_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)

@@ -7,7 +7,6 @@ and never retrain. Finished pieces are skipped on re-runs.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Sequence
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import benchmarks as B
 from .degrade import KINDS, SEVERITIES
-from .heads import fit_linear_head, make_head, predict_proba
+from .heads import fit_linear_head, make_head, predict_proba, single_torch_thread
 from .models import create_backbone, embedding_cache_file, extract_embeddings
 from .train import TrainConfig, predictions_frame, score_predictions, train_run
 
@@ -174,6 +173,13 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     return pd.DataFrame(rows)
 
 
+def _finetune_config(cfg: SimpleNamespace, method: str, seed: int, overrides: Dict) -> TrainConfig:
+    """The profile's end-to-end training settings for ``method``."""
+    return TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                       epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                       seed=seed, **overrides)
+
+
 def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
                     seed: int = 0, **train_overrides) -> pd.DataFrame:
     """End-to-end fine-tuning on PBC-LT for every fine-tune rho and fold."""
@@ -183,9 +189,7 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
     for fold in cfg.finetune_folds:
         for rho in cfg.finetune_rhos:
             split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
-            config = TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                 image_size=cfg.image_size, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
-                                 lr=cfg.lr, patience=cfg.patience, seed=seed, **train_overrides)
+            config = _finetune_config(cfg, method, seed, train_overrides)
             run_dir = results_dir / "pbc_lt" / method / f"rho{rho}_fold{fold}"
             result = train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for name in eval_sets:
@@ -245,9 +249,7 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
             continue
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
         for s in cfg.crosslab_seeds:
-            config = TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                 image_size=cfg.image_size, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
-                                 lr=cfg.lr, patience=cfg.patience, seed=s, **train_overrides)
+            config = _finetune_config(cfg, method, s, train_overrides)
             run_dir = results_dir / "crosslab" / method / f"{_slug(name)}_seed{s}"
             result = train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for set_name in eval_sets:
@@ -412,20 +414,6 @@ def lt_run_dir(results_dir: Path, source: str, backbone: str, variant: str, rho:
     return Path(results_dir) / "pbc_lt" / source / backbone / variant / f"rho{rho}_fold{fold}" / recipe
 
 
-@contextmanager
-def _one_thread():
-    """Heads are tiny matrix products: on shared cores extra torch threads only
-    add contention (several times slower), so fit and predict single-threaded."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path) -> bool:
     """Whether an :class:`EmbeddingStore` of these tables would be a cache hit."""
     if cache_dir is None:
@@ -513,7 +501,7 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     plain_rows, tta_rows = _done(out), _done(out_tta) if tta else []
                     if plain_rows is None or tta_rows is None:
                         emb = store()
-                        with _one_thread():
+                        with single_torch_thread():
                             plain_rows, tta_rows = _fit_and_save(
                                 head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows,
                                 tta_rows, cfg.tta_sets, tta_views)
@@ -659,7 +647,7 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
                                      transform_tag=config.augmentation)
                 x_train, val = emb(train), eval_sets["val"]
                 supervised = _linear_as_head(method.classifier)
-                with _one_thread():
+                with single_torch_thread():
                     fitted = {
                         "supervised": supervised,
                         "crt": crt(x_train, y_train, len(classes), epochs=cfg.probe_epochs, seed=seed),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .heads import single_torch_thread
 from .losses import inverse_log_frequency_weights
 from .metrics import scores as _scores
 from .morphology import PAPER_FEATURES, MahalanobisFilter
@@ -130,7 +130,7 @@ class ContrastiveVerifier(nn.Module):
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         self.eval()
         x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        with _one_thread():
+        with single_torch_thread():
             return torch.softmax(self.logits(x), dim=1).numpy()
 
     @torch.no_grad()
@@ -152,20 +152,9 @@ def fit_contrastive_head(features: np.ndarray, labels: Sequence[int], num_classe
     which are then positives of each other. Probabilities use
     ``proba_temperature`` (default: the training temperature).
     """
-    with _one_thread():
+    with single_torch_thread():
         return _fit_contrastive_head(features, labels, num_classes, hidden, out_dim, temperature, epochs, batch_size,
                                      lr, weight_decay, sampler, seed, proba_temperature)
-
-
-@contextmanager
-def _one_thread():
-    """A small MLP on shared cores: extra torch threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fit_contrastive_head(features, labels, num_classes, hidden, out_dim, temperature, epochs, batch_size, lr,
