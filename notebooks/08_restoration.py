@@ -47,7 +47,7 @@ import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, plots, profiles
+from wbclib import experiments, models, plots, profiles
 from wbclib import restore as R
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
@@ -184,9 +184,9 @@ for i, path in enumerate(images["heldout"]["path"][:2]):
     rows.append({"noisy": noisy, **{k: f(noisy) for k, f in restorers.items()}, "clean": clean})
     titles.append(f"held out: {R.EVAL_CONDITIONS[sp3][1]}")
 for _, row in pool[pool["noisy"]].head(2).iterrows():
-    noisy = R.load_table_image(root, row["path"], row["degradation"], row["severity"])
+    noisy = models.load_table_image(root, row["path"], row["degradation"], row["severity"])
     rows.append({"noisy": noisy, **{k: f(noisy) for k, f in restorers.items()},
-                 "clean": R.load_table_image(root, row["path"])})
+                 "clean": models.load_table_image(root, row["path"])})
     titles.append(f"raw set: {row['degradation']} {row['severity']}")
 R.image_grid(rows, titles, zoom=120);
 

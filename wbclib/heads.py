@@ -41,6 +41,7 @@ def single_torch_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(previous)
 
+
 HEADS = Registry("head")
 
 

@@ -116,6 +116,17 @@ def create_backbone(name: str, pretrained: bool = False) -> Backbone:
 # --------------------------------------------------------------------------
 
 
+def load_table_image(root: Path, path: str, kind: Optional[str] = None, level: int = 0,
+                     degrade_seed: int = 0) -> np.ndarray:
+    """A benchmark row's image at native resolution: loaded and, for a row with
+    a degradation, degraded with its deterministic per-path generator (what
+    :class:`ImageTable` feeds on before resizing)."""
+    image = load_image(Path(root) / path)
+    if isinstance(kind, str) and kind != "none" and int(level) > 0:
+        image = degrade(image, kind, int(level), image_rng(path, degrade_seed))
+    return image
+
+
 class ImageTable(Dataset):
     """Images listed in a table with ``path`` (relative to ``root``) and ``label``.
 
@@ -178,10 +189,7 @@ class ImageTable(Dataset):
     def native_image(self, i: int) -> np.ndarray:
         """Row ``i``'s image at native resolution, degraded as the row says
         (subclasses add steps here, e.g. restoration)."""
-        image = load_image(self.root / self.paths[i])
-        if self.kinds[i] and self.levels[i] > 0:
-            image = degrade(image, self.kinds[i], self.levels[i], image_rng(self.paths[i], self.degrade_seed))
-        return image
+        return load_table_image(self.root, self.paths[i], self.kinds[i], self.levels[i], self.degrade_seed)
 
     def __getitem__(self, i: int):
         image = self.native_image(i)

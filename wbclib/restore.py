@@ -54,7 +54,7 @@ from . import degrade as D
 from . import metrics as M
 from .augment import eval_transform
 from .data import load_image
-from .models import ImageTable, default_device, default_workers
+from .models import ImageTable, default_device, default_workers, load_table_image
 
 # --------------------------------------------------------------------------
 # Median filter, bilateral filter, PSNR / SSIM
@@ -281,16 +281,6 @@ def random_crop(images: Sequence[np.ndarray], size: int, rng: np.random.Generato
         h, w = images[0].shape[:2]
     y, x = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
     return [im[y:y + size, x:x + size] for im in images]
-
-
-def load_table_image(root: Path, path: str, kind: Optional[str] = None, level: int = 0,
-                     degrade_seed: int = 0) -> np.ndarray:
-    """An image as :class:`models.ImageTable` sees it before resizing: loaded and,
-    for a row with a degradation, degraded with the same per-path generator."""
-    image = load_image(Path(root) / path)
-    if isinstance(kind, str) and kind != "none" and int(level) > 0:
-        image = D.degrade(image, kind, int(level), D.image_rng(path, degrade_seed))
-    return image
 
 
 def table_scores(table: pd.DataFrame, root: Path, degrade_seed: int = 0, desc: str = "noise scores") -> pd.DataFrame:
