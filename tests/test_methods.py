@@ -240,6 +240,54 @@ def test_mixup_with_one_domain_mixes_within_it():
     assert values.sum().item() == pytest.approx(28.0, rel=1e-3)  # each image used once on either side
 
 
+def test_mixup_feeds_uint8_images_on_the_scale_predict_uses():
+    # Regression: uint8 batches were mixed into float 0-255 tensors, which
+    # ``Normalized`` (that divides only uint8 input by 255) then fed to the
+    # network as if in [0, 1]: training inputs of order +-1000, test +-2.6.
+    from types import SimpleNamespace
+
+    from wbclib.models import Normalized
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.inputs = tiny_featurizer(), []
+
+        def forward(self, x):
+            self.inputs.append(x.detach().float().clone())
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    recorder = Recorder()
+    backbone = SimpleNamespace(model=recorder, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    method = create_method("mixup", Normalized(backbone), NUM_FEATURES, NUM_CLASSES, num_domains=2)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8) for _ in range(2)]
+    method.update([(x, torch.arange(6) % NUM_CLASSES) for x in images])
+    (trained_on,) = recorder.inputs
+    with torch.no_grad():
+        method.predict(torch.cat(images))
+    predicted_on = recorder.inputs[1]
+    # Convex mixtures of the same images: per channel within the unmixed range,
+    # and of the same order of magnitude (|x| <= ~2.6 for ImageNet statistics).
+    low = predicted_on.amin((0, 2, 3))[None, :, None, None]
+    high = predicted_on.amax((0, 2, 3))[None, :, None, None]
+    assert trained_on.abs().max() < 3.0
+    assert ((trained_on >= low - 1e-4) & (trained_on <= high + 1e-4)).all()
+    assert trained_on.mean().item() == pytest.approx(predicted_on.mean().item(), abs=0.2)
+
+
+def test_mixup_leaves_float_inputs_unscaled():
+    # Float inputs (e.g. cached feature maps) are mixed as they are.
+    torch.manual_seed(0)
+    recorder = RecordingFeaturizer()
+    method = create_method("mixup", recorder, NUM_FEATURES, NUM_CLASSES, num_domains=2,
+                           hparams={"mixup_alpha": 1e4})
+    method.update([(torch.full((4, 3, 8, 8), v), torch.arange(4)) for v in (100.0, 300.0)])
+    (mixed,) = recorder.inputs
+    assert mixed.mean().item() == pytest.approx(200.0, rel=0.02)
+
+
 # --------------------------------------------------------------------------- SelfReg
 
 def test_selfreg_partners_share_the_class_and_permute_it():

@@ -263,12 +263,23 @@ class Mixup(Method):
     lam-weighted classification loss of both label sets, averaged over pairs.
     The partner's images are shuffled, so with one domain this is ordinary
     (intra-domain) mixup. Empty domains are skipped.
+
+    uint8 images are mixed after conversion to floats in [0, 1], the scale
+    :class:`models.Normalized` gives uint8 input (it takes float input to be in
+    [0, 1] already), so mixed training images and unmixed test images reach
+    the network alike; float inputs (e.g. cached feature maps) are mixed as
+    they are.
     """
 
     defaults = {"mixup_alpha": 0.2}
 
+    @staticmethod
+    def unit_scale(x: torch.Tensor) -> torch.Tensor:
+        """uint8 images as floats in [0, 1]; anything else unchanged."""
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
     def update(self, minibatches: Minibatches) -> Dict[str, float]:
-        present = [(x, y) for x, y in minibatches if len(y) > 0]
+        present = [(self.unit_scale(x), y) for x, y in minibatches if len(y) > 0]
         order = torch.randperm(len(present)).tolist()
         beta = torch.distributions.Beta(self.hparams["mixup_alpha"], self.hparams["mixup_alpha"])
         mixed, pairs = [], []
