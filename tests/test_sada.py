@@ -127,15 +127,32 @@ def test_disc_loss_prefers_class_clusters_and_local_alignment_prefers_equal_view
     assert sada.local_alignment_loss(torch.randn(12, 5, 3, 3), 2) > 0.1
 
 
-def test_local_alignment_is_eq4_squared_distance_of_unit_vectors():
-    # One image, one position, D = 3: raw along x; view 1 along y (distance^2
-    # 2), view 2 along x scaled (distance 0): eq. 4 averages over views -> 1.
+def test_local_alignment_is_eq4_on_unit_vectors_averaged_over_channels_as_the_authors_code():
+    # One image, one position, D = 3: raw along x; view 1 along y (squared
+    # distance 2, i.e. 2/3 per channel), view 2 along x scaled (0). The
+    # authors' Local_Alignment_Loss takes the MSE over channels (not eq. 4's
+    # sum: beta = 0.1 is in those units), averaged over views -> 1/3.
+    # (This test asserted the channel sum, 1.0, before: 128x the authors' value
+    # at local_dim 128.)
     raw = torch.tensor([2.0, 0.0, 0.0])
     views = [torch.tensor([0.0, 5.0, 0.0]), torch.tensor([7.0, 0.0, 0.0])]
     maps = torch.stack([raw, *views]).view(3, 3, 1, 1)
-    assert sada.local_alignment_loss(maps, 2).item() == pytest.approx(1.0)
+    assert sada.local_alignment_loss(maps, 2).item() == pytest.approx(1 / 3)
     # positions and images are averaged: repeating the map changes nothing
-    assert sada.local_alignment_loss(maps.repeat(1, 1, 2, 2), 2).item() == pytest.approx(1.0)
+    assert sada.local_alignment_loss(maps.repeat(1, 1, 2, 2), 2).item() == pytest.approx(1 / 3)
+    # D = 2, two positions, one view: position 0 orthogonal ((1 + 1) / 2 = 1), position 1 equal (0) -> 0.5
+    two = torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]]],  # raw: (1, 0) and (3, 0)
+                        [[[0.0, 2.0]], [[4.0, 0.0]]]])  # view: (0, 4) and (2, 0)
+    assert sada.local_alignment_loss(two, 1).item() == pytest.approx(0.5)
+
+
+def test_local_alignment_equals_the_authors_mse_on_random_maps():
+    torch.manual_seed(0)
+    n, views, d = 4, 2, 128
+    maps = torch.randn((1 + views) * n, d, 4, 4)
+    unit = torch.nn.functional.normalize(maps, dim=1).view(1 + views, n, d, 4, 4)
+    authors = sum(torch.nn.functional.mse_loss(unit[0], unit[v]) for v in range(1, 1 + views)) / views
+    assert sada.local_alignment_loss(maps, views).item() == pytest.approx(authors.item(), rel=1e-5)
 
 
 def test_sada_step_on_precomputed_views_lowers_its_loss_and_predicts():

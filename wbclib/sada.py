@@ -29,9 +29,10 @@ that validation scores, early stopping and SWAD see a working classifier;
 this does not touch the features.
 
 Choices where paper and released code (github.com/AnoK3111/SADA) differ:
-the local alignment is the code's mean squared error over positions and
-channels (eq. 5 sums; the two differ by a constant that beta absorbs, and
-beta = 0.1 was tuned with the code); anchors are averages of unit vectors and
+the local alignment is the code's mean squared error over channels,
+positions and images (eq. 4-5 sum; the two differ by the constant factor
+``local_dim`` x positions x images, which beta absorbs, and beta = 0.1 was
+tuned with the code); anchors are averages of unit vectors and
 are not re-normalised (as in the code); the projector is the code's
 non-linear MLP. The code's default configuration trains with the plain
 supervised contrastive loss and ``la_weight = 0``; here the paper's loss is
@@ -173,16 +174,21 @@ def restain_views(images: torch.Tensor, matrices: torch.Tensor, maxima: torch.Te
 
 def local_alignment_loss(embeddings: torch.Tensor, num_views: int) -> torch.Tensor:
     """Eq. 4-5 on per-position embeddings ((1 + V) N, D, h, w), raw images
-    first then view by view: the squared Euclidean distance (summed over the
-    D channels, eq. 4) between each raw position's unit embedding and the
-    same position in each view, averaged over views. Eq. 5 sums over images
-    and positions; here they are averaged, so ``beta`` means the same at any
-    batch size and feature-map size. Ranges over [0, 4]."""
+    first then view by view, at the scale of the authors' code
+    (``Local_Alignment_Loss``: ``nn.MSELoss`` between the unit embeddings of
+    the raw images and of each view, averaged over views): the squared
+    difference of each raw position's unit embedding and the same position in
+    each view, averaged over the D channels, positions, images and views.
+
+    Eq. 4 sums over channels and eq. 5 over images and positions; the means
+    make ``beta`` independent of ``local_dim``, batch and map size, and
+    ``beta`` = 0.1 (the paper's choice, made with this code) means what it
+    means there. The channel sum is D times this. Ranges over [0, 4 / D]."""
     e = F.normalize(embeddings.float(), dim=1)
     e = e.view(1 + num_views, -1, *e.shape[1:])
     if num_views == 0:
         return e.new_zeros(())
-    return (e[1:] - e[:1]).pow(2).sum(2).mean()
+    return (e[1:] - e[:1]).pow(2).mean()
 
 
 def disc_loss(projections: torch.Tensor, labels: torch.Tensor, num_views: int, temperature: float,
