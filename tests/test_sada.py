@@ -210,3 +210,42 @@ def test_stain_columns_are_aligned_across_images():
     aligned, aligned_maxima = sada.align_stain_order(matrices, maxima)
     assert torch.allclose(aligned[1], matrices[1].flip(-1)) and torch.allclose(aligned[0], matrices[0])
     assert torch.equal(aligned_maxima, torch.tensor([[1.0, 2.0]] * 4))
+
+
+def test_precomputed_views_follow_the_run_seed():
+    # The frozen-map regime draws SADA's clusters and donors once per run; they
+    # used seed 0 for every run seed. Now the run's seed draws them.
+    import tempfile
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from wbclib import crosslab
+
+    images = np.concatenate([synthetic_cells(4, "purple", seed=5), synthetic_cells(4, "teal", seed=6)])
+    images = images.transpose(0, 3, 1, 2).copy()  # (N, 3, S, S), as MapStore.images gives
+    train = pd.DataFrame(dict(path=[f"img{i}.png" for i in range(8)], label="lymphocyte", lab="pbc"))
+
+    class SyntheticStore(crosslab.MapStore):
+        def images(self, rows):
+            return images[[int(p[3:-4]) for p in self._unique(rows)["path"]]]
+
+        def stain_stats(self, rows):
+            matrices, maxima = sada.stain_statistics(self.images(rows).transpose(0, 2, 3, 1).copy())
+            return matrices.numpy(), maxima.numpy()
+
+        def trunk_maps(self, batch, desc=""):
+            return (batch[:, :, ::4, ::4] / 255.0).astype(np.float16)
+
+    def views(seed, cache):
+        store = SyntheticStore(SimpleNamespace(backbone="none", image_size=24, pretrained=False), ".", cache)
+        runner = crosslab._MapsRunner.__new__(crosslab._MapsRunner)
+        runner.store, runner.train, runner._views = store, train, {}
+        return runner.views(3, seed)
+
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        seed0, seed1 = views(0, first), views(1, first)
+        again = views(0, second)  # recomputed from scratch, not read from the cache
+    assert seed0.shape == (8, 2, 3, 6, 6)
+    assert torch.equal(seed0, again)
+    assert not torch.equal(seed0, seed1)

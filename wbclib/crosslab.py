@@ -537,20 +537,23 @@ class _MapsRunner:
         else:
             labs = sorted(self.train["lab"].unique())
             self.train_d = self.train["lab"].map({l: i for i, l in enumerate(labs)}).to_numpy()
-        self._views: Dict[int, torch.Tensor] = {}
+        self._views: Dict[Tuple[int, int], torch.Tensor] = {}
 
-    def views(self, k: int) -> torch.Tensor:
-        if k not in self._views:
-            maps = torch.from_numpy(self.store.view_maps(self.train, k))
-            self._views[k] = maps[self.store.index(self.train, self.train)]
-        return self._views[k]
+    def views(self, k: int, seed: int) -> torch.Tensor:
+        """Trunk maps of the training rows' re-stained views, clusters and donors
+        drawn with ``seed`` (the run's: seeds differ in their views too)."""
+        if (k, seed) not in self._views:
+            maps = torch.from_numpy(self.store.view_maps(self.train, k, seed))
+            self._views[(k, seed)] = maps[self.store.index(self.train, self.train)]
+        return self._views[(k, seed)]
 
     def run(self, method_name: str, hparams: dict, options: dict, seed: int, run_dir: Path, n_boot: int,
             save_weights: bool = False) -> dict:
         cfg = self.cfg
         x, y, d = self.train_x, self.train_y, self.train_d
         if method_name in VIEW_METHODS:
-            x = torch.cat([x[:, None], self.views(int(hparams.get("k", cfg.sada_k)))], 1)
+            views = self.views(int(hparams.get("k", cfg.sada_k)), int(hparams.get("seed", seed)))
+            x = torch.cat([x[:, None], views], 1)
         method, history, swad = train_on_maps(
             method_name, hparams, x, y, d, self.eval_x["val"], self.eval_y["val"], cfg.dg_epochs, cfg.batch_size,
             seed, swad={} if cfg.dg_swad else None, width=cfg.dg_head_width)
