@@ -249,3 +249,75 @@ def test_precomputed_views_follow_the_run_seed():
     assert seed0.shape == (8, 2, 3, 6, 6)
     assert torch.equal(seed0, again)
     assert not torch.equal(seed0, seed1)
+
+
+# --------------------------------------------------------------------------
+# SWAD treats SADA like every other method
+# --------------------------------------------------------------------------
+
+
+def test_swad_averages_the_tail_of_a_loss_that_is_still_falling():
+    # A loss that falls to the end (SADA's classifier-only stage 2) never shows a
+    # valley; the lowest segment alone was used, while a loss that turns early
+    # (ERM here) averaged everything after its minimum. Now the end of training
+    # counts as the convergence point, with the same threshold and earlier segments.
+    from wbclib.swad import SWAD
+
+    def run(losses):
+        model, averager = nn.Linear(1, 1), SWAD()  # the authors' n_converge 4, n_tolerance 6, ratio 0.3
+        for segment, loss in enumerate(losses):
+            for _ in range(3):
+                with torch.no_grad():
+                    model.weight.fill_(segment)
+                averager.collect(model)
+            averager.end_segment(loss)
+        return averager, averager.averaged_state(model)
+
+    falling = [1.0, 0.9, 0.8, 0.7, 0.65, 0.62, 0.6, 0.59, 0.58, 0.575]
+    averager, state = run(falling)
+    # last four open the window (threshold 1.3 x 0.586 = 0.762); the two before are under it
+    assert averager.window == [4, 5, 6, 7, 8, 9] and averager.rule == "end of training"
+    assert not averager.converged and averager.threshold == pytest.approx(1.3 * np.mean(falling[-4:]))
+    assert state["weight"].item() == pytest.approx(6.5)
+    turning = [1.0, 0.5, 0.55, 0.6, 0.62, 0.63, 0.64, 0.65, 0.66, 0.67]
+    averager, _ = run(turning)
+    assert averager.window == list(range(1, 10)) and averager.rule == "valley" and averager.converged
+
+
+def test_swad_skips_sada_stage_one():
+    # The SADA authors' trainer starts SWAD at stage 2; stage-1 segments (here
+    # the lowest loss, 0.5) must neither open the valley nor enter the average.
+    from wbclib.swad import SWAD
+
+    model = make_sada(stage1_epochs=2)
+    averager = SWAD(n_converge=2, n_tolerance=2)
+    for epoch, loss in enumerate([0.5, 0.9, 1.0, 0.8, 0.7, 0.65]):
+        model.set_epoch(epoch)
+        for _ in range(2):
+            with torch.no_grad():
+                model.classifier.weight.fill_(epoch)
+            averager.collect(model)
+        averager.end_segment(loss)
+    state = averager.averaged_state(model)
+    assert averager.window == [4, 5] and averager.rule == "end of training"
+    assert averager.summary()["steps_skipped"] == 4
+    assert torch.allclose(state["classifier.weight"], torch.full_like(state["classifier.weight"], 4.5))
+    assert methods.create_method("erm", TinyMaps(), 8, 3).swad_eligible
+
+
+def test_swad_averages_erm_and_sada_alike_on_cached_maps():
+    from wbclib import crosslab
+
+    rng = np.random.default_rng(0)
+    y, d = rng.integers(0, 4, 96), rng.integers(0, 2, 96)
+    centres = rng.normal(0, 1, (4, 16, 1, 1))
+    x = torch.tensor(centres[y] + rng.normal(0, 1.0, (96, 16, 3, 3)), dtype=torch.float32)
+    views = x[:, None].repeat(1, 3, 1, 1, 1) + 0.1 * torch.randn(96, 3, 16, 3, 3)
+    windows = {}
+    for name, train_x in (("erm", x), ("sada", views)):
+        _, _, swad = crosslab.train_on_maps(name, {"lr": 1e-2}, train_x, y, d, x[:32], y[:32], epochs=10,
+                                            batch_size=16, seed=0, swad={"n_converge": 3, "n_tolerance": 4},
+                                            width=8)
+        windows[name] = swad["window"]
+    assert all(len(w) >= 3 for w in windows.values()), windows
+    assert min(windows["sada"]) >= 5  # stage 2 = epochs 5-9

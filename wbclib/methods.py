@@ -39,6 +39,10 @@ class Method(nn.Module):
     """Base class: a featurizer, a linear classifier and AdamW."""
 
     defaults: Dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-4, "loss": "ce", "loss_hparams": {}}
+    #: Whether the current updates train the model finally kept, so that SWAD
+    #: averages them (:meth:`swad.SWAD.collect`); two-stage methods say False
+    #: during their first stage.
+    swad_eligible: bool = True
 
     def __init__(
         self,

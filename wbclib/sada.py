@@ -336,6 +336,13 @@ class SADA(StainViews, Method):
         super().set_epoch(epoch)
         self.stage = 1 if epoch < self.hparams["stage1_epochs"] else 2
 
+    @property
+    def swad_eligible(self) -> bool:
+        """SWAD averages stage 2 only, as the authors' trainer (``trainer.py``
+        skips SWAD before ``self_supervised_step``): stage 1's validation loss
+        scores a classifier fitted on features that are still being learnt."""
+        return self.stage == 2
+
     # losses --------------------------------------------------------------
 
     def stage1_losses(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:

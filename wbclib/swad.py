@@ -15,9 +15,26 @@ valley" rule then decides which segments enter the final average:
   closes the window (the "dead valley").
 
 The final weights are the mean of every step's weights in the chosen
-segments. If training ends before the loss settles, the dense average of the
-lowest-loss segment is used. Batch-norm statistics of averaged weights should
-be re-estimated (:func:`update_bn`).
+segments. Batch-norm statistics of averaged weights should be re-estimated
+(:func:`update_bn`).
+
+The rule applies alike to every method:
+
+* **which segments** – only steps that train the model finally kept are
+  collected: a module whose ``swad_eligible`` attribute is False at a step
+  (SADA during its representation-learning stage 1, whose validation loss
+  scores a classifier fitted on moving features) is skipped, and so is that
+  segment. This is the SADA authors' trainer, which starts SWAD at
+  ``self_supervised_step``; one-stage methods are collected throughout.
+* **a loss still falling at the end** – when no segment has been the lowest
+  of the ``n_converge`` after it by the end of training (a loss that keeps
+  falling, e.g. SADA's classifier-only stage 2 at a decaying rate), the end
+  of training counts as the convergence point: the last ``n_converge``
+  segments open the window with the same threshold and the same earlier
+  segments as above. The official code (and this one before) returned the
+  last model, or the lowest-loss segment, alone, so a method whose loss turned
+  early averaged 16-19 epochs and one whose loss kept falling averaged one.
+  With fewer than ``n_converge`` segments the lowest-loss segment is used.
 
 Any model can be averaged: call :meth:`SWAD.collect` after each step and
 :meth:`SWAD.end_segment` after each validation (``train.train_run`` does,
@@ -25,6 +42,7 @@ with ``swad={...}``).
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, Iterable, List, Optional
@@ -70,12 +88,19 @@ class SWAD:
         self.threshold: Optional[float] = None
         self.converged_at: Optional[int] = None
         self.closed = False
+        self.valley_found = False  # convergence seen during training (not only at its end)
+        self.segments_seen = 0  # segments closed, skipped ones included: windows index epochs
+        self.skipped_steps = 0  # steps of modules that were not ``swad_eligible``
 
     # collecting ------------------------------------------------------------
 
     @torch.no_grad()
     def collect(self, module: nn.Module) -> None:
-        """Add the module's current weights to the open segment."""
+        """Add the module's current weights to the open segment, unless the module
+        says its current training stage is not averaged (``swad_eligible`` False)."""
+        if not getattr(module, "swad_eligible", True):
+            self.skipped_steps += 1
+            return
         weights = _averageable(module)
         if self._current is None:
             self._current = {k: v.detach().double().clone() for k, v in weights.items()}
@@ -85,10 +110,13 @@ class SWAD:
         self._current_steps += 1
 
     def end_segment(self, val_loss: float) -> None:
-        """Close the open segment with its validation loss and update the window."""
+        """Close the open segment with its validation loss and update the window
+        (a segment with no collected step is skipped)."""
+        index = self.segments_seen
+        self.segments_seen += 1
         if self._current is None:
             return
-        segment = _Segment(len(self.losses), float(val_loss), self._current_steps, self._current)
+        segment = _Segment(index, float(val_loss), self._current_steps, self._current)
         self._current, self._current_steps = None, 0
         self.losses.append(segment.loss)
         if self._best is None or segment.loss < self._best.loss:
@@ -111,13 +139,16 @@ class SWAD:
         self._steps += segment.steps
         self.window.append(segment.index)
 
-    def _try_converge(self) -> None:
+    def _try_converge(self, at_end: bool = False) -> None:
+        """Open the window when the first of the last ``n_converge`` segments is
+        their lowest; ``at_end`` (training is over) opens it there regardless."""
         recent = list(self._recent)
         if len(recent) < self.n_converge:
             return
         last = recent[-self.n_converge:]
-        if min(range(self.n_converge), key=lambda i: last[i].loss) != 0:
+        if not at_end and min(range(self.n_converge), key=lambda i: last[i].loss) != 0:
             return
+        self.valley_found = not at_end
         start = last[0]
         self.converged_at = start.index
         self.threshold = (1 + self.tolerance_ratio) * sum(s.loss for s in last) / self.n_converge
@@ -153,32 +184,50 @@ class SWAD:
 
     @property
     def converged(self) -> bool:
-        return self.converged_at is not None
+        """Whether the loss valley was found during training (see :attr:`rule`)."""
+        return self.converged_at is not None and self.valley_found
+
+    @property
+    def rule(self) -> str:
+        """How the window was chosen: ``"valley"``, ``"end of training"`` (the
+        loss still fell) or ``"lowest segment"`` (fewer than ``n_converge`` segments)."""
+        if self.converged_at is None:
+            return "lowest segment"
+        return "valley" if self.valley_found else "end of training"
 
     def averaged_state(self, reference: nn.Module) -> Dict[str, torch.Tensor]:
         """A full state dict for ``reference``: the averaged floating-point
         tensors (in their original dtypes), the rest from ``reference``."""
-        if self.converged:
+        if self.converged_at is None and not self.closed:
+            self._try_converge(at_end=True)
+        if self.converged_at is not None:
             self._decide(final=True)
             total, steps = self._sum, self._steps
         elif self._best is not None:
             total, steps = self._best.total, self._best.steps
             self.window = [self._best.index]
+        elif self.skipped_steps:
+            warnings.warn("SWAD: no step was eligible for averaging (e.g. SADA never reached stage 2); "
+                          "the final weights are kept")
+            return reference.state_dict()
         else:
             raise RuntimeError("SWAD collected no segment: call collect() and end_segment() during training")
         state = reference.state_dict()
         return {k: (total[k] / steps).to(v.dtype) if k in total else v for k, v in state.items()}
 
     def summary(self) -> dict:
-        return dict(converged=self.converged, window=list(self.window), threshold=self.threshold,
-                    steps_averaged=self._steps if self.converged else (self._best.steps if self._best else 0),
-                    losses=list(self.losses))
+        averaged = self._steps if self.converged_at is not None else (self._best.steps if self._best else 0)
+        return dict(converged=self.converged, rule=self.rule, window=list(self.window), threshold=self.threshold,
+                    steps_averaged=averaged, steps_skipped=self.skipped_steps, losses=list(self.losses))
 
     def state_dict(self) -> dict:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+        if "valley_found" not in state:  # saved before the end-of-training rule: any convergence was a valley
+            self.valley_found = state.get("converged_at") is not None
+            self.segments_seen = len(state.get("losses", []))
 
 
 @torch.no_grad()
