@@ -31,10 +31,10 @@ The rule applies alike to every method:
   falling, e.g. SADA's classifier-only stage 2 at a decaying rate), the end
   of training counts as the convergence point: the last ``n_converge``
   segments open the window with the same threshold and the same earlier
-  segments as above. The official code (and this one before) returned the
-  last model, or the lowest-loss segment, alone, so a method whose loss turned
-  early averaged 16-19 epochs and one whose loss kept falling averaged one.
-  With fewer than ``n_converge`` segments the lowest-loss segment is used.
+  segments as above. (The official code returns the last model alone there:
+  in the cross-lab runs a method whose loss turned early then averaged 16-19
+  epochs and one whose loss kept falling averaged one.) With fewer than
+  ``n_converge`` segments the lowest-loss segment is used.
 
 Any model can be averaged: call :meth:`SWAD.collect` after each step and
 :meth:`SWAD.end_segment` after each validation (``train.train_run`` does,
