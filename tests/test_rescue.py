@@ -266,6 +266,48 @@ def test_nothing_surfaces_gives_the_identity():
     assert (params.apply(val, np.zeros((10, 4)), pd.DataFrame({"spikiness": [0.5] * 10}))["pred"] == val["pred"]).all()
 
 
+def graded_rare_split():
+    """True R rows whose A:R probability ratio is 3, 8 or 15 (each needs a larger
+    boost to surface: strength > 3.0, 5.7, 7.5 with COUNTS) and true A decoys at
+    ratio 40 (surface from strength 10.2): the best strength is 7.5-10.2."""
+    rows, labels = [], []
+    for ratio in (3, 8, 15):
+        for _ in range(5):
+            p_r = 1 / (ratio + 1.05)
+            rows.append([ratio * p_r, 0.05 * p_r, p_r, 0.0])
+            labels.append("R")
+    for _ in range(15):
+        p_r = 1 / 41.05
+        rows.append([40 * p_r, 0.05 * p_r, p_r, 0.0])
+        labels.append("A")
+    rows += [[0.2, 0.8, 0.0, 0.0]] * 10 + [[0.9, 0.1, 0.0, 0.0]] * 10
+    labels += ["B"] * 10 + ["A"] * 10
+    return frame(rows, labels)
+
+
+def test_boost_grid_extends_until_the_chosen_strength_is_interior():
+    # The profiles' grid (max 4) was chosen at its top in 3 of 4 runs: the edge
+    # said nothing about whether a stronger boost would help. The search now
+    # extends the grid (x2) while the top strength wins.
+    assert max(rescue.BOOST_STRENGTHS) > 4 and RescueGrid().strengths == rescue.BOOST_STRENGTHS
+    val = graded_rare_split()
+    narrow = RescueGrid(strengths=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0))
+    params = fit_thresholds(val, COUNTS, ["R", "Q"], phase="boost", grid=narrow)
+    assert params.info["strength"] == 8.0 and not params.info["strength_at_edge"]
+    assert params.info["strengths"][-2:] == [8.0, 16.0]  # 16 lets the decoys through
+    out = params.apply(val)
+    assert (out.loc[out["label"] == "R", "pred"] == "R").all() and not (out["pred"][out["label"] == "A"] == "R").any()
+    assert fit_thresholds(val, COUNTS, ["R", "Q"], phase="boost").info["strength"] == 8.0
+
+
+def test_boost_strength_at_the_grid_edge_warns():
+    val = graded_rare_split()
+    capped = RescueGrid(strengths=(0.0, 1.0, 2.0, 4.0), max_strength=4.0)
+    with pytest.warns(UserWarning, match="edge"):
+        params = fit_thresholds(val, COUNTS, ["R", "Q"], phase="boost", grid=capped)
+    assert params.info["strength"] == 4.0 and params.info["strength_at_edge"]
+
+
 def test_paired_bootstrap_gain():
     labels = ["A", "B", "R", "R"] * 10
     before = ["A", "B", "A", "A"] * 10
