@@ -33,7 +33,7 @@ results_dir = None
 seed = 0
 
 # %%
-import json
+from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
@@ -105,8 +105,11 @@ display(finetune[finetune.eval_set.isin(main_sets)][["rho", "fold", "eval_set", 
 
 # %%
 rho_max, fold0 = max(cfg.finetune_rhos), cfg.finetune_folds[0]
-runs = {"probe": results / "pbc_lt" / "probe" / f"rho{rho_max}_fold{fold0}",
-        "fine-tuned": results / "pbc_lt" / "erm" / f"rho{rho_max}_fold{fold0}"}
+def run_of(frame):
+    return Path(frame[(frame.rho == rho_max) & (frame.fold == fold0)].run_dir.iloc[0])
+
+
+runs = {"probe": run_of(probe), "fine-tuned": run_of(finetune)}
 classes = list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
 per_class = []
@@ -134,5 +137,3 @@ plots.confusion_matrix(cm, classes, title=f"fine-tuned ERM, rho={rho_max}, degra
 headline = pd.concat([summary.assign(regime="linear probe"), ft_summary.assign(regime="fine-tuned")])
 headline = headline.reset_index().pivot_table(index=["regime", "rho"], columns="eval_set", values="macro_f1_mean")
 display((100 * headline).round(1))
-(results / "pbc_lt" / "erm_headline.json").write_text(json.dumps(
-    {f"{r}|rho{rho}|{s}": float(v) for (r, rho), row in headline.iterrows() for s, v in row.items()}, indent=2))

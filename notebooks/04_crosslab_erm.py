@@ -29,6 +29,8 @@ results_dir = None
 seed = 0
 
 # %%
+from pathlib import Path
+
 import pandas as pd
 from IPython.display import display
 
@@ -75,7 +77,7 @@ plots.metric_bars(both, x="eval_set", y="macro_f1", hue="regime", low="macro_f1_
 # %%
 classes = list(B.CROSSLAB_CLASSES)
 index = {c: i for i, c in enumerate(classes)}
-run = results / "crosslab" / "erm" / f"pbc_to_others_seed{cfg.crosslab_seeds[0]}"
+run = Path(finetune[(finetune.setting == "pbc→others") & (finetune.seed == cfg.crosslab_seeds[0])].run_dir.iloc[0])
 for lab in ["zheng1", "bccd"]:
     pred = pd.read_csv(run / f"predictions_{lab}.csv")
     cm = metrics.confusion(pred.label.map(index), pred.pred.map(index), len(classes))

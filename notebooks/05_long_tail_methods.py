@@ -139,8 +139,9 @@ display(by_backbone["macro_f1"].unstack("backbone").reindex(order))
 # %%
 shown = [r for r in ["ib", "cb_sampling", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm"]
          if r in cfg.lt_recipes]
-runs = {experiments.RECIPE_NAMES[r]: [experiments.lt_run_dir(results, "heads", cfg.backbone, "none", rho_max, f, r)
-                                      for f in cfg.probe_folds] for r in shown}
+plain_runs = heads[(heads.backbone == cfg.backbone) & (heads.stain == "none") & ~heads.tta & (heads.rho == rho_max)]
+runs = {experiments.RECIPE_NAMES[r]: list(plain_runs[plain_runs.recipe == r].sort_values("fold").run_dir.unique())
+        for r in shown}
 per_class = experiments.per_class_scores(runs, "test_degraded", classes).rename(columns={"group": "method"})
 plots.per_class_f1(per_class, definition.head_order, hue="method",
                    title=f"{short[cfg.backbone]}, rho={rho_max}, degraded test");

@@ -92,7 +92,8 @@ display(experiments.paper_table1())
 
 # %%
 heads = experiments.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
-ensembles = experiments.pbc_lt_ensembles(cfg, results, source="heads", variant="none", recipe="crt", rho=rho)
+ensembles = experiments.pbc_lt_ensembles(cfg, results, source="heads", variant="none", recipe="crt", rho=rho,
+                                        members=heads)
 rows = experiments.table1_rows(heads, ensembles, eval_set=EVAL, rho=rho)
 summary, shown = table(rows)
 if cfg.lt_tta_backbones:  # the decoupled rows with TTA where the profile computed it
@@ -145,18 +146,7 @@ plain = summary[~summary.index.str.endswith("+ TTA")]
 best = plain["macro_f1_mean"].idxmax()
 
 
-def run_dirs_of(row, source="heads", folds=cfg.probe_folds):
-    if row.startswith("Ens. ("):
-        name = row[len("Ens. ("):-1]
-        return [results / "pbc_lt" / "ensembles" / source / "none" / "crt" / "backbones" / name / f"rho{rho}_fold{f}"
-                for f in folds]
-    label, b = row.split(" (")
-    backbone = {v: k for k, v in short.items()}[b.rstrip(")")]
-    recipe = {"Supervised": "ib" if source == "heads" else "supervised", "Decoupled": "crt"}[label]
-    return [experiments.lt_run_dir(results, source, backbone, "none", rho, f, recipe) for f in folds]
-
-
-cm = experiments.summed_confusion(run_dirs_of(best), EVAL, classes)
+cm = experiments.summed_confusion(rows[rows.row == best].run_dir.unique(), EVAL, classes)
 plots.confusion_matrix(cm, classes, title=f"{best}, rho={rho}, degraded test, {len(cfg.probe_folds)} folds");
 
 # %% [markdown]
@@ -197,7 +187,7 @@ members = [b for b in cfg.decoupled_backbones if b in models.PAPER_BACKBONES]
 members = members if len(members) > 1 else cfg.decoupled_backbones
 if len(members) > 1:
     tuned_ens = experiments.pbc_lt_ensembles(cfg, results, source="decoupled", variant=variant, recipe="crt",
-                                             backbones=members, rho=rho)
+                                             backbones=members, rho=rho, members=tuned)
 tuned_rows = experiments.table1_rows(tuned, tuned_ens, eval_set=EVAL, rho=rho, supervised="supervised",
                                      decoupled="crt", stain=variant)
 tuned_summary, tuned_shown = table(tuned_rows)

@@ -4,6 +4,7 @@ Macenko and TTA, decoupled fine-tuning, ensembles) on a tiny synthetic PBC-LT.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 
 from conftest import write_png
 from test_infer import cell_image
-from wbclib import augment, experiments, infer, losses, profiles
+from wbclib import augment, experiments, infer, losses, profiles, runs
 from wbclib import benchmarks as B
 from wbclib.methods import create_method
 from wbclib.train import TrainConfig
@@ -110,6 +111,11 @@ def tiny(tmp_path_factory):
                            results=tmp_path_factory.mktemp("results"))
 
 
+def _run(tiny, source, backbone="tf_efficientnet_lite0", **keys):
+    """The one finished run folder of ``source`` with these keys, from the results index."""
+    return runs.find_one(tiny.results, f"pbc_lt/{source}", backbone=backbone, **keys).dir
+
+
 @pytest.fixture(scope="module")
 def heads(tiny):
     return experiments.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
@@ -123,7 +129,7 @@ def test_heads_cover_every_recipe_rho_fold_variant_and_eval_set(tiny, heads):
     assert len(plain) == 6 * 2 * 2 * 4 * 2
     tta = heads[heads.tta]
     assert set(tta.eval_set) == {"test_degraded"} and set(tta.stain) == {"none"} and len(tta) == 6 * 2 * 2
-    run = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "macenko", 100, 1, "crt")
+    run = _run(tiny, "heads", variant="macenko", rho=100, fold=1, recipe="crt")
     pred = pd.read_csv(run / "predictions_val_degraded.csv")
     assert {"path", "label", "pred", "prob_SNE", "prob_MO"} <= set(pred.columns)
     assert np.allclose(pred.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
@@ -132,8 +138,8 @@ def test_heads_cover_every_recipe_rho_fold_variant_and_eval_set(tiny, heads):
 
 
 def test_tta_predictions_average_the_head_over_dihedral_views(tiny, heads):
-    run = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "none", 10, 0, "ib")
-    tta = experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "none_tta", 10, 0, "ib")
+    run = _run(tiny, "heads", variant="none", rho=10, fold=0, recipe="ib")
+    tta = _run(tiny, "heads", variant="none_tta", rho=10, fold=0, recipe="ib")
     plain, averaged = pd.read_csv(run / "predictions_test_degraded.csv"), pd.read_csv(tta / "predictions_test_degraded.csv")
     assert plain.path.tolist() == averaged.path.tolist()
     assert not np.allclose(plain.filter(like="prob_"), averaged.filter(like="prob_"))
@@ -149,15 +155,18 @@ def test_heads_are_resumable_without_refitting(tiny, heads, monkeypatch):
 
 def test_ensembles_average_saved_predictions(tiny, heads):
     cfg = SimpleNamespace(**dict(vars(tiny.cfg), lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite0"]))
-    ens = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100)
+    ens = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100, members=heads)
     by_backbone = ens[ens.kind == "backbones"]
     assert set(by_backbone.fold) == {0, 1} and set(by_backbone.eval_set) == set(experiments.EVAL_SETS)
     folds = ens[ens.kind == "folds"]
     assert set(folds.eval_set) == {"test", "test_degraded"} and set(folds.ensemble) == {"Lite0", "all"}
     assert (folds[folds.ensemble == "Lite0"].members == 2).all() and (folds[folds.ensemble == "all"].members == 4).all()
-    runs = [experiments.lt_run_dir(tiny.results, "heads", "tf_efficientnet_lite0", "macenko", 100, f, "crt") for f in (0, 1)]
+    runs = [_run(tiny, "heads", variant="macenko", rho=100, fold=f, recipe="crt") for f in (0, 1)]
     manual = infer.average_predictions([pd.read_csv(r / "predictions_test.csv") for r in runs])
-    saved = tiny.results / "pbc_lt" / "ensembles" / "heads" / "macenko" / "crt" / "folds" / "Lite0" / "rho100"
+    saved = Path(folds[folds.ensemble == "Lite0"].run_dir.iloc[0])
+    # Without the members table the results index finds the same runs.
+    again = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100)
+    pd.testing.assert_frame_equal(again, ens)
     pd.testing.assert_frame_equal(pd.read_csv(saved / "predictions_test.csv"), manual, atol=1e-5)
     # Different folds' validation sets are different images: averaging them is refused.
     with pytest.raises(ValueError, match="differs from table 0|rows"):
@@ -168,17 +177,19 @@ def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
     rows = experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100)
     assert set(rows.recipe) == set(experiments.DECOUPLED_RECIPES) and set(rows.backbone) == {"resnet18"}
     assert set(rows[rows.tta].eval_set) == {"test_degraded"}
-    stage1 = experiments.stage1_run_dir(tiny.cfg, tiny.results, "resnet18", 100, 0)
-    assert "stage1" in str(stage1) and (stage1 / "best.pt").is_file()
-    assert json.loads((stage1 / "config.json").read_text())["pretrained"] is False
+    stage1 = runs.find_one(tiny.results, "pbc_lt/finetune", backbone="resnet18", rho=100, fold=0).dir
+    assert (stage1 / "best.pt").is_file()
+    assert json.loads((stage1 / "config.json").read_text())["identity"]["config"]["pretrained"] is False
     # The stage-1 classifier applied to cached embeddings reproduces the stage-1 run's predictions.
     own = pd.read_csv(stage1 / "predictions_test.csv")
-    supervised = pd.read_csv(experiments.lt_run_dir(tiny.results, "decoupled", "resnet18", "none", 100, 0, "supervised")
-                             / "predictions_test.csv")
+    supervised = pd.read_csv(_run(tiny, "decoupled", backbone="resnet18", variant="none", rho=100, fold=0,
+                                  recipe="supervised") / "predictions_test.csv")
     assert (own.pred == supervised.pred).all()
     np.testing.assert_allclose(own.filter(like="prob_"), supervised.filter(like="prob_"), atol=1e-4)
-    assert any("resnet18" in p.name for p in tiny.cache.glob("emb_*.npy"))
-    monkeypatch.setattr(experiments, "train_run", lambda *a, **k: {})
+    assert any("resnet18" in p.name for p in tiny.cache.rglob("embeddings_*.npy"))
+    from wbclib import train
+
+    monkeypatch.setattr(train, "build_method", lambda *a, **k: pytest.fail("finished: stage 1 is not retrained"))
     monkeypatch.setattr(experiments, "_stage1_model", lambda *a, **k: pytest.fail("finished: no stage 2 either"))
     pd.testing.assert_frame_equal(
         experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100), rows)
@@ -186,10 +197,11 @@ def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
 
 def test_stage1_reuses_the_baseline_erm_run_when_identical():
     cfg = profiles.get("cpu")
-    assert experiments.stage1_run_dir(cfg, "r", cfg.backbone, 100, 0).parts[-3:] == ("pbc_lt", "erm", "rho100_fold0")
-    assert "stage1" in experiments.stage1_run_dir(cfg, "r", "tf_efficientnet_lite1", 100, 0).parts
+    # Same protocol and configuration as pbc_lt_finetune's ERM run: the same identity, so the same folder.
+    assert experiments.stage1_config(cfg, cfg.backbone) == experiments._finetune_config(cfg, "erm", 0, {})
+    assert experiments.stage1_config(cfg, "tf_efficientnet_lite1") != experiments._finetune_config(cfg, "erm", 0, {})
     gpu = profiles.get("gpu")
-    assert "stage1" in experiments.stage1_run_dir(gpu, "r", gpu.backbone, 100, 0).parts  # RandAugment + Macenko
+    assert experiments.stage1_config(gpu, gpu.backbone) != experiments._finetune_config(gpu, "erm", 0, {})  # RandAugment
     assert not experiments.stage1_config(gpu, "resnet50").pretrained and experiments.stage1_config(gpu, gpu.backbone).pretrained
 
 

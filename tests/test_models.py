@@ -60,7 +60,7 @@ def test_embedding_cache_is_keyed_and_reused(root, tmp_path, monkeypatch):
     backbone = models.create_backbone("tf_efficientnet_lite0", pretrained=True)
     table = _table(root)
     first = models.extract_embeddings(backbone, table, root, 32, cache_dir=tmp_path, num_workers=0)
-    assert first.shape == (6, 1280) and len(list(tmp_path.glob("*.npy"))) == 1
+    assert first.shape == (6, 1280) and len(list(tmp_path.rglob("*.npy"))) == 1
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a cached embedding must not read images")

@@ -27,7 +27,7 @@ def _config(**kw):
 def test_run_folder_contents_and_skip_when_finished(split, synthetic_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
     result = train.train_run(_config(), split, synthetic_root, run, CLASSES, n_boot=20)
-    for name in ["config.json", "checkpoint.pt", "best.pt", "history.csv", "metrics.json", "predictions_test.csv"]:
+    for name in ["config.json", "checkpoint.pt", "best.pt", "history.csv", "metrics.json", "predictions_test.csv", "done"]:
         assert (run / name).is_file(), name
     pred = pd.read_csv(run / "predictions_test.csv")
     assert list(pred.columns[-2:]) == ["prob_lymphocyte", "prob_neutrophil"]
@@ -36,7 +36,7 @@ def test_run_folder_contents_and_skip_when_finished(split, synthetic_root, tmp_p
     assert result["test"]["macro_f1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["test"]["macro_f1"])
 
     monkeypatch.setattr(train, "build_method", lambda *a, **k: pytest.fail("a finished run must not retrain"))
-    assert train.train_run(_config(), split, synthetic_root, run, CLASSES) == result
+    assert train.train_run(_config(), split, synthetic_root, run, CLASSES, n_boot=20) == result
 
 
 def test_pretrained_erm_learns_the_colour_task(tmp_path):
@@ -81,5 +81,5 @@ def test_interrupted_run_resumes_from_its_checkpoint(split, synthetic_root, tmp_
 def test_other_config_in_the_same_folder_is_refused(split, synthetic_root, tmp_path):
     run = tmp_path / "run"
     train.train_run(_config(epochs=1), split, synthetic_root, run, CLASSES, n_boot=0)
-    with pytest.raises(train.RunMismatch, match="another configuration"):
+    with pytest.raises(train.RunMismatch, match="another identity.*config.epochs"):
         train.train_run(_config(epochs=2), split, synthetic_root, run, CLASSES)

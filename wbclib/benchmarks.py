@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from . import data
+from . import _io, data
+from .runs import code_version, files_fingerprint
 from .degrade import assign_degradations
 
 PBC_LT_CLASSES = ("SNE", "BNE", "MY", "MMY", "PMY", "EO", "BA", "LY", "MO")
@@ -178,43 +179,92 @@ def _cap_lab(df: pd.DataFrame, per_class: Optional[int]) -> pd.DataFrame:
 # --------------------------------------------------------------------------
 
 
-def write_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Dict[str, Path]:
-    """Build every benchmark table from the data root and write it to ``out_dir``.
-
-    Files: ``pbc_lt_seed{seed}.csv`` + ``.json`` (definition) and
-    ``crosslab_seed{seed}.csv``. Re-running with the same inputs rewrites
-    identical files.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifests = data.drop_duplicates(data.all_manifests(root, cache_dir=cache_dir))
-    table, definition = make_pbc_lt(manifests[manifests["source"] == "pbc"], seed=seed)
-    paths = {
+def _benchmark_paths(out_dir: Path, seed: int) -> Dict[str, Path]:
+    return {
         "pbc_lt": out_dir / f"pbc_lt_seed{seed}.csv",
         "pbc_lt_definition": out_dir / f"pbc_lt_seed{seed}.json",
         "crosslab": out_dir / f"crosslab_seed{seed}.csv",
     }
-    table.to_csv(paths["pbc_lt"], index=False)
-    paths["pbc_lt_definition"].write_text(json.dumps(asdict(definition), indent=2, sort_keys=True))
-    make_crosslab(manifests, seed=seed).to_csv(paths["crosslab"], index=False)
+
+
+def _stamp_path(out_dir: Path, seed: int) -> Path:
+    return Path(out_dir) / f"benchmarks_seed{seed}.stamp.json"
+
+
+#: The modules whose code decides the benchmark tables.
+BENCHMARK_MODULES = ("benchmarks.py", "data.py", "degrade.py")
+
+
+def data_fingerprint(root: Path) -> dict:
+    """The data root's identity: its resolved path and every file's path, size
+    and modification time under the source folders (a second or two of
+    ``stat`` calls, no reading)."""
+    root = Path(root)
+    paths = [str(p.relative_to(root)) for source in data.SOURCES if (root / source).is_dir()
+             for p in (root / source).rglob("*") if p.is_file()]
+    return dict(root=str(root.resolve()), files=len(paths), fingerprint=files_fingerprint(root, paths))
+
+
+def _expected_stamp(root: Path, seed: int) -> dict:
+    return dict(seed=seed, data=data_fingerprint(root), code=code_version(BENCHMARK_MODULES))
+
+
+def write_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Dict[str, Path]:
+    """Build every benchmark table from the data root and write it to ``out_dir``.
+
+    Files: ``pbc_lt_seed{seed}.csv`` + ``.json`` (definition) and
+    ``crosslab_seed{seed}.csv``, each written atomically, then a stamp
+    (``benchmarks_seed{seed}.stamp.json``, last) recording the data root's
+    fingerprint, the code version and each file's sha256. Re-running with the
+    same inputs rewrites identical files.
+    """
+    out_dir = Path(out_dir)
+    root = data.data_root(root)
+    manifests = data.drop_duplicates(data.all_manifests(root, cache_dir=cache_dir))
+    table, definition = make_pbc_lt(manifests[manifests["source"] == "pbc"], seed=seed)
+    paths = _benchmark_paths(out_dir, seed)
+    _stamp_path(out_dir, seed).unlink(missing_ok=True)  # the files below are about to change
+    _io.write_csv(paths["pbc_lt"], table)
+    _io.write_json(paths["pbc_lt_definition"], asdict(definition))
+    _io.write_csv(paths["crosslab"], make_crosslab(manifests, seed=seed))
+    stamp = dict(_expected_stamp(root, seed), files={k: data.sha256_file(p) for k, p in paths.items()})
+    _io.write_json(_stamp_path(out_dir, seed), stamp)
     return paths
 
 
-def ensure_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Path:
-    """Write the benchmark files unless they are already there; returns ``out_dir``."""
+def benchmarks_current(out_dir: Path, root=None, seed: int = 0) -> bool:
+    """Whether ``out_dir`` holds complete benchmark files built from this data
+    root (same files, sizes, times), by this code, and unaltered since."""
     out_dir = Path(out_dir)
-    needed = [out_dir / f"pbc_lt_seed{seed}.csv", out_dir / f"pbc_lt_seed{seed}.json", out_dir / f"crosslab_seed{seed}.csv"]
-    if not all(p.is_file() for p in needed):
+    stamp_path = _stamp_path(out_dir, seed)
+    if not stamp_path.is_file():
+        return False
+    try:
+        stamp = _io.read_json(stamp_path)
+    except _io.CorruptFileError:
+        return False
+    expected = json.loads(json.dumps(_expected_stamp(data.data_root(root), seed)))
+    if any(stamp.get(k) != v for k, v in expected.items()):
+        return False
+    paths = _benchmark_paths(out_dir, seed)
+    return all(p.is_file() and stamp.get("files", {}).get(k) == data.sha256_file(p) for k, p in paths.items())
+
+
+def ensure_benchmarks(out_dir: Path, root=None, seed: int = 0, cache_dir=None) -> Path:
+    """Write the benchmark files unless current ones are there (:func:`benchmarks_current`):
+    files from another data root, older code, a failed write or an edit are rebuilt. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not benchmarks_current(out_dir, root, seed):
         write_benchmarks(out_dir, root=root, seed=seed, cache_dir=cache_dir)
     return out_dir
 
 
 def read_pbc_lt(out_dir: Path, seed: int = 0) -> tuple:
     out_dir = Path(out_dir)
-    table = pd.read_csv(out_dir / f"pbc_lt_seed{seed}.csv")
-    definition = PbcLtDefinition(**json.loads((out_dir / f"pbc_lt_seed{seed}.json").read_text()))
+    table = _io.read_csv(out_dir / f"pbc_lt_seed{seed}.csv")
+    definition = PbcLtDefinition(**_io.read_json(out_dir / f"pbc_lt_seed{seed}.json"))
     return table, definition
 
 
 def read_crosslab(out_dir: Path, seed: int = 0) -> pd.DataFrame:
-    return pd.read_csv(Path(out_dir) / f"crosslab_seed{seed}.csv")
+    return _io.read_csv(Path(out_dir) / f"crosslab_seed{seed}.csv")

@@ -15,11 +15,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from . import _io
 from . import benchmarks as B
+from . import runs
 from .degrade import KINDS, SEVERITIES
 from .heads import fit_linear_head, make_head, predict_proba, single_torch_thread
-from .models import create_backbone, embedding_cache_file, extract_embeddings
-from .train import TrainConfig, predictions_frame, score_predictions, train_run
+from .models import create_backbone, embedding_entry, extract_embeddings
+from .runs import inputs_fingerprint
+from .train import TrainConfig, predictions_frame, score_predictions, train_in, train_run
 
 _KEY = ["path", "degradation", "severity", "view", "stain", "stain_reference"]
 _DEFAULTS = {"degradation": "none", "severity": 0, "view": 0, "stain": "none", "stain_reference": ""}
@@ -40,12 +43,13 @@ class EmbeddingStore:
                  transform=None, transform_tag: str = "", batch_size: int = 64):
         needed = pd.concat([self._keyed(t) for t in tables])[_KEY + ["label"]]
         needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-        cached = None
+        entry = None
         if backbone is None and cache_dir is not None:
-            cached = embedding_cache_file(cache_dir, backbone_name, True, image_size, needed, 0, weights_tag,
-                                          transform_tag)
-        if cached is not None and cached.is_file():
-            self.features = np.load(cached)  # a cache hit needs no model (building one costs seconds)
+            entry = embedding_entry(cache_dir, backbone_name, True, image_size, needed, 0, weights_tag,
+                                    transform_tag, root)
+        if entry is not None and entry.exists():
+            # A cache hit needs no model (building one costs seconds); it is validated all the same.
+            self.features = _io.load_npy(entry.path, shape=(len(needed), None), dtype=np.float32)
         else:
             backbone = backbone if backbone is not None else create_backbone(backbone_name, pretrained=True)
             self.features = extract_embeddings(backbone, needed, root, image_size, cache_dir=cache_dir, desc=desc,
@@ -100,22 +104,28 @@ def _labels(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return table["label"].map(index).to_numpy()
 
 
+def _probe_run(results_dir: Path, protocol: str, cfg: SimpleNamespace, root: Path, split: pd.DataFrame,
+               eval_sets: Dict[str, pd.DataFrame], seed: int, **tags) -> runs.Run:
+    """The run folder of a linear probe: its settings, tags and inputs decide it."""
+    config = dict(backbone=cfg.backbone, image_size=cfg.image_size, probe_epochs=cfg.probe_epochs, n_boot=cfg.n_boot,
+                  seed=seed, **tags)
+    return runs.run(results_dir, protocol, config, inputs_fingerprint(dict(split=split, **eval_sets), root),
+                    keys=list(tags))
+
+
 def _probe_and_score(store: EmbeddingStore, split: pd.DataFrame, eval_sets: Dict[str, pd.DataFrame],
-                     classes: Sequence[str], cfg: SimpleNamespace, out_dir: Path, seed: int) -> List[dict]:
-    """Fit a linear probe on the split's train rows; save and score each eval set."""
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
+                     classes: Sequence[str], cfg: SimpleNamespace, run: runs.Run, seed: int) -> List[dict]:
+    """Fit a linear probe on the split's train rows; save and score each eval set (skipped when ``run`` is done)."""
+    if run.done:
+        return run.metrics()
     train = split[split["split"] == "train"]
     head = fit_linear_head(store(train), _labels(train, classes), len(classes), epochs=cfg.probe_epochs, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, table in eval_sets.items():
         pred = predictions_frame(table, predict_proba(head, store(table)), classes)
-        pred.to_csv(out_dir / f"predictions_{name}.csv", index=False)
+        run.write_csv(f"predictions_{name}.csv", pred)
         rows.append(dict(eval_set=name, **score_predictions(pred, classes, n_boot=cfg.n_boot)))
-    metrics_path.write_text(json.dumps(rows, indent=2))
-    return rows
+    return run.finish(rows)
 
 
 # --------------------------------------------------------------------------
@@ -167,9 +177,9 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     rows = []
     for rho, fold, split, eval_sets in tqdm(jobs, desc="linear probes"):
         sets = dict(eval_sets, **grid) if fold == cfg.probe_folds[0] else eval_sets
-        out = results_dir / "pbc_lt" / "probe" / f"rho{rho}_fold{fold}"
-        for r in _probe_and_score(store, split, sets, classes, cfg, out, seed):
-            rows.append(dict(rho=rho, fold=fold, **r))
+        run = _probe_run(results_dir, "pbc_lt/probe", cfg, root, split, sets, seed, rho=rho, fold=fold)
+        for r in _probe_and_score(store, split, sets, classes, cfg, run, seed):
+            rows.append(dict(rho=rho, fold=fold, run_dir=str(run.dir), **r))
     return pd.DataFrame(rows)
 
 
@@ -190,10 +200,10 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
         for rho in cfg.finetune_rhos:
             split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
             config = _finetune_config(cfg, method, seed, train_overrides)
-            run_dir = results_dir / "pbc_lt" / method / f"rho{rho}_fold{fold}"
-            result = train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
+            run, result = train_in(results_dir, "pbc_lt/finetune", dict(rho=rho, fold=fold), config, split, root,
+                                   classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for name in eval_sets:
-                rows.append(dict(rho=rho, fold=fold, eval_set=name, **result[name]))
+                rows.append(dict(rho=rho, fold=fold, eval_set=name, run_dir=str(run.dir), **result[name]))
     return pd.DataFrame(rows)
 
 
@@ -232,9 +242,9 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
     rows = []
     for name, split, eval_sets in jobs:
         for s in cfg.crosslab_seeds:
-            out = results_dir / "crosslab" / "probe" / f"{_slug(name)}_seed{s}"
-            for r in _probe_and_score(store, split, eval_sets, classes, cfg, out, s):
-                rows.append(dict(setting=name, seed=s, **r))
+            run = _probe_run(results_dir, "crosslab/probe", cfg, root, split, eval_sets, s, setting=_slug(name))
+            for r in _probe_and_score(store, split, eval_sets, classes, cfg, run, s):
+                rows.append(dict(setting=name, seed=s, run_dir=str(run.dir), **r))
     return pd.DataFrame(rows)
 
 
@@ -250,14 +260,15 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
         for s in cfg.crosslab_seeds:
             config = _finetune_config(cfg, method, s, train_overrides)
-            run_dir = results_dir / "crosslab" / method / f"{_slug(name)}_seed{s}"
-            result = train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
+            run, result = train_in(results_dir, "crosslab/finetune", dict(setting=_slug(name), seed=s), config, split,
+                                   root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for set_name in eval_sets:
-                rows.append(dict(setting=name, seed=s, eval_set=set_name, **result[set_name]))
+                rows.append(dict(setting=name, seed=s, eval_set=set_name, run_dir=str(run.dir), **result[set_name]))
     return pd.DataFrame(rows)
 
 
 def _slug(name: str) -> str:
+    """A setting's configuration key (``pbc_to_others``, ``LOLO_zheng1``) from its name."""
     return name.replace("→", "_to_").replace(":", "_")
 
 
@@ -330,23 +341,18 @@ def head_proba(head, store, table: pd.DataFrame, views: Sequence[int] = (0,)) ->
 
 
 def _save_and_score(probs_by_set: Dict[str, np.ndarray], tables: Dict[str, pd.DataFrame], classes: Sequence[str],
-                    out_dir: Path, info: dict = None) -> List[dict]:
-    """Write ``predictions_<set>.csv`` for every set, then ``metrics.json`` (last: marks the run done)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+                    run: runs.Run, info: dict = None) -> List[dict]:
+    """Write ``predictions_<set>.csv`` for every set, then ``metrics.json`` and ``done`` (last)."""
     rows = []
     for name, probs in probs_by_set.items():
         pred = predictions_frame(tables[name], probs, classes)
-        pred.to_csv(out_dir / f"predictions_{name}.csv", index=False, float_format="%.6g")
+        run.write_csv(f"predictions_{name}.csv", pred, float_format="%.6g")
         rows.append(dict(eval_set=name, **score_predictions(pred, classes, n_boot=0), **(info or {})))
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out_dir / "metrics.json")
-    return rows
+    return run.finish(rows)
 
 
-def _done(out_dir: Path):
-    path = out_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _done(run: runs.Run):
+    return run.metrics() if run.done else None
 
 
 def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_class: int = 7) -> str:
@@ -360,15 +366,20 @@ def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_cl
     deviation: the most typical staining *and* staining intensity (a densely
     granulated cell would otherwise darken every image mapped to it). Only
     colour is taken from it. The choice (path, values, rule) is written to
-    ``record`` (JSON) and read back from there on later calls.
+    ``record`` (JSON) with the fingerprint of the candidates (rows, data root,
+    file sizes and times) and read back from there on later calls while that
+    fingerprint holds; otherwise the choice is made again.
     """
-    if record is not None and Path(record).is_file():
-        return json.loads(Path(record).read_text())["path"]
     from .data import load_image
     from .stain import MacenkoNormalizer
 
     pool = table[table["split"] == "cv"].sort_values(["label", "rank", "path"])
     candidates = pool.groupby("label").head(per_class).sort_values("path")
+    inputs = inputs_fingerprint(dict(candidates=candidates), root)
+    if record is not None and Path(record).is_file():
+        saved = _io.read_json(record)
+        if saved.get("inputs") == json.loads(json.dumps(inputs)) and saved.get("per_class") == per_class:
+            return saved["path"]
     described, paths = [], []
     for path in candidates["path"]:
         try:
@@ -384,16 +395,15 @@ def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_cl
     best = int(np.argmin((((described - median) / spread) ** 2).sum(axis=1)))
     chosen = paths[best]
     if record is not None:
-        Path(record).parent.mkdir(parents=True, exist_ok=True)
-        Path(record).write_text(json.dumps(dict(
-            path=chosen, label=str(table.set_index("path").loc[chosen, "label"]),
+        _io.write_json(record, dict(
+            path=chosen, inputs=inputs, per_class=per_class, label=str(table.set_index("path").loc[chosen, "label"]),
             stain_matrix=described[best][:6].reshape(3, 2).tolist(),
             max_concentrations=np.exp(described[best][6:]).tolist(),
             median_stain_matrix=median[:6].reshape(3, 2).tolist(), median_max_concentrations=np.exp(median[6:]).tolist(),
             candidates=len(paths),
             rule=f"{per_class} lowest-rank cross-validation images per class; the one closest to the median of "
                  "(Macenko stain matrix, log 99th-percentile concentrations), each scaled by its median "
-                 "absolute deviation"), indent=2))
+                 "absolute deviation"))
     return chosen
 
 
@@ -407,20 +417,32 @@ def _lt_jobs(cfg: SimpleNamespace, table: pd.DataFrame, definition, rhos: Sequen
     return [(rho, fold, *pbc_lt_sets(cfg, table, definition, rho, fold)) for fold in folds for rho in rhos]
 
 
-def lt_run_dir(results_dir: Path, source: str, backbone: str, variant: str, rho: float, fold: int, recipe: str) -> Path:
-    """Where a long-tail run's predictions live: ``source`` is ``heads`` (frozen
-    features) or ``decoupled`` (fine-tuned stage 1); ``variant`` is the stain
-    mode with ``_tta`` appended for test-time-augmented predictions."""
-    return Path(results_dir) / "pbc_lt" / source / backbone / variant / f"rho{rho}_fold{fold}" / recipe
+#: The configuration keys that name a long-tail run (and that :func:`runs.find` queries).
+LT_KEYS = ("backbone", "variant", "rho", "fold", "recipe")
 
 
-def _cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path) -> bool:
+def lt_run(results_dir: Path, source: str, inputs: dict, **config) -> runs.Run:
+    """The run folder of a long-tail head: ``source`` is ``heads`` (frozen
+    features) or ``decoupled`` (fine-tuned stage 1); ``config`` holds
+    :data:`LT_KEYS` (``variant`` is the stain mode with ``_tta`` appended for
+    test-time-augmented predictions) and every setting of the recipe."""
+    return runs.run(results_dir, f"pbc_lt/{source}", config, inputs, keys=LT_KEYS)
+
+
+def lt_run_dirs(results_dir: Path, source: str, **keys) -> List[Path]:
+    """Finished current run folders of long-tail heads matching ``keys`` (any of
+    :data:`LT_KEYS`), ordered by fold."""
+    found = runs.find(results_dir, f"pbc_lt/{source}", **keys)
+    return [Path(p) for p in found.sort_values("fold")["run_dir"]] if len(found) else []
+
+
+def _cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path, root: Path) -> bool:
     """Whether an :class:`EmbeddingStore` of these tables would be a cache hit."""
     if cache_dir is None:
         return False
     needed = pd.concat([EmbeddingStore._keyed(t) for t in tables])[_KEY + ["label"]]
     needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-    return embedding_cache_file(cache_dir, backbone, True, image_size, needed).is_file()
+    return embedding_entry(cache_dir, backbone, True, image_size, needed, root=root).exists()
 
 
 def _fit_and_save(head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
@@ -450,7 +472,7 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     :func:`stain_reference`); those in ``cfg.lt_tta_backbones`` (stains in
     ``cfg.lt_tta_stains``) are also evaluated with TTA: the same head,
     probabilities averaged over ``cfg.tta_views`` dihedral views of each image
-    of ``cfg.tta_sets``. Predictions land in :func:`lt_run_dir` folders
+    of ``cfg.tta_sets``. Predictions land in :func:`lt_run` folders
     (variant ``none``, ``macenko``, ``none_tta``, ``macenko_tta``); finished
     folders are skipped, and embeddings are only extracted for unfinished work.
 
@@ -477,7 +499,7 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     if backbone == cfg.backbone and stain == "none":
                         # The linear-probe chapter's cache entry holds a superset: reuse it when it is there.
                         superset = _probe_jobs(cfg, table, definition)[2]
-                        if _cached(superset, backbone, cfg.image_size, cache_dir):
+                        if _cached(superset, backbone, cfg.image_size, cache_dir, root):
                             tables = superset
                     name = f"{BACKBONE_NAMES.get(backbone, backbone)} {stain}"
                     plain = EmbeddingStore([_with_stain(t, stain, reference) for t in tables], backbone,
@@ -495,9 +517,13 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                 split = _with_stain(split, stain, reference)
                 eval_sets = {k: _with_stain(v, stain, reference) for k, v in eval_sets.items()}
                 train = split[split["split"] == "train"]
+                inputs = inputs_fingerprint(dict(split=split, **eval_sets), root)
                 for recipe, (head_name, kwargs) in recipes.items():
-                    out = lt_run_dir(results_dir, "heads", backbone, stain, rho, fold, recipe)
-                    out_tta = lt_run_dir(results_dir, "heads", backbone, f"{stain}_tta", rho, fold, recipe)
+                    settings = dict(backbone=backbone, image_size=cfg.image_size, rho=rho, fold=fold, recipe=recipe,
+                                    head=head_name, head_kwargs=kwargs, seed=seed)
+                    out = lt_run(results_dir, "heads", inputs, variant=stain, **settings)
+                    out_tta = lt_run(results_dir, "heads", inputs, variant=f"{stain}_tta", tta_views=cfg.tta_views,
+                                     tta_sets=list(cfg.tta_sets), **settings) if tta else None
                     plain_rows, tta_rows = _done(out), _done(out_tta) if tta else []
                     if plain_rows is None or tta_rows is None:
                         emb = store()
@@ -506,8 +532,8 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                                 head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows,
                                 tta_rows, cfg.tta_sets, tta_views)
                     common = dict(backbone=backbone, stain=stain, rho=rho, fold=fold, recipe=recipe)
-                    rows += [dict(common, tta=False, **r) for r in plain_rows]
-                    rows += [dict(common, tta=True, **r) for r in tta_rows]
+                    rows += [dict(common, tta=False, run_dir=str(out.dir), **r) for r in plain_rows]
+                    rows += [dict(common, tta=True, run_dir=str(out_tta.dir), **r) for r in tta_rows]
     return pd.DataFrame(rows)
 
 
@@ -532,18 +558,10 @@ def stage1_config(cfg: SimpleNamespace, backbone: str, seed: int = 0) -> TrainCo
                        patience=cfg.patience, seed=seed, augmentation=cfg.decoupled_augmentation)
 
 
-def stage1_run_dir(cfg: SimpleNamespace, results_dir: Path, backbone: str, rho: float, fold: int, seed: int = 0) -> Path:
-    """The stage-1 run folder. When stage 1 is exactly :func:`pbc_lt_finetune`'s
-    ERM run (same backbone, configuration, no stain normalisation) it is that
-    folder, so a run of the baseline chapter is reused rather than repeated."""
-    config = stage1_config(cfg, backbone, seed)
-    baseline = TrainConfig(method="erm", backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                           epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                           seed=seed)
-    if config == baseline and cfg.decoupled_stain == "none":
-        return Path(results_dir) / "pbc_lt" / "erm" / f"rho{rho}_fold{fold}"
-    tag = f"{backbone}_{cfg.decoupled_augmentation}_{cfg.decoupled_stain}"
-    return Path(results_dir) / "pbc_lt" / "stage1" / tag / f"rho{rho}_fold{fold}"
+#: Stage 1 shares :func:`pbc_lt_finetune`'s protocol: when its configuration and
+#: inputs equal the baseline chapter's ERM run, the identity (and so the folder) is
+#: the same and that run is reused rather than repeated.
+STAGE1_PROTOCOL = "pbc_lt/finetune"
 
 
 def _file_hash(path: Path) -> str:
@@ -590,7 +608,7 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
     and every fine-tune fold at ``rho`` (Le et al. 2026, Sec. 2.2).
 
     Stage 1 fine-tunes the whole network (:func:`stage1_config`, run folder
-    :func:`stage1_run_dir`: a finished baseline run is reused). Stage 2 embeds
+    :data:`STAGE1_PROTOCOL`: a finished baseline run is reused). Stage 2 embeds
     every image with the fine-tuned featurizer (cache key: the checkpoint's
     hash and the preset's evaluation transform) and fits, on the training
     embeddings, the recipes of ``DECOUPLED_RECIPES``: ``supervised`` (the
@@ -620,12 +638,18 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
             split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
             split = _with_stain(split, stain, reference)
             eval_sets = {k: _with_stain(v, stain, reference) for k, v in eval_sets.items()}
-            run_dir = stage1_run_dir(cfg, results_dir, backbone, rho, fold, seed)
-            train_run(config, split, root, run_dir, classes, eval_sets=eval_sets, device=device, n_boot=cfg.n_boot)
+            stage1, _ = train_in(results_dir, STAGE1_PROTOCOL, dict(rho=rho, fold=fold), config, split, root, classes,
+                                 eval_sets=eval_sets, device=device, n_boot=cfg.n_boot)
+            run_dir = stage1.dir
             train = split[split["split"] == "train"]
             variant = stain
-            outs = {r: lt_run_dir(results_dir, "decoupled", backbone, variant, rho, fold, r) for r in DECOUPLED_RECIPES}
-            outs_tta = {r: lt_run_dir(results_dir, "decoupled", backbone, f"{variant}_tta", rho, fold, r)
+            inputs = inputs_fingerprint(dict(split=split, **eval_sets), root)
+            settings = dict(backbone=backbone, rho=rho, fold=fold, stage1=stage1.id, probe_epochs=cfg.probe_epochs,
+                            seed=seed)
+            outs = {r: lt_run(results_dir, "decoupled", inputs, variant=variant, recipe=r, **settings)
+                    for r in DECOUPLED_RECIPES}
+            outs_tta = {r: lt_run(results_dir, "decoupled", inputs, variant=f"{variant}_tta", recipe=r,
+                                  tta_views=cfg.tta_views, tta_sets=list(cfg.tta_sets), **settings)
                         for r in DECOUPLED_RECIPES} if cfg.decoupled_tta else {}
             done = {r: _done(o) for r, o in outs.items()}
             done_tta = {r: _done(o) for r, o in outs_tta.items()}
@@ -664,8 +688,9 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
                             done_tta[recipe] = _save_and_score(probs, eval_sets, classes, outs_tta[recipe])
             for recipe in DECOUPLED_RECIPES:
                 common = dict(backbone=backbone, stain=stain, rho=rho, fold=fold, recipe=recipe)
-                rows += [dict(common, tta=False, **r) for r in done[recipe]]
-                rows += [dict(common, tta=True, **r) for r in done_tta.get(recipe) or []]
+                rows += [dict(common, tta=False, run_dir=str(outs[recipe].dir), **r) for r in done[recipe]]
+                rows += [dict(common, tta=True, run_dir=str(outs_tta[recipe].dir), **r)
+                         for r in done_tta.get(recipe) or []]
     return pd.DataFrame(rows)
 
 
@@ -674,27 +699,42 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
 # --------------------------------------------------------------------------
 
 
-def ensemble_runs(run_dirs: Sequence[Path], out_dir: Path, sets: Sequence[str], classes: Sequence[str]) -> List[dict]:
+def ensemble_runs(run_dirs: Sequence[Path], run: runs.Run, sets: Sequence[str], classes: Sequence[str]) -> List[dict]:
     """Average the saved ``predictions_<set>.csv`` of ``run_dirs`` (probability
     averaging, :func:`infer.average_predictions`) for each set, save the
-    ensemble's predictions and scores in ``out_dir``; skipped when done."""
+    ensemble's predictions and scores in ``run``; skipped when done."""
     from .infer import average_predictions
 
-    done = _done(Path(out_dir))
+    done = _done(run)
     if done is not None:
         return done
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in sets:
-        pred = average_predictions([pd.read_csv(Path(d) / f"predictions_{name}.csv") for d in run_dirs])
-        pred.to_csv(out_dir / f"predictions_{name}.csv", index=False, float_format="%.6g")
+        pred = average_predictions([_io.read_csv(Path(d) / f"predictions_{name}.csv") for d in run_dirs])
+        run.write_csv(f"predictions_{name}.csv", pred, float_format="%.6g")
         rows.append(dict(eval_set=name, members=len(run_dirs), **score_predictions(pred, classes, n_boot=0)))
-    (out_dir / "members.json").write_text(json.dumps([str(d) for d in run_dirs], indent=2))
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out_dir / "metrics.json")
-    return rows
+    run.write_json("members.json", [str(d) for d in run_dirs])
+    return run.finish(rows)
+
+
+def _member_run(results_dir: Path, source: str, members: pd.DataFrame, backbone: str, variant: str, rho: float,
+                fold: int, recipe: str) -> Path:
+    """The run folder of one ensemble member: looked up in ``members`` (the table a
+    protocol returned, with ``run_dir``) or, without it, in the results index."""
+    if members is not None:
+        stain, tta = variant.removesuffix("_tta"), variant.endswith("_tta")
+        m = members
+        hits = m[(m["backbone"] == backbone) & (m["stain"] == stain) & (m["tta"] == tta) & (m["rho"] == rho)
+                 & (m["fold"] == fold) & (m["recipe"] == recipe)]["run_dir"].unique()
+    else:
+        found = runs.find(results_dir, f"pbc_lt/{source}", backbone=backbone, variant=variant, rho=rho, fold=fold,
+                          recipe=recipe)
+        hits = found["run_dir"].unique() if len(found) else []
+    if len(hits) != 1:
+        raise LookupError(f"{len(hits)} finished runs of pbc_lt/{source} for backbone={backbone} variant={variant} "
+                          f"rho={rho} fold={fold} recipe={recipe} (expected one; run the protocol first, or pass "
+                          "its result table as members=)")
+    return Path(hits[0])
 
 
 def backbone_combinations(backbones: Sequence[str]) -> Dict[str, List[str]]:
@@ -710,7 +750,7 @@ def backbone_combinations(backbones: Sequence[str]) -> Dict[str, List[str]]:
 
 def pbc_lt_ensembles(cfg: SimpleNamespace, results_dir: Path, source: str = "heads", variant: str = "none",
                      recipe: str = "crt", backbones: Sequence[str] = None, folds: Sequence[int] = None,
-                     rho: float = 100) -> pd.DataFrame:
+                     rho: float = 100, members: pd.DataFrame = None) -> pd.DataFrame:
     """Probability-averaging ensembles from saved predictions only.
 
     * ``kind="backbones"``: per fold, the ``recipe`` models of every pair of
@@ -720,29 +760,40 @@ def pbc_lt_ensembles(cfg: SimpleNamespace, results_dir: Path, source: str = "hea
       4/5 of the pool) predicting the same test sets, per backbone and for
       all backbones together (fold -1).
 
-    Results go to ``results/<profile>/pbc_lt/ensembles/<source>/<variant>/<recipe>/``.
+    Members are the runs of ``members`` (the table :func:`pbc_lt_heads` or
+    :func:`decoupled_finetune` returned) or, without it, found in the results
+    index. Results go to ``pbc_lt/ensembles/<source>`` run folders named by
+    kind, ensemble, variant, recipe, rho and fold; each row has its ``run_dir``.
     """
     classes = list(B.PBC_LT_CLASSES)
     backbones = list(backbones or (cfg.lt_backbones if source == "heads" else cfg.decoupled_backbones))
     folds = list(folds if folds is not None else (cfg.probe_folds if source == "heads" else cfg.finetune_folds))
-    base = Path(results_dir) / "pbc_lt" / "ensembles" / source / variant / recipe
-    run = lambda b, f: lt_run_dir(results_dir, source, b, variant, rho, f, recipe)  # noqa: E731
+    run = lambda b, f: _member_run(results_dir, source, members, b, variant, rho, f, recipe)  # noqa: E731
     sets = [s for s in EVAL_SETS if (run(backbones[0], folds[0]) / f"predictions_{s}.csv").is_file()]
+
+    def ensemble_run(kind: str, name: str, fold: int, member_dirs: Sequence[Path]) -> runs.Run:
+        config = dict(kind=kind, ensemble=name, variant=variant, recipe=recipe, rho=rho, fold=fold,
+                      members=[Path(d).name for d in member_dirs])
+        return runs.run(results_dir, f"pbc_lt/ensembles/{source}", config,
+                        keys=("kind", "ensemble", "variant", "recipe", "rho", "fold"))
+
     rows = []
-    for name, members in backbone_combinations(backbones).items():
+    for name, group in backbone_combinations(backbones).items():
         for fold in folds:
-            out = base / "backbones" / name / f"rho{rho}_fold{fold}"
-            for r in ensemble_runs([run(b, fold) for b in members], out, sets, classes):
-                rows.append(dict(kind="backbones", ensemble=name, rho=rho, fold=fold, **r))
+            member_dirs = [run(b, fold) for b in group]
+            out = ensemble_run("backbones", name, fold, member_dirs)
+            for r in ensemble_runs(member_dirs, out, sets, classes):
+                rows.append(dict(kind="backbones", ensemble=name, rho=rho, fold=fold, run_dir=str(out.dir), **r))
     test_sets = [s for s in sets if s.startswith("test")]
     if len(folds) > 1:
         groups = {BACKBONE_NAMES.get(b, b): [b] for b in backbones}
         if len(backbones) > 1:
             groups["all"] = backbones
-        for name, members in groups.items():
-            out = base / "folds" / name / f"rho{rho}"
-            for r in ensemble_runs([run(b, f) for b in members for f in folds], out, test_sets, classes):
-                rows.append(dict(kind="folds", ensemble=name, rho=rho, fold=-1, **r))
+        for name, group in groups.items():
+            member_dirs = [run(b, f) for b in group for f in folds]
+            out = ensemble_run("folds", name, -1, member_dirs)
+            for r in ensemble_runs(member_dirs, out, test_sets, classes):
+                rows.append(dict(kind="folds", ensemble=name, rho=rho, fold=-1, run_dir=str(out.dir), **r))
     return pd.DataFrame(rows)
 
 
@@ -805,7 +856,7 @@ def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: 
     parts = []
     for name, run_dirs in groups.items():
         for k, run_dir in enumerate(run_dirs):
-            pred = pd.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
+            pred = _io.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
             table = per_class(pred["label"].map(index), pred["pred"].map(index), classes).reset_index()
             parts.append(table.assign(group=name, run=k))
     return pd.concat(parts, ignore_index=True)
@@ -818,6 +869,6 @@ def summed_confusion(run_dirs: Sequence[Path], eval_set: str, classes: Sequence[
     index = {c: i for i, c in enumerate(classes)}
     total = np.zeros((len(classes), len(classes)), dtype=int)
     for run_dir in run_dirs:
-        pred = pd.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
+        pred = _io.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
         total += confusion(pred["label"].map(index), pred["pred"].map(index), len(classes))
     return total

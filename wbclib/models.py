@@ -191,7 +191,11 @@ class ImageTable(Dataset):
         (subclasses add steps here, e.g. restoration)."""
         return load_table_image(self.root, self.paths[i], self.kinds[i], self.levels[i], self.degrade_seed)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        # ``item`` is an index, or (index, seed) from :class:`samplers.SeededDraws`: the random
+        # transform then draws from its own generator seeded by (run seed, epoch, draw), so a
+        # sample's augmentation is the same whichever worker process (or none) loads it.
+        i, seed = item if isinstance(item, tuple) else (item, None)
         image = self.native_image(i)
         if self.stains[i] == "macenko":
             image = self._stain_normalize(image, self.stain_references[i], self.paths[i])
@@ -204,7 +208,12 @@ class ImageTable(Dataset):
         if self.views[i]:
             x = dihedral(x, self.views[i]).contiguous()
         if self.transform is not None:
-            x = self.transform(x)
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return x, int(self.labels[i]), int(self.domains[i])
 
 
@@ -280,31 +289,55 @@ def _row_listing(table: pd.DataFrame) -> pd.Series:
     return listing
 
 
-def embedding_cache_key(backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
-                        degrade_seed: int, weights_tag: str = "", transform_tag: str = "") -> str:
-    """Hash of everything that changes an embedding: the backbone and its
-    weights, the input size, each image and its degradation (kind, severity
-    and the severity parameters), stain normalisation (method, settings and
-    reference image) and dihedral view, an evaluation transform, the
-    library's pre-processing version."""
+#: The modules whose code decides an embedding (loading, degradation, stain, crop, transforms, precision).
+EMBEDDING_MODULES = ("models.py", "data.py", "degrade.py", "augment.py", "stain.py", "scale.py", "precision.py")
+
+
+def embedding_entry(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
+                    degrade_seed: int = 0, weights_tag: str = "", transform_tag: str = "",
+                    root: Optional[Path] = None, precision: str = "fp32") -> "cache.Entry":
+    """The cache entry of the embeddings of ``table``: keyed by everything that
+    changes them: the backbone and its weights, the input size, each image and
+    its degradation (kind, severity, the severity parameters), stain
+    normalisation (method, settings, reference image), dihedral view and crop,
+    an evaluation transform, the numeric precision, the code of
+    :data:`EMBEDDING_MODULES` and, with ``root``, the data root and the size
+    and modification time of every image file read."""
+    from . import cache
+    from .runs import files_fingerprint
+
     listing = _row_listing(table)
-    settings = dict(backbone=backbone_name, pretrained=pretrained, size=image_size,
-                    seed=degrade_seed, weights=weights_tag, preprocessing="v1",
-                    degradations=SEVERITY_PARAMS, timm=timm.__version__)
+    settings = dict(backbone=backbone_name, pretrained=pretrained, size=image_size, seed=degrade_seed,
+                    weights=weights_tag, degradations=SEVERITY_PARAMS, timm=timm.__version__, precision=precision)
     if transform_tag:
         settings["transform"] = transform_tag
     if "stain" in table and (table["stain"] != "none").any():
-        settings["stain"] = dict(method="macenko", Io=240, alpha=1, beta=0.15, version="v1")
-    payload = json.dumps(settings, sort_keys=True)
-    return hashlib.sha256((payload + "\n" + listing.str.cat(sep="\n")).encode()).hexdigest()[:20]
+        settings["stain"] = dict(method="macenko", Io=240, alpha=1, beta=0.15)
+    inputs = dict(rows=len(table), listing=hashlib.sha256(listing.str.cat(sep="\n").encode()).hexdigest()[:20])
+    if root is not None:
+        files = set(table["path"].astype(str))
+        if "stain_reference" in table:
+            files |= {r for r in table["stain_reference"].dropna().astype(str) if r}
+        inputs.update(root=str(Path(root).resolve()), files=files_fingerprint(Path(root), files))
+    return cache.entry(cache_dir, "embeddings", settings, inputs, modules=EMBEDDING_MODULES,
+                       label=f"{backbone_name}_{image_size}")
+
+
+def embedding_cache_key(backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
+                        degrade_seed: int, weights_tag: str = "", transform_tag: str = "",
+                        root: Optional[Path] = None) -> str:
+    """The hash part of :func:`embedding_entry`'s file name."""
+    entry = embedding_entry(Path("."), backbone_name, pretrained, image_size, table, degrade_seed, weights_tag,
+                            transform_tag, root)
+    return entry.path.stem.rsplit("_", 1)[-1]
 
 
 def embedding_cache_file(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int,
                          table: pd.DataFrame, degrade_seed: int = 0, weights_tag: str = "",
-                         transform_tag: str = "") -> Path:
+                         transform_tag: str = "", root: Optional[Path] = None) -> Path:
     """Where :func:`extract_embeddings` caches the embeddings of ``table``."""
-    key = embedding_cache_key(backbone_name, pretrained, image_size, table, degrade_seed, weights_tag, transform_tag)
-    return Path(cache_dir) / f"emb_{backbone_name}_{image_size}_{key}.npy"
+    return embedding_entry(cache_dir, backbone_name, pretrained, image_size, table, degrade_seed, weights_tag,
+                           transform_tag, root).path
 
 
 @torch.no_grad()
@@ -315,9 +348,9 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
                        transform_tag: str = "") -> np.ndarray:
     """Pooled backbone features (N, D) for every row of ``table``, in order.
 
-    With ``cache_dir`` the array is stored as ``.npy`` under a key of
-    :func:`embedding_cache_key`; a cached result is returned without touching
-    the images. Random-init or fine-tuned backbones must pass a
+    With ``cache_dir`` the array is stored under :func:`embedding_entry`'s
+    key; a cached result is validated (shape, dtype, finite) and returned
+    without touching the images. Random-init or fine-tuned backbones must pass a
     ``weights_tag`` (e.g. the seed or checkpoint hash) so different weights
     never share a cache entry; a ``transform`` (applied to every resized
     image, e.g. :func:`augment.eval_transform`) needs a ``transform_tag``.
@@ -326,12 +359,21 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
         raise ValueError("a random-init backbone needs a weights_tag so its cache entry is unique")
     if transform is not None and not transform_tag:
         raise ValueError("a transform needs a transform_tag so its cache entry is unique")
-    cached = None
-    if cache_dir is not None:
-        cached = embedding_cache_file(cache_dir, backbone.name, backbone.pretrained, image_size, table, degrade_seed,
-                                      weights_tag, transform_tag)
-        if cached.is_file():
-            return np.load(cached)
+
+    def compute() -> np.ndarray:
+        return _embed(backbone, table, root, image_size, batch_size, degrade_seed, device, num_workers, desc, transform)
+
+    if cache_dir is None:
+        return compute()
+    from . import cache
+
+    entry = embedding_entry(cache_dir, backbone.name, backbone.pretrained, image_size, table, degrade_seed,
+                            weights_tag, transform_tag, root)
+    return cache.array(entry, compute, shape=(len(table), backbone.num_features), dtype=np.float32)
+
+
+def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int, batch_size: int, degrade_seed: int,
+           device: Optional[torch.device], num_workers: Optional[int], desc: str, transform) -> np.ndarray:
     device = device or default_device()
     model = Normalized(backbone).to(device).eval()
     dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
@@ -342,10 +384,4 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             chunks.append(model(x.to(device)).float().cpu())
-    feats = torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npy")
-        np.save(tmp, feats)
-        tmp.replace(cached)
-    return feats
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)

@@ -117,3 +117,34 @@ def inverse_log(labels: np.ndarray, num_samples: Optional[int] = None, seed: int
     probability ``n_c / log(1 + n_c)`` still grows almost linearly with ``n_c``.
     """
     return _class_weighted_sampler(labels, "inverse_log", num_samples, seed)
+
+
+def draw_seed(seed: int, epoch: int, draw: int) -> int:
+    """The seed of one draw (its augmentation): a function of (run seed, epoch, position) only."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}|{epoch}|{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SeededDraws(Sampler):
+    """Yield ``(index, seed)`` for every index of ``sampler``, the seed from
+    :func:`draw_seed` (run seed, epoch, draw position).
+
+    A dataset that seeds its random transform with it (``models.ImageTable``)
+    then gives every draw the same augmentation whether it is loaded in the
+    main process or in any of any number of worker processes: results do not
+    depend on ``num_workers``. Two draws of one image (sampling with
+    replacement) get different augmentations.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int, epoch: int):
+        # Drawn once, here: a DataLoader with workers may call iter() more than once, and a
+        # seeded sampler's generator would give another order each time.
+        self.draws = [(int(index), draw_seed(seed, epoch, position)) for position, index in enumerate(sampler)]
+
+    def __iter__(self):
+        return iter(self.draws)
+
+    def __len__(self) -> int:
+        return len(self.draws)

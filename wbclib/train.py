@@ -9,12 +9,11 @@ A run folder holds
 * ``history.csv`` – per-epoch loss and validation scores;
 * ``predictions_<set>.csv`` – per image: path, label, prediction and one
   ``prob_<class>`` column per class, for every evaluation set;
-* ``metrics.json`` – the scores of every evaluation set (written last: its
-  presence marks a finished run, which is then skipped on re-runs).
+* ``metrics.json`` – the scores of every evaluation set, then ``done`` (written
+  last: its presence marks a finished run, which is then skipped on re-runs).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -27,11 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import _io
 from . import metrics as M
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
 from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
-from .samplers import make_sampler
+from .runs import Run, RunMismatch, code_version, inputs_fingerprint
+from .runs import run as runs_run  # noqa: F401 (RunMismatch re-exported)
+from .samplers import SeededDraws, make_sampler
 from .swad import SWAD, update_bn
 
 
@@ -59,16 +61,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class RunMismatch(RuntimeError):
-    """A run folder exists for a different configuration."""
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _split_by_domain(x, y, d, num_domains: int) -> List[tuple]:
@@ -116,9 +108,24 @@ def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_
                          num_domains=num_domains, class_counts=class_counts, hparams=hparams)
 
 
+def run_identity(config: TrainConfig, split: pd.DataFrame, root: Path, eval_sets: Dict[str, pd.DataFrame],
+                 swad: Optional[dict] = None, n_boot: int = 1000, tags: Optional[dict] = None) -> tuple:
+    """(configuration, inputs) that identify a training run. ``num_workers`` is
+    left out: it changes how fast a run is, never its numbers (per-draw seeds).
+    ``tags`` (e.g. ``rho``, ``fold``) are index keys the protocol adds."""
+    config_dict = {k: v for k, v in asdict(config).items() if k != "num_workers"}
+    config_dict["n_boot"] = n_boot
+    if swad is not None:
+        config_dict["swad"] = dict(swad)
+    config_dict.update(tags or {})
+    inputs = inputs_fingerprint(dict(split=split, **{f"eval:{k}": t for k, t in eval_sets.items()}), root)
+    return config_dict, inputs
+
+
 def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Path, classes: Sequence[str],
               eval_sets: Optional[Dict[str, pd.DataFrame]] = None, device: Optional[torch.device] = None,
-              n_boot: int = 1000, swad: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
+              n_boot: int = 1000, swad: Optional[dict] = None, protocol: str = "train",
+              tags: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
     """Train ``config.method`` on ``split`` (rows with split train / val), keep the
     epoch with the best validation macro-F1, and evaluate it on ``eval_sets``
     (name -> table; default: the split's test rows).
@@ -128,31 +135,25 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     chosen by validation loss; batch-norm statistics re-estimated), saved as
     ``swad.pt``; it is recorded in ``config.json``.
 
-    Re-running a finished run returns its saved metrics; an interrupted run
-    resumes from ``checkpoint.pt``. Returns ``{set name: scores}``.
+    ``run_dir`` is guarded by :class:`runs.Run`: its ``config.json`` holds the
+    configuration, a fingerprint of the split and evaluation sets (rows, data
+    root, file sizes and times) and the code version, and a folder holding a
+    run of any other identity raises :class:`runs.RunMismatch`. A finished run
+    (``done``) returns its saved metrics; an interrupted one resumes from
+    ``checkpoint.pt``. Protocols let :func:`train_in` choose the folder (its
+    name changes with the identity). Returns ``{set name: scores}``.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = asdict(config)
-    if swad is not None:
-        config_dict["swad"] = dict(swad)
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(config_dict)):
-            raise RunMismatch(f"{run_dir} holds a run with another configuration; delete it or choose another folder")
-    else:
-        config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
+    eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
+    config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags)
+    run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version())).open()
+    if run.done:
+        return run.metrics()
 
     seed_everything(config.seed)
     device = device or default_device()
     workers = default_workers() if config.num_workers is None else config.num_workers
     train_rows = split[split["split"] == "train"]
     val_rows = split[split["split"] == "val"]
-    eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     train_set = ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
                            transform=make_augmentation(config.augmentation, config.image_size))
     # Presets that crop during training crop every evaluation image the same way.
@@ -166,9 +167,9 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
                   for opt in method.optimizers()]
     start_epoch, best, bad_epochs, history = 0, -1.0, 0, []
     averager = SWAD(**swad) if swad is not None else None
-    ckpt_path, best_path = run_dir / "checkpoint.pt", run_dir / "best.pt"
+    ckpt_path, best_path = run.path("checkpoint.pt"), run.path("best.pt")
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = _io.torch_load(ckpt_path, map_location=device, weights_only=False)
         method.load_state_dict(state["model"])
         for opt, s in zip(method.optimizers(), state["optimizers"]):
             opt.load_state_dict(s)
@@ -183,11 +184,14 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
             break
         method.train()
         method.set_epoch(epoch)
-        # The epoch's sampling and augmentation depend only on (seed, epoch), so a resumed run repeats them.
+        # Main-process randomness (dropout, mixing) depends only on (seed, epoch), and each
+        # draw's augmentation only on (seed, epoch, draw): a resumed run repeats them, and the
+        # number of loader workers changes nothing.
         torch.manual_seed(config.seed * 1000 + epoch)
+        draws = SeededDraws(make_sampler(config.sampler, train_set.labels, seed=config.seed * 1000 + epoch),
+                            seed=config.seed, epoch=epoch)
         loader = DataLoader(train_set, batch_size=config.batch_size, drop_last=len(train_set) > config.batch_size,
-                            sampler=make_sampler(config.sampler, train_set.labels, seed=config.seed * 1000 + epoch),
-                            num_workers=workers, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+                            sampler=draws, num_workers=workers)
         losses = []
         for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             x, y, d = x.to(device), y.to(device), d.to(device)
@@ -206,38 +210,48 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         history.append(dict(epoch=epoch, loss=float(np.mean(losses)), **{f"val_{k}": v for k, v in val_scores.items()}))
         if val_scores["macro_f1"] > best:
             best, bad_epochs = val_scores["macro_f1"], 0
-            _atomic_save(method.state_dict(), best_path)
+            _io.torch_save(method.state_dict(), best_path)
         else:
             bad_epochs += 1
-        _atomic_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
-                          schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
-                          bad_epochs=bad_epochs, history=history,
-                          swad=averager.state_dict() if averager is not None else None), ckpt_path)
-        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+        _io.torch_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
+                            schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
+                            bad_epochs=bad_epochs, history=history,
+                            swad=averager.state_dict() if averager is not None else None), ckpt_path)
+        run.write_csv("history.csv", pd.DataFrame(history))
 
     if averager is not None:
         method.load_state_dict(averager.averaged_state(method))
         bn_loader = DataLoader(ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
                                           transform=test_view), batch_size=config.batch_size, num_workers=workers)
         update_bn(method, bn_loader, forward=lambda batch: method.predict(batch[0].to(device)))
-        _atomic_save(method.state_dict(), run_dir / "swad.pt")
+        _io.torch_save(method.state_dict(), run.path("swad.pt"))
     else:
-        method.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+        method.load_state_dict(_io.torch_load(best_path, map_location=device))
     results = {}
     for name, table in eval_sets.items():
         dataset = ImageTable(table, root, classes, config.image_size, config.degrade_seed, transform=test_view)
         probs = predict_proba(method, dataset, device=device, num_workers=workers, desc=name)
         pred = predictions_frame(table, probs, classes)
-        pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+        run.write_csv(f"predictions_{name}.csv", pred)
         results[name] = score_predictions(pred, classes, n_boot=n_boot)
     results["best_val_macro_f1"] = {"macro_f1": best}
     if averager is not None:
         results["swad"] = averager.summary()
-    tmp = metrics_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(metrics_path)
-    return results
+    return run.finish(results)
+
+
+def train_in(results_dir: Path, protocol: str, tags: dict, config: TrainConfig, split: pd.DataFrame, root: Path,
+             classes: Sequence[str], eval_sets: Optional[Dict[str, pd.DataFrame]] = None, **kwargs) -> tuple:
+    """:func:`train_run` in the run folder :func:`runs.run` names for this
+    protocol, tags (``rho``, ``fold``, ``seed`` ...: readable in the folder
+    name and queryable with :func:`runs.find`) and identity. Returns ``(run, results)``."""
+    eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
+    config_dict, inputs = run_identity(config, split, root, eval_sets, kwargs.get("swad"), kwargs.get("n_boot", 1000),
+                                       tags)
+    run = runs_run(results_dir, protocol, config_dict, inputs, keys=list(tags))
+    return run, train_run(config, split, root, run.dir, classes, eval_sets=eval_sets, protocol=protocol, tags=tags,
+                          **kwargs)
 
 
 def load_predictions(run_dir: Path, name: str = "test") -> pd.DataFrame:
-    return pd.read_csv(Path(run_dir) / f"predictions_{name}.csv")
+    return _io.read_csv(Path(run_dir) / f"predictions_{name}.csv")
