@@ -25,8 +25,9 @@ Stage 1 minimises L_DISC + beta * L_LA (eq. 7). Stage 2 (from epoch
 frozen features (the decoupling of Kang et al. that the paper cites;
 ``stage2="all"`` fine-tunes everything instead, as the released code does).
 During stage 1 the classifier is already trained on *detached* features so
-that validation scores, early stopping and SWAD see a working classifier;
-this does not touch the features.
+that validation scores and early stopping see a working classifier; this
+does not touch the features. SWAD averages stage 2 only
+(:attr:`SADA.swad_eligible`), as the authors' trainer does.
 
 Choices where paper and released code (github.com/AnoK3111/SADA) differ:
 the local alignment is the code's mean squared error over channels,
