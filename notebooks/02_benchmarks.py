@@ -34,6 +34,7 @@ data_root = None
 cache_dir = None
 splits_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import matplotlib.pyplot as plt
@@ -44,7 +45,7 @@ from wbclib import benchmarks as B
 from wbclib import data, plots, profiles
 from wbclib.degrade import SEVERITY_PARAMS, degrade, image_rng
 
-cfg = profiles.get(profile)
+cfg = profiles.get(profile, overrides)
 root = data.data_root(data_root)
 splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed,
                              cache_dir=profiles.output_dir("cache", cache_dir))

@@ -31,6 +31,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 from pathlib import Path
@@ -41,7 +42,7 @@ from IPython.display import display
 from wbclib import benchmarks as B
 from wbclib import experiments, metrics, plots, profiles
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px, head class capped at {cfg.n_max}, "
       f"probe folds {cfg.probe_folds}, fine-tuned folds {cfg.finetune_folds}")

@@ -27,6 +27,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 from pathlib import Path
@@ -37,7 +38,7 @@ from IPython.display import display
 from wbclib import benchmarks as B
 from wbclib import experiments, metrics, plots, profiles
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 cross = B.read_crosslab(splits, seed)
 display(cross.pivot_table(index="label", columns="lab", values="path", aggfunc="size", fill_value=0))

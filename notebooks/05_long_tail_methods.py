@@ -54,8 +54,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
-backbones = None  # frozen backbones (timm names, see `wbc methods`); None: the profile's lt_backbones
-recipes = None  # head recipes (experiments.head_recipes); None: the profile's lt_recipes
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import pandas as pd
@@ -64,10 +63,8 @@ from IPython.display import Markdown, display
 from wbclib import benchmarks as B
 from wbclib import experiments, metrics, plots, profiles
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-cfg.lt_backbones = list(backbones or cfg.lt_backbones)
-cfg.lt_recipes = list(recipes or cfg.lt_recipes)
 classes = list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
 short = experiments.BACKBONE_NAMES

@@ -47,6 +47,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import pandas as pd
@@ -55,7 +56,7 @@ from IPython.display import Markdown, display
 from wbclib import benchmarks as B
 from wbclib import experiments, metrics, models, plots, profiles
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 classes = list(B.PBC_LT_CLASSES)
 short = experiments.BACKBONE_NAMES

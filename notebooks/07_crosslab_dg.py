@@ -54,10 +54,11 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
-methods = None  # table rows (crosslab.ROWS: registered methods and variants); None: the profile's dg_rows
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,9 +68,8 @@ from wbclib import benchmarks as B
 from wbclib import crosslab, plots, profiles, scale
 
 started = time.time()
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-cfg.dg_rows = list(methods or cfg.dg_rows)
 table = B.read_crosslab(splits, seed)
 print(f"profile {cfg.name}: regime {cfg.dg_regime}, {cfg.image_size} px, seeds {cfg.dg_seeds}, "
       f"{cfg.dg_train_per_class or 'all'} training images per lab and class, "
@@ -203,7 +203,7 @@ fig.tight_layout()
 gains = []
 for lolo_flag, label in ((True, "LOLO"), (False, "pbc→others")):
     for method in ("BoDA", "BoDA decoupled", "SADA"):
-        g = crosslab.paired_gain(results, method, "ERM", seeds=cfg.dg_seeds, lolo=lolo_flag, n_boot=cfg.n_boot)
+        g = crosslab.paired_gain(runs, method, "ERM", seeds=cfg.dg_seeds, lolo=lolo_flag, n_boot=cfg.n_boot)
         gains.append(dict(protocol=label, **g))
 gains = pd.DataFrame(gains)
 display((gains.set_index(["protocol", "method"]).drop(columns="baseline") * 100).round(1)
@@ -263,7 +263,8 @@ display(crosslab.SADA_TABLE_III)
 boda_terms = []
 for setting in lolo_settings:
     for s in cfg.dg_seeds:
-        history = pd.read_csv(crosslab._run_dir(results, "main", "BoDA", setting, s) / "history.csv")
+        run_dir = runs[(runs.method == "BoDA") & (runs.setting == setting) & (runs.seed == s)].run_dir.iloc[0]
+        history = pd.read_csv(Path(run_dir) / "history.csv")
         if "boda" in history:
             boda_terms.append(history["boda"].iloc[-1])
 pairs = 2 * len(crosslab.CLASSES)  # two source labs

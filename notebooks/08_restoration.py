@@ -39,6 +39,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import json
@@ -50,7 +51,7 @@ from wbclib import benchmarks as B
 from wbclib import experiments, models, plots, profiles
 from wbclib import restore as R
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, splits, results = ctx.cfg, ctx.root, ctx.splits, ctx.results
 out = R.check_settings(results / "restoration", cfg, seed)
 table, definition = B.read_pbc_lt(splits, seed)

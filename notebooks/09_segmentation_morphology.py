@@ -38,6 +38,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import numpy as np
@@ -51,7 +52,7 @@ from wbclib import data, plots, profiles
 from wbclib import morphology as MO
 from wbclib import segment as S
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 out = results / "segmentation"
 out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ cache_dir = None
 splits_dir = None
 results_dir = None
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 from types import SimpleNamespace
@@ -66,7 +67,7 @@ from wbclib import experiments, metrics, plots, profiles
 from wbclib import rescue as R
 from wbclib.data import PROJECT_ROOT
 
-ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed)
+ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 rho, classes = 100, list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)

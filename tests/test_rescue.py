@@ -341,7 +341,7 @@ def test_siglip_embedder_with_a_tiny_random_config(synthetic_root, tmp_path):
     store = embedder.store([table], synthetic_root, tmp_path / "cache")
     x = store(table)
     assert x.shape == (len(table), 16) and np.isfinite(x).all()
-    assert len(list((tmp_path / "cache").glob("emb_siglip_random_32_*.npy"))) == 1
+    assert len(list((tmp_path / "cache").rglob("embeddings_siglip_random_32_*.npy"))) == 1
     # the same weights saved and read back from a local folder give the same embeddings
     embedder.model.save_pretrained(tmp_path / "weights")
     loaded = rescue.SiglipEmbedder.from_pretrained(tmp_path / "weights")

@@ -47,8 +47,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import _io, cache, heads, runs
 from . import benchmarks as B
-from . import heads
 from . import metrics as M
 from . import scale as SC
 from .experiments import CROSSLAB_SETTINGS, _slug
@@ -57,6 +57,7 @@ from .methods import create_method
 from .models import ImageTable, Normalized, create_backbone, default_workers
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
 from .swad import SWAD, update_bn
+from .runs import files_fingerprint, inputs_fingerprint
 from .train import TrainConfig, _split_by_domain, build_method, predictions_frame, score_predictions, train_run
 
 CLASSES = list(B.CROSSLAB_CLASSES)
@@ -123,6 +124,11 @@ def one_thread(fn):
     return wrapper
 
 
+#: The modules whose code decides the cached images, trunk maps, stain statistics and views.
+DG_CACHE_MODULES = ("crosslab.py", "models.py", "data.py", "sada.py", "stain.py", "scale.py", "augment.py",
+                    "cluster.py", "precision.py")
+
+
 def _hash(*parts) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:20]
 
@@ -154,16 +160,16 @@ def scale_factors(cfg: SimpleNamespace, table: pd.DataFrame, root: Path, cache_d
     (column ``stage``), cached in ``cache_dir``. ``dg_scale=None`` switches
     scale normalisation off (all factors 1)."""
     sample = scale_sample(table, cfg.dg_scale_per_lab)
-    path = Path(cache_dir) / f"scale_{_hash(CACHE_VERSION, cfg.dg_scale, _listing(sample))}.csv"
-    if path.is_file():
-        measured = pd.read_csv(path)
-    else:
+
+    def measure() -> pd.DataFrame:
         before = SC.measure(sample, root)
         factors = SC.crop_factors(before, cfg.dg_scale or "max") if cfg.dg_scale else {l: 1.0 for l in B.LABS}
         after = SC.measure(sample, root, factors)
-        measured = pd.concat([before.assign(stage="before"), after.assign(stage="after")])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        measured.to_csv(path, index=False)
+        return pd.concat([before.assign(stage="before"), after.assign(stage="after")])
+
+    entry = cache.entry(cache_dir, "dg_scale", dict(target=cfg.dg_scale, version=CACHE_VERSION),
+                        inputs_fingerprint(dict(sample=sample), root), modules=("scale.py", "segment.py", "data.py"))
+    measured = cache.frame(entry, measure, columns=("lab", "crop", "stage"))
     after = measured[measured["stage"] == "after"]
     factors = after.groupby("lab")["crop"].first().astype(float).to_dict()
     return factors, measured
@@ -245,15 +251,19 @@ class MapStore:
 
     # generic cache --------------------------------------------------------
 
-    def _cached(self, name: str, key: str, compute):
-        path = self.cache_dir / f"dg_{name}_{self.cfg.backbone}_{self.cfg.image_size}_{key}.npy"
-        if path.is_file():
-            return np.load(path)
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, value)
-        tmp.replace(path)
+    def _cached(self, name: str, key: str, compute, rows: pd.DataFrame):
+        """``compute()`` (one entry per row of ``rows``) cached under the trunk's
+        settings, ``key`` (version and row listing), the data root and the rows'
+        file sizes and times; a cached entry with another row count is refused."""
+        settings = dict(backbone=self.cfg.backbone, image_size=self.cfg.image_size, pretrained=self.cfg.pretrained,
+                        key=key)
+        inputs = dict(root=str(self.root.resolve()), files=files_fingerprint(self.root, rows["path"].astype(str)))
+        entry = cache.entry(self.cache_dir, f"dg_{name}", settings, inputs, modules=DG_CACHE_MODULES,
+                            label=f"{self.cfg.backbone}_{self.cfg.image_size}")
+        value = cache.array(entry, compute)
+        if len(value) != len(rows):
+            raise _io.CorruptFileError(f"{entry.path}: holds {len(value)} rows, expected {len(rows)}; "
+                                       "delete it to recompute")
         return value
 
     def _over(self, name: str, rows: pd.DataFrame, universe: Optional[pd.DataFrame], compute, *key) -> np.ndarray:
@@ -263,9 +273,10 @@ class MapStore:
             lookup = {(p, round(float(c), 6)): i for i, (p, c) in enumerate(zip(universe["path"], universe["crop"]))}
             keys = [(p, round(float(c), 6)) for p, c in zip(unique["path"], unique["crop"])]
             if all(k in lookup for k in keys):
-                values = self._cached(name, _hash(CACHE_VERSION, *key, _listing(universe)), lambda: compute(universe))
+                values = self._cached(name, _hash(CACHE_VERSION, *key, _listing(universe)), lambda: compute(universe),
+                                      universe)
                 return values[[lookup[k] for k in keys]]
-        return self._cached(name, _hash(CACHE_VERSION, *key, _listing(unique)), lambda: compute(unique))
+        return self._cached(name, _hash(CACHE_VERSION, *key, _listing(unique)), lambda: compute(unique), unique)
 
     @property
     def trunk(self) -> Normalized:
@@ -361,7 +372,8 @@ class MapStore:
             flat = self.trunk_maps(views.reshape(-1, *views.shape[2:]), desc=f"trunk maps of views (k={k})")
             return flat.reshape(len(unique), k - 1, *flat.shape[1:])
 
-        return self._cached("views", _hash(VIEWS_VERSION, self.cfg.pretrained, k, seed, _listing(unique)), compute)
+        return self._cached("views", _hash(VIEWS_VERSION, self.cfg.pretrained, k, seed, _listing(unique)), compute,
+                            unique)
 
     @one_thread
     def view_images(self, train_rows: pd.DataFrame, k: int, seed: int = 0, n: int = 4) -> Tuple[np.ndarray, np.ndarray]:
@@ -489,31 +501,13 @@ def _score_sets(run_dir: Path, eval_sets: Dict[str, pd.DataFrame], probs: Dict[s
     results = {}
     for name, rows in eval_sets.items():
         pred = predictions_frame(rows, probs[name], CLASSES)
-        pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+        _io.write_csv(run_dir / f"predictions_{name}.csv", pred)
         results[name] = score_predictions(pred, CLASSES, n_boot=n_boot if name != "val" else 0)
     return results
 
 
-def _finish(run_dir: Path, results: dict) -> dict:
-    tmp = run_dir / "metrics.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(run_dir / "metrics.json")
-    return results
-
-
-def _run_dir(results_dir: Path, variant: str, row: str, setting: str, seed: int) -> Path:
-    slug = row.lower().replace(" ", "_").replace(":", "").replace("+", "plus").replace("/", "_")
-    return Path(results_dir) / "crosslab_dg" / variant / slug / f"{_slug(setting)}_seed{seed}"
-
-
-def _existing(run_dir: Path, config: dict) -> Optional[dict]:
-    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
-    if metrics_path.is_file() and config_path.is_file() and json.loads(config_path.read_text()) == config:
-        return json.loads(metrics_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    metrics_path.unlink(missing_ok=True)
-    return None
+#: The configuration keys that name a cross-lab DG run folder (and that :func:`runs.find` queries).
+DG_KEYS = ("variant", "method", "setting", "seed")
 
 
 class _MapsRunner:
@@ -557,7 +551,7 @@ class _MapsRunner:
         method, history, swad = train_on_maps(
             method_name, hparams, x, y, d, self.eval_x["val"], self.eval_y["val"], cfg.dg_epochs, cfg.batch_size,
             seed, swad={} if cfg.dg_swad else None, width=cfg.dg_head_width)
-        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+        _io.write_csv(run_dir / "history.csv", pd.DataFrame(history))
         if options.get("decoupled"):
             head = heads.fit_linear_head(_features(method, self.train_x), self.train_y, len(CLASSES),
                                          sampler="class_balanced", epochs=cfg.probe_epochs, seed=seed)
@@ -565,7 +559,7 @@ class _MapsRunner:
         else:
             probs = {n: _predict(method, m) for n, m in self.eval_x.items()}
         if save_weights:
-            torch.save(method.state_dict(), run_dir / "weights.pt")
+            _io.torch_save(method.state_dict(), run_dir / "weights.pt")
         results = _score_sets(run_dir, self.eval_sets, probs, n_boot)
         if swad is not None:
             results["swad"] = swad
@@ -596,8 +590,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
                         swad={} if cfg.dg_swad else None)
     if not options.get("decoupled"):
         for name in eval_sets:
-            pred = pd.read_csv(stage1 / "train" / f"predictions_{name}.csv")
-            pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+            _io.write_csv(run_dir / f"predictions_{name}.csv", _io.read_csv(stage1 / "train" / f"predictions_{name}.csv"))
         return results
     # BoDA decoupled: class-balanced linear head on the trained, frozen featurizer.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -605,7 +598,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
     num_domains = split.loc[train.index, "domain"].nunique()
     method = build_method(config, len(CLASSES), num_domains, counts.tolist()).to(device)
     weights = stage1 / "train" / ("swad.pt" if cfg.dg_swad else "best.pt")
-    method.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    method.load_state_dict(_io.torch_load(weights, map_location=device))
 
     @torch.no_grad()
     def featurize(rows):
@@ -630,9 +623,11 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
     """Train and evaluate table rows (:data:`ROWS`, default ``cfg.dg_rows``) on
     cross-lab settings (default all four) for ``seeds`` (default
     ``cfg.dg_seeds``). ``overrides`` maps a row to extra hyper-parameters
-    (the k/beta sweep); ``variant`` names the result folder. Finished runs
-    (same configuration) are read back. Returns one row per (row, setting,
-    seed, eval set) with ``macro_f1``, ``micro_f1`` and the bootstrap interval.
+    (the k/beta sweep); ``variant`` is a key of the run folders
+    (:data:`DG_KEYS`, :func:`runs.run`). Finished runs of the same identity
+    (configuration, inputs, code) are read back. Returns one row per (row,
+    setting, seed, eval set) with ``macro_f1``, ``micro_f1``, the bootstrap
+    interval and the ``run_dir`` holding its predictions.
     In the maps regime the trained head of each row for the (setting, seed)
     ``weights_for`` is kept as ``weights.pt`` (for Grad-CAM)."""
     table = B.read_crosslab(splits_dir, split_seed)
@@ -648,6 +643,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
     bar = tqdm(total=len(jobs), desc=f"cross-lab {variant}", disable=None if progress else True)
     for name, sources, targets in settings_named(settings):
         split, eval_sets = dg_sets(cfg, table, sources, targets, crops)
+        inputs = inputs_fingerprint(dict(split=split, **eval_sets), root)
         single = len(sources) == 1
         runner = None
         for row in rows:
@@ -658,14 +654,17 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
             if method_name == "sada":
                 hparams.setdefault("beta", cfg.sada_beta)
             for seed in seeds:
-                run_dir = _run_dir(results_dir, variant, row, name, seed)
-                config = dict(version=VERSION, regime=cfg.dg_regime, method=method_name, hparams=hparams,
-                              options=options, seed=seed, epochs=cfg.dg_epochs, batch_size=cfg.batch_size,
-                              swad=cfg.dg_swad, crops=crops, width=cfg.dg_head_width, image_size=cfg.image_size,
-                              train_per_class=cfg.dg_train_per_class, test_per_class=cfg.dg_test_per_class,
+                config = dict(variant=variant, row=row, setting=_slug(name), seed=seed, version=VERSION,
+                              regime=cfg.dg_regime, method=method_name, hparams=hparams, options=options,
+                              epochs=cfg.dg_epochs, batch_size=cfg.batch_size, swad=cfg.dg_swad, crops=crops,
+                              width=cfg.dg_head_width, image_size=cfg.image_size, backbone=cfg.backbone,
+                              pretrained=cfg.pretrained, train_per_class=cfg.dg_train_per_class,
+                              test_per_class=cfg.dg_test_per_class, probe_epochs=cfg.probe_epochs, n_boot=cfg.n_boot,
                               lr=cfg.lr if cfg.dg_regime == "end_to_end" else None)
+                run = runs.run(results_dir, "crosslab_dg", config, inputs, keys=DG_KEYS)
+                run_dir = run.dir
                 keep = cfg.dg_regime == "maps" and weights_for == (name, seed)
-                results = _existing(run_dir, config)
+                results = run.metrics()
                 if results is not None and keep and not (run_dir / "weights.pt").is_file():
                     results = None
                 if results is None:
@@ -677,10 +676,11 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
                                               options, seed, run_dir, cfg.n_boot)
                     else:
                         raise ValueError(f"dg_regime must be 'maps' or 'end_to_end', not {cfg.dg_regime!r}")
-                    _finish(run_dir, results)
+                    run.finish(results)
                 for set_name in eval_sets:
                     r = results[set_name]
                     out.append(dict(variant=variant, method=row, setting=name, seed=seed, eval_set=set_name,
+                                    run_dir=str(run_dir),
                                     macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
                                     macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
                                     **{f"{k}": v for k, v in (overrides or {}).get(row, {}).items()}))
@@ -731,22 +731,28 @@ def average_over_targets(results: pd.DataFrame, lolo: bool = True) -> pd.DataFra
     return g.mean().add_suffix("_mean").join(g.std(ddof=1).fillna(0.0).add_suffix("_std"))
 
 
-def load_predictions(results_dir: Path, variant: str, row: str, setting: str, seed: int, eval_set: str) -> pd.DataFrame:
-    return pd.read_csv(_run_dir(results_dir, variant, row, setting, seed) / f"predictions_{eval_set}.csv")
+def load_predictions(results: pd.DataFrame, row: str, setting: str, seed: int, eval_set: str) -> pd.DataFrame:
+    """The saved predictions of one run of ``results`` (the table :func:`crosslab_dg` returned)."""
+    hits = results[(results["method"] == row) & (results["setting"] == setting) & (results["seed"] == seed)]
+    run_dirs = hits["run_dir"].unique()
+    if len(run_dirs) != 1:
+        raise LookupError(f"{len(run_dirs)} runs of {row!r} on {setting!r} with seed {seed} in the results table")
+    return _io.read_csv(Path(run_dirs[0]) / f"predictions_{eval_set}.csv")
 
 
-def paired_gain(results_dir: Path, method: str, baseline: str = "ERM", seeds: Sequence[int] = (0,),
-                lolo: bool = True, variant: str = "main", n_boot: int = 1000, seed: int = 0) -> dict:
+def paired_gain(results: pd.DataFrame, method: str, baseline: str = "ERM", seeds: Sequence[int] = (0,),
+                lolo: bool = True, n_boot: int = 1000, seed: int = 0) -> dict:
     """Gain of ``method`` over ``baseline`` in target-averaged macro-F1 (and
     micro-F1), with a paired percentile bootstrap over test images: each
     replicate resamples every target lab's images once, scores both methods
-    (every seed) on the same sample, and averages over seeds and targets."""
+    (every seed) on the same sample, and averages over seeds and targets.
+    ``results`` is the table :func:`crosslab_dg` returned (one variant)."""
     settings = [(n, t) for n, _, t in CROSSLAB_SETTINGS if n.startswith("LOLO") == lolo]
     index = {c: i for i, c in enumerate(CLASSES)}
     blocks = []  # (y, {method: [pred per seed]})
     for name, targets in settings:
         for lab in targets:
-            preds = {m: [load_predictions(results_dir, variant, m, name, s, lab) for s in seeds]
+            preds = {m: [load_predictions(results, m, name, s, lab) for s in seeds]
                      for m in (method, baseline)}
             y = preds[baseline][0]["label"].map(index).to_numpy()
             blocks.append((y, {m: [p["pred"].map(index).to_numpy() for p in ps] for m, ps in preds.items()}))
@@ -802,11 +808,11 @@ def gradcam_examples(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_d
     x = torch.from_numpy(images)
     y = torch.tensor(_labels(examples))
     cams = {}
-    crosslab_dg(cfg, root, splits_dir, cache_dir, results_dir, rows=rows, settings=[setting], seeds=[seed],
-                variant=variant, split_seed=split_seed, weights_for=(setting, seed), progress=False)
+    trained = crosslab_dg(cfg, root, splits_dir, cache_dir, results_dir, rows=rows, settings=[setting], seeds=[seed],
+                          variant=variant, split_seed=split_seed, weights_for=(setting, seed), progress=False)
     for row in rows:
         method_name, hparams, _ = ROWS[row]
-        run_dir = _run_dir(results_dir, variant, row, setting, seed)
+        run_dir = Path(trained[trained["method"] == row]["run_dir"].iloc[0])
         if cfg.dg_regime == "maps":
             maps = torch.from_numpy(store.trunk_maps(images)).float()
             hp = dict(hparams)
@@ -818,18 +824,17 @@ def gradcam_examples(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_d
                 hp["domain_class_counts"] = None
             method = create_method(method_name, MapHead(maps.shape[1], cfg.dg_head_width), cfg.dg_head_width,
                                    len(CLASSES), num_domains=_num_domains(run_dir), hparams=hp)
-            state = torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
+            state = _io.torch_load(run_dir / "weights.pt")
             method.load_state_dict({k: v for k, v in state.items() if k != "declared_counts"}, strict=False)
             method.eval()
             cams[row] = grad_cam(method.predict, last_conv(method.featurizer), maps, y,
                                  size=tuple(x.shape[-2:])).numpy()
         else:
-            config = json.loads((run_dir / "train" / "config.json").read_text())
-            config.pop("swad", None)
-            tc = TrainConfig(**config)
+            config = _io.read_json(run_dir / "train" / "config.json")["identity"]["config"]
+            tc = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__})
             method = build_method(tc, len(CLASSES), _num_domains(run_dir), [1] * len(CLASSES))
             weights = run_dir / "train" / ("swad.pt" if cfg.dg_swad else "best.pt")
-            method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            method.load_state_dict(_io.torch_load(weights))
             method.eval()
             cams[row] = grad_cam(method.predict, last_conv(method.featurizer), x, y).numpy()
     return examples, images.transpose(0, 2, 3, 1), cams

@@ -57,10 +57,15 @@ Rescue chapter keys (``rescue.pbc_lt_rescue``, notebook 10):
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from .data import PROJECT_ROOT, PathLike
 
@@ -118,7 +123,7 @@ PROFILES = {
         p2p_lr=1e-3,
         seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=30, cellpose_folds=2,
         cellpose_epochs=25, cellpose_batch_size=4, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
-        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], rescue_siglip_path=None,
+        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True,
@@ -142,37 +147,205 @@ PROFILES = {
         p2p_lr=2e-4,
         seg_zheng1_images=None, seg_bccd_fields=None, morph_per_class=100, cellpose_images=None, cellpose_folds=5,
         cellpose_epochs=300, cellpose_batch_size=8, rescue_rare=2, rescue_head_epochs=60, rescue_probe_folds=[0, 1, 2, 3, 4],
-        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], rescue_siglip_path=None,
+        rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
     ),
 }
 
 
-def get(name: str) -> SimpleNamespace:
-    """The settings of a profile as attributes (``cfg.image_size``)."""
+class ProfileError(ValueError):
+    """An unknown profile, an unknown key or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One profile's settings, typed and validated (the keys are described in
+    this module's docstring). Build it with :func:`get`; derive a variant with
+    :meth:`replace`; a profile is never changed in place."""
+
+    name: str
+    # Shared scale
+    image_size: int
+    batch_size: int
+    backbone: str
+    pretrained: bool
+    n_max: Optional[int]
+    val_per_class: Optional[int]
+    test_per_class: Optional[int]
+    probe_folds: List[int]
+    finetune_folds: List[int]
+    rhos: List[int]
+    finetune_rhos: List[int]
+    probe_epochs: int
+    finetune_epochs: int
+    patience: int
+    crosslab_train_per_class: Optional[int]
+    crosslab_val_per_class: Optional[int]
+    crosslab_test_per_class: Optional[int]
+    crosslab_seeds: List[int]
+    severity_grid_per_class: Optional[int]
+    n_boot: int
+    lr: float
+    # Long-tail chapters
+    lt_backbones: List[str]
+    lt_recipes: List[str]
+    lt_stain_backbones: List[str]
+    lt_tta_backbones: List[str]
+    lt_tta_stains: List[str]
+    tta_views: int
+    tta_sets: List[str]
+    decoupled_backbones: List[str]
+    decoupled_augmentation: str
+    decoupled_stain: str
+    decoupled_tta: bool
+    hub_pretrained: bool
+    # Cross-lab domain generalisation
+    dg_regime: str
+    dg_rows: List[str]
+    dg_seeds: List[int]
+    dg_train_per_class: Optional[int]
+    dg_test_per_class: Optional[int]
+    dg_epochs: int
+    dg_head_width: int
+    dg_swad: bool
+    dg_scale: str
+    dg_scale_per_lab: Optional[int]
+    sada_k: int
+    sada_beta: float
+    sada_sweep_k: List[int]
+    sada_sweep_beta: List[float]
+    sada_sweep_settings: List[str]
+    dg_ablation_rows: List[str]
+    dg_gradcam_per_lab: int
+    # Restoration
+    restore_detector_images: int
+    restore_rates: List[float]
+    restore_pool_images: Optional[int]
+    restore_heldout_images: int
+    restore_kinds: List[str]
+    p2p_crop: int
+    p2p_epochs: int
+    p2p_crops_per_image: int
+    p2p_batch_size: int
+    p2p_channels: int
+    p2p_depth: int
+    p2p_d_channels: int
+    p2p_d_layers: int
+    p2p_lr: float
+    # Segmentation and morphology
+    seg_zheng1_images: Optional[int]
+    seg_bccd_fields: Optional[int]
+    morph_per_class: int
+    cellpose_images: Optional[int]
+    cellpose_folds: int
+    cellpose_epochs: int
+    cellpose_batch_size: int
+    # Rescue
+    rescue_rare: int
+    rescue_head_epochs: int
+    rescue_probe_folds: List[int]
+    rescue_strengths: List[float]
+    rescue_siglip_path: Optional[str]
+
+    def __post_init__(self):
+        hints = get_type_hints(Profile)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            coerced = _coerce(f.name, value, hints[f.name])
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+
+    def replace(self, **overrides) -> "Profile":
+        """A copy with ``overrides`` (validated; an unknown key is an error)."""
+        _check_keys(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(overrides: dict) -> None:
+    known = {f.name for f in fields(Profile)} - {"name"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ProfileError(f"unknown profile key(s) {said}; see wbclib/profiles.py for the keys")
+
+
+def _coerce(key: str, value, hint):
+    """``value`` checked against ``hint``; strings (from the command line or the
+    environment) are parsed as YAML first, ints are accepted for floats."""
+    origin, args = get_origin(hint), get_args(hint)
+    if isinstance(value, str) and hint is not str and not (origin is Union and str in args):
+        value = yaml.safe_load(value)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin in (list, List):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ProfileError(f"profile key {key!r} takes a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ProfileError(f"profile key {key!r} takes {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """``["key=value", ...]`` (from ``--set`` or ``$WBC_SET``, ``;``-separated) as a dict;
+    values are typed and validated by :func:`get`."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ProfileError(f"override {pair!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    _check_keys(out)
+    return out
+
+
+def get(name: str, overrides: Optional[dict] = None, **more) -> Profile:
+    """The settings of profile ``name`` as a validated :class:`Profile`, with
+    ``overrides`` (and keyword overrides) applied; ``$WBC_SET`` (``key=value;...``)
+    adds overrides from the environment, the explicit ones win."""
     if name not in PROFILES:
-        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-    return SimpleNamespace(name=name, **PROFILES[name])
+        raise ProfileError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    env = os.environ.get("WBC_SET", "").strip()
+    merged = parse_overrides([p for p in env.split(";") if p.strip()]) if env else {}
+    merged.update(overrides or {})
+    merged.update(more)
+    _check_keys(merged)
+    return Profile(name=name, **{**PROFILES[name], **merged})
 
 
 def output_dir(kind: str, path: Optional[PathLike] = None) -> Path:
     """``results``, ``cache`` or ``splits`` folder: the given path, else
-    ``$WBC_<KIND>_DIR``, else ``<project>/<kind>``; created if missing."""
-    path = path or os.environ.get(f"WBC_{kind.upper()}_DIR") or PROJECT_ROOT / kind
+    ``$WBC_<KIND>_DIR``, else ``<kind>`` in the current working directory
+    (not the package's folder, which may be a read-only site-packages);
+    created if missing."""
+    path = path or os.environ.get(f"WBC_{kind.upper()}_DIR") or Path.cwd() / kind
     path = Path(path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def setup(profile: str = "cpu", data_root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
-          splits_dir: Optional[PathLike] = None, results_dir: Optional[PathLike] = None, seed: int = 0) -> SimpleNamespace:
-    """What every chapter starts with: the profile's settings (``cfg``), the
-    checked data ``root``, the ``cache`` and ``splits`` folders (benchmark files
-    written if missing) and the profile's ``results`` folder."""
+          splits_dir: Optional[PathLike] = None, results_dir: Optional[PathLike] = None, seed: int = 0,
+          overrides: Optional[dict] = None) -> SimpleNamespace:
+    """What every chapter starts with: the profile's settings (``cfg``, with
+    ``overrides`` applied and validated), the checked data ``root``, the
+    ``cache`` and ``splits`` folders (benchmark files written or rebuilt unless
+    current) and the profile's ``results`` folder."""
     from . import benchmarks
     from .data import data_root as resolve_root
 
+    cfg = get(profile, overrides)  # an unknown key fails here, before any work
     root = resolve_root(data_root)
     cache = output_dir("cache", cache_dir)
     splits = benchmarks.ensure_benchmarks(output_dir("splits", splits_dir), root, seed, cache_dir=cache)
     results = output_dir("results", results_dir) / profile
-    return SimpleNamespace(cfg=get(profile), root=root, cache=cache, splits=splits, results=results, seed=seed)
+    return SimpleNamespace(cfg=cfg, root=root, cache=cache, splits=splits, results=results, seed=seed)
