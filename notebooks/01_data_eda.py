@@ -111,8 +111,7 @@ fig.tight_layout()
 
 # %%
 dups = data.find_duplicates(manifests)
-print(f"{dups['group'].nunique()} duplicate groups, {len(dups)} files; "
-      f"{dups[dups.cross_class]['group'].nunique()} group(s) across classes")
+print(data.describe_duplicates(dups))
 display(dups[["path", "fine_label", "n", "cross_class"]])
 clean = data.drop_duplicates(manifests)
 print(f"after the policy: {len(clean)} of {len(manifests)} images kept")

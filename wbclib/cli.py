@@ -5,6 +5,32 @@ import argparse
 import sys
 from typing import List, Optional
 
+#: Seeds the splitters accept (numpy and scikit-learn random states).
+MAX_SEED = 2**32 - 1
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a random seed between 0 and 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    """argparse type: a path that is not empty (an empty one would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
 
 def _data_summary(args) -> int:
     import pandas as pd
@@ -25,12 +51,14 @@ def _data_summary(args) -> int:
 def _data_verify(args) -> int:
     from . import data
 
-    problems = data.verify_checksums(args.root)
-    if problems.empty:
-        print(f"all files under {data.data_root(args.root)} match SHA256SUMS")
-        return 0
-    print(problems.to_string(index=False))
-    return 1
+    root = data.data_root(args.root)
+    problems = data.verify_checksums(root, decode=args.decode)
+    if not problems.empty:
+        print(problems.to_string(index=False))
+    decoded = f", {problems.attrs['decoded']} images decoded" if args.decode else ""
+    verdict = "all match SHA256SUMS" if problems.empty else f"{len(problems)} problem(s)"
+    print(f"checked {problems.attrs['checked']} files listed in SHA256SUMS under {root}{decoded}: {verdict}")
+    return 0 if problems.empty else 1
 
 
 def _data_duplicates(args) -> int:
@@ -98,15 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                            ("verify", _data_verify, "check files against SHA256SUMS"),
                            ("duplicates", _data_duplicates, "byte-identical files")]:
         p = data_sub.add_parser(name, help=text)
-        p.add_argument("--root", help="data root (default: $WBC_DATA_ROOT or ../shared/datasets)")
+        p.add_argument("--root", type=_non_empty, help="data root (default: $WBC_DATA_ROOT or ../shared/datasets)")
         if name == "summary":
             p.add_argument("--source", action="append", help="only this source (repeatable)")
+        if name == "verify":
+            p.add_argument("--decode", action="store_true",
+                           help="also decode every image in full and report those that do not decode")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("splits", help="write the benchmark split files")
-    p.add_argument("--root")
-    p.add_argument("--out", help="output folder (default: <project>/splits)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", type=_non_empty)
+    p.add_argument("--out", type=_non_empty, help="output folder (default: <project>/splits)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {MAX_SEED}")
     p.set_defaults(func=_splits)
 
     p = sub.add_parser("methods", help="list registered methods, losses, samplers, augmentations")
@@ -115,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="score WBC segmentation against expert masks (mean Dice)")
     p.add_argument("--source", default="zheng1")
     p.add_argument("--backend", default="classical", choices=["classical", "cellpose"])
-    p.add_argument("--model", help="trained Cellpose model (cellpose back-end)")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--root")
+    p.add_argument("--model", type=_non_empty, help="trained Cellpose model (cellpose back-end)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N images (N >= 1)")
+    p.add_argument("--root", type=_non_empty)
     p.set_defaults(func=_segment)
 
     book_p = sub.add_parser("book", help="run the book's notebooks")
@@ -125,19 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = book_sub.add_parser("execute", help="execute the notebooks with papermill into executed/")
     p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"])
     p.add_argument("--only", action="append", help="notebook name prefix, e.g. 03 (repeatable)")
-    p.add_argument("--root", help="data root")
+    p.add_argument("--root", type=_non_empty, help="data root")
     p.add_argument("--results", help="results folder (default: <project>/results)")
     p.set_defaults(func=_book_execute)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input or a failed file operation, not a bug:
+    printed as one ``wbc: error:`` message instead of a traceback."""
     from .data import DataError
 
+    errors = [DataError, OSError, ValueError]
+    segment = sys.modules.get(f"{__package__}.segment")
+    if segment is not None:  # only raised once segment is imported; importing it is slow
+        errors.append(segment.SegmentationError)
+    return tuple(errors)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"wbc: error: {exc}", file=sys.stderr)
         return 2
 

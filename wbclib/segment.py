@@ -541,12 +541,8 @@ def box_iou(a: Box, b: Box) -> float:
 
 
 def _zheng1_table(root: Path) -> pd.DataFrame:
-    table = root / "zheng1" / "labels.csv"
-    if not table.is_file():
-        raise data.DataError(f"{table}: zheng1 label table missing under the data root")
-    labels = pd.read_csv(table)
-    return pd.DataFrame({"image_id": labels.iloc[:, 0].astype(int),
-                         "label": [data.to_common("zheng1", str(int(c)), str(table)) for c in labels.iloc[:, 1]]})
+    """``image_id``, ``label`` of zheng1, from the label table checked by :func:`data.zheng1_labels`."""
+    return data.zheng1_labels(root)[["image_id", "label"]]
 
 
 def zheng1_regions(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -559,16 +555,26 @@ def zheng1_regions(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def load_zheng1_masks(root: Optional[PathLike] = None, limit: Optional[int] = None) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
     """Expert masks of zheng1 as ``{image_id: (nucleus, cell)}`` boolean arrays,
-    in label-table order (the first ``limit`` images)."""
+    in label-table order (the first ``limit`` images).
+
+    Missing, corrupt or truncated masks are all reported together in one
+    :class:`data.DataError` naming each file.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 image, got {limit}")
     root = data.data_root(root)
     ids = _zheng1_table(root)["image_id"].tolist()[:limit]
-    masks = {}
+    masks, problems = {}, []
     for image_id in ids:
         path = root / "zheng1" / "masks" / f"{image_id:03d}.png"
         if not path.is_file():
-            raise data.DataError(f"{path}: expert mask missing")
-        with Image.open(path) as im:
-            masks[image_id] = zheng1_regions(np.asarray(im.convert("L")))
+            problems.append(f"{path}: expert mask missing")
+            continue
+        try:
+            masks[image_id] = zheng1_regions(np.asarray(data.read_image(path, "expert mask").convert("L")))
+        except data.DataError as exc:
+            problems.append(str(exc))
+    data.report_problems(f"the zheng1 expert masks under {root}", problems)
     return masks
 
 
