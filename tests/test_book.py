@@ -3,6 +3,7 @@ book builds with warnings as errors, and its pages and figures load in
 headless Chromium."""
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +11,10 @@ from wbclib import runbook
 from wbclib.data import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
+
+#: jupyter-book run by this interpreter: in a venv that reuses the base
+#: packages there is no jupyter-book script on PATH or beside sys.executable.
+JUPYTER_BOOK = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +43,18 @@ def html(executed):
         src = PROJECT_ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, site / name)
     shutil.copytree(executed / "executed", site / "executed")
-    build = subprocess.run(["jupyter-book", "build", str(site), "-W", "-n", "--keep-going"],
+    build = subprocess.run([*JUPYTER_BOOK, "build", str(site), "-W", "-n", "--keep-going"],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
     return site / "_build" / "html"
 
 
 def test_pages_and_figures_load_in_chromium(html):
-    playwright = pytest.importorskip("playwright.sync_api")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("Debian chromium is not installed (make setup installs it)")
+        pytest.skip("chromium is not on PATH: the browser check is optional (as root, make setup installs "
+                    "Debian's chromium; otherwise apt-get install chromium)")
     pages = {"book/intro.html": 0, "executed/01_data_eda.html": 3, "executed/03_erm_baseline.html": 3,
              "executed/04_crosslab_erm.html": 2, "executed/07_crosslab_dg.html": 5,
              "executed/09_segmentation_morphology.html": 6}

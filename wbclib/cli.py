@@ -112,8 +112,20 @@ def _segment(args) -> int:
 def _book_execute(args) -> int:
     from . import runbook
 
-    runbook.execute(args.profile, names=args.only, parameters={"data_root": args.root, "results_dir": args.results})
+    try:
+        runbook.execute(args.profile, names=args.only, out_dir=args.out, notebooks_dir=args.notebooks,
+                        parameters={"data_root": args.root, "results_dir": args.results},
+                        progress=not args.no_progress, log_output=args.log_output)
+    except runbook.NotebooksNotFound as exc:
+        print(f"wbc: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _data_fetch(args) -> int:
+    from . import fetch
+
+    return fetch.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--decode", action="store_true",
                            help="also decode every image in full and report those that do not decode")
         p.set_defaults(func=fn)
+
+    p = data_sub.add_parser("fetch", help="download the public sets from their sources and check them")
+    p.add_argument("--root", help="where to put them (default: $WBC_DATA_ROOT or ../shared/datasets)")
+    p.add_argument("--source", action="append", choices=["pbc", "zheng1", "bccd"], help="only this set (repeatable)")
+    p.add_argument("--force", action="store_true", help="download again even if the set is already there")
+    p.add_argument("--strict", action="store_true", help="fail on any difference from the data root's SHA256SUMS")
+    p.set_defaults(func=_data_fetch)
 
     p = sub.add_parser("splits", help="write the benchmark split files")
     p.add_argument("--root", type=_non_empty)
@@ -157,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"])
     p.add_argument("--only", action="append", help="notebook name prefix, e.g. 03 (repeatable)")
     p.add_argument("--root", type=_non_empty, help="data root")
-    p.add_argument("--results", help="results folder (default: <project>/results)")
+    p.add_argument("--results", help="results folder (default: ./results or $WBC_RESULTS_DIR)")
+    p.add_argument("--out", help="executed notebooks folder (default: ./executed or $WBC_EXECUTED_DIR)")
+    p.add_argument("--notebooks", help="chapter sources folder (default: ./notebooks, else the installed copy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (notebooks and cells)")
+    p.add_argument("--log-output", action="store_true", help="also print every cell's output")
     p.set_defaults(func=_book_execute)
     return parser
 
