@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .augment import dihedral
 from .data import load_image
 from .degrade import SEVERITY_PARAMS, degrade, image_rng
+from . import precision
 from .scale import centre_crop_pad
 
 #: Values of the optional ``stain`` column of an image table.
@@ -382,6 +383,6 @@ def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
                         num_workers=default_workers() if num_workers is None else num_workers)
     chunks = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
             chunks.append(model(x.to(device)).float().cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)

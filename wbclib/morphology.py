@@ -24,7 +24,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import find_contours
 from skimage.morphology import h_maxima
 
-from . import data
+from . import cluster, data
 from .segment import (SegmentationResult, background_rgb, hematoxylin_od, mask_bbox, nucleus_stain, optical_density,
                       segment_cell)
 
@@ -44,6 +44,11 @@ PAPER_FEATURES = ("nucleus_fraction", "staining_intensity", "nucleus_offset")
 #: 2.45, eosinophil 2.0, lymphocyte 1.0, monocyte 1.06; 0.15 counts more
 #: neutrophil lobes (2.61) but also more bumps of ragged segmented outlines.
 LOBE_PEAK_HEIGHT = 0.2
+#: kmeans_masks fits its two clusters on at most this many of a cell's pixels
+#: (drawn at random, seeded), then labels every pixel by its nearest centre.
+KMEANS_MAX_FIT = 20000
+#: Nuclear fragments below this fraction of the nucleus area are ignored.
+MIN_FRAGMENT_FRACTION = 0.05
 #: Nuclear fragments below this fraction of the nucleus area are ignored.
 MIN_FRAGMENT_FRACTION = 0.05
 
@@ -158,34 +163,6 @@ def morphology_features(image: np.ndarray, nucleus_mask: np.ndarray, cell_mask: 
     }
 
 
-def _nearest(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    return np.argmin(((values[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-
-
-def _kmeans(values: np.ndarray, k: int, seed: int, iterations: int = 50, max_fit: int = 20000) -> np.ndarray:
-    """Cluster labels of ``values`` (n, d): Lloyd's algorithm from a k-means++
-    start, fitted on at most ``max_fit`` random rows. A few numpy lines run
-    ~50x faster than scikit-learn's KMeans for these small k = 2 problems."""
-    rng = np.random.default_rng(seed)
-    fit_on = values if len(values) <= max_fit else values[rng.choice(len(values), max_fit, replace=False)]
-    centres = [fit_on[rng.integers(len(fit_on))]]
-    for _ in range(1, k):
-        d2 = np.min([((fit_on - c) ** 2).sum(1) for c in centres], axis=0)
-        total = d2.sum()
-        centres.append(fit_on[rng.choice(len(fit_on), p=d2 / total)] if total > 0 else centres[-1])
-    centres = np.array(centres, dtype=float)
-    labels = None
-    for _ in range(iterations):
-        new = _nearest(fit_on, centres)
-        if labels is not None and np.array_equal(new, labels):
-            break
-        labels = new
-        for c in range(k):
-            if (labels == c).any():
-                centres[c] = fit_on[labels == c].mean(0)
-    return _nearest(values, centres)
-
-
 def kmeans_masks(image: np.ndarray, k: int = 2, seed: int = 0, cell_mask: Optional[np.ndarray] = None) -> SegmentationResult:
     """The paper's nucleus extraction: K-means (K = 2) clustering of the
     pixels of the isolated cell, the cluster with the highest nucleus score
@@ -204,7 +181,7 @@ def kmeans_masks(image: np.ndarray, k: int = 2, seed: int = 0, cell_mask: Option
     nucleus = np.zeros_like(cell)
     if cell.sum() >= k:
         od = optical_density(image, background_rgb(image))[cell]
-        clusters = _kmeans(od, k, seed)
+        clusters = cluster.kmeans(od, k, seed=seed, max_fit=KMEANS_MAX_FIT)[0]
         scores = nucleus_stain(od)
         means = [scores[clusters == c].mean() if (clusters == c).any() else -np.inf for c in range(k)]
         nucleus[cell] = clusters == int(np.argmax(means))

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cluster
 from . import stain as S
 from .methods import METHODS, Method, Minibatches, full_precision
 
@@ -95,38 +96,14 @@ def align_stain_order(matrices: torch.Tensor, maxima: torch.Tensor, n_iter: int 
     return matrices, maxima
 
 
-def kmeans(points: torch.Tensor, k: int, n_init: int = 5, n_iter: int = 100,
+def kmeans(points: torch.Tensor, k: int, n_init: int = 5,
            generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding and ``n_init`` restarts (the
-    lowest within-cluster sum of squares wins). Returns labels (N,) and
-    centroids (k, D). With fewer points than clusters each point is its own
-    cluster; a cluster that empties keeps its previous centre."""
-    points = points.float()
-    n = len(points)
-    if n <= k:
-        return torch.arange(n, device=points.device), points.clone()
-    best = (float("inf"), None, None)
-    for _ in range(n_init):
-        first = int(torch.randint(n, (1,), generator=generator))
-        centres = [points[first]]
-        for _ in range(1, k):
-            d2 = torch.cdist(points, torch.stack(centres)).pow(2).min(1).values
-            weights = d2.cpu() if float(d2.sum()) > 0 else torch.ones(n)
-            centres.append(points[int(torch.multinomial(weights, 1, generator=generator))])
-        centres = torch.stack(centres)
-        for _ in range(n_iter):
-            labels = torch.cdist(points, centres).argmin(1)
-            counts = torch.bincount(labels, minlength=k).float()
-            sums = torch.zeros_like(centres).index_add_(0, labels, points)
-            updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-            if torch.equal(updated, centres):
-                break
-            centres = updated
-        labels = torch.cdist(points, centres).argmin(1)
-        inertia = float((points - centres[labels]).pow(2).sum())
-        if inertia < best[0]:
-            best = (inertia, labels, centres)
-    return best[1], best[2]
+    """:func:`wbclib.cluster.kmeans` on a tensor, seeded by one draw from
+    ``generator``: labels (N,) and centroids (k, D) on the points' device."""
+    seed = int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
+    labels, centres = cluster.kmeans(points.detach().cpu().double().numpy(), k, seed=seed, n_init=n_init)
+    return (torch.from_numpy(labels).to(points.device),
+            torch.from_numpy(centres).to(device=points.device, dtype=torch.float32))
 
 
 def pseudo_domains(stain_matrices: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import _io
 from . import metrics as M
+from . import precision
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
 from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
@@ -80,7 +81,7 @@ def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
     method.eval()
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
             out.append(torch.softmax(method.predict(x.to(device)).float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
@@ -195,7 +196,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         losses = []
         for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             x, y, d = x.to(device), y.to(device), d.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with precision.autocast(device, training=True):
                 stats = method.update(_split_by_domain(x, y, d, method.num_domains))
             losses.append(stats["loss"])
             for sch in schedulers:
