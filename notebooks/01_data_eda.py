@@ -22,6 +22,7 @@ profile = "cpu"
 data_root = None  # None: $WBC_DATA_ROOT, else ../shared/datasets beside the project
 cache_dir = None  # None: <project>/cache
 seed = 0
+overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
 import matplotlib.pyplot as plt
@@ -31,7 +32,7 @@ from IPython.display import display
 
 from wbclib import data, plots, profiles
 
-cfg = profiles.get(profile)
+cfg = profiles.get(profile, overrides)
 root = data.data_root(data_root)
 cache = profiles.output_dir("cache", cache_dir)
 manifests = data.all_manifests(root, cache_dir=cache)

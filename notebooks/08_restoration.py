@@ -53,9 +53,9 @@ from wbclib import restore as R
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, splits, results = ctx.cfg, ctx.root, ctx.splits, ctx.results
-out = R.check_settings(results / "restoration", cfg, seed)
 table, definition = B.read_pbc_lt(splits, seed)
 images = R.chapter_images(cfg, table)
+out = R.chapter_run(results, cfg, root, images, seed).dir
 print(f"profile {cfg.name}: {len(images['detector'])} images for the detector, a raw set of "
       f"{len(images['pool'])}, {len(images['heldout'])} held-out images for PSNR/SSIM; "
       f"Pix2Pix on {cfg.p2p_crop} px crops, {cfg.p2p_epochs} epochs")

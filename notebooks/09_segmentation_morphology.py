@@ -51,11 +51,10 @@ from wbclib import benchmarks as B
 from wbclib import data, plots, profiles
 from wbclib import morphology as MO
 from wbclib import segment as S
+from wbclib.protocols import segmentation
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-out = results / "segmentation"
-out.mkdir(parents=True, exist_ok=True)
 print(f"profile {cfg.name}: zheng1 images {cfg.seg_zheng1_images or 'all'}, bccd fields {cfg.seg_bccd_fields or 'all'}, "
       f"{cfg.morph_per_class} pbc cells per fine class; cellpose: {cfg.cellpose_images or 'all'} images, "
       f"{cfg.cellpose_folds} folds, {cfg.cellpose_epochs} epochs")
@@ -73,7 +72,6 @@ print(f"profile {cfg.name}: zheng1 images {cfg.seg_zheng1_images or 'all'}, bccd
 
 # %%
 classical = S.evaluate_zheng1(root, backend="classical", limit=cfg.seg_zheng1_images)
-classical.to_csv(out / "zheng1_classical.csv", index=False)
 display(S.summarize_dice(classical))
 held_out = classical[classical["image_id"] > 100]
 if len(held_out):
@@ -113,17 +111,14 @@ fig = plots.mask_overlays(images, outlines, captions, ncols=len(images),
 
 # %%
 try:
-    S._import_cellpose()
+    S.require_cellpose()
     have_cellpose = True
 except S.SegmentationError as exc:
     have_cellpose = False
     print(f"cellpose back-end skipped: {exc}")
 if have_cellpose:
-    kfold_dir = out / (f"cellpose_kfold_{cfg.cellpose_folds}x{cfg.cellpose_epochs}_{cfg.cellpose_images or 'all'}"
-                       f"_b{cfg.cellpose_batch_size}")
-    cellpose = S.cellpose_kfold(root, kfold_dir, n_folds=cfg.cellpose_folds, epochs=cfg.cellpose_epochs,
-                                limit=cfg.cellpose_images, seed=seed, batch_size=cfg.cellpose_batch_size)
-    cellpose.to_csv(out / "zheng1_cellpose.csv", index=False)
+    cellpose = segmentation.cellpose_kfold(results, root, n_folds=cfg.cellpose_folds, epochs=cfg.cellpose_epochs,
+                                           limit=cfg.cellpose_images, seed=seed, batch_size=cfg.cellpose_batch_size)
     same = classical[classical["image_id"].isin(cellpose["image_id"])]
     backends = pd.concat([same.assign(backend="classical"), cellpose.assign(backend="cellpose (k-fold)")])
     dice_table = backends.groupby("backend")[["nucleus_dice", "cell_dice"]].agg(["mean", "std"]).round(3)
@@ -149,7 +144,6 @@ if have_cellpose:
 
 # %%
 loc = S.evaluate_bccd_localisation(root, limit=cfg.seg_bccd_fields)
-loc.to_csv(out / "bccd_localisation.csv", index=False)
 scored = loc.dropna(subset=["iou"])
 print(f"{len(scored)} fields with a WBC box: mean IoU {scored.iou.mean():.3f}, median {scored.iou.median():.3f}; "
       f"IoU >= 0.5 on {100 * (scored.iou >= 0.5).mean():.1f}% of fields")
@@ -195,10 +189,9 @@ table = B.read_pbc_lt(splits, seed)[0]
 pool = table[table["split"] == "cv"]
 sample = (pool.sample(frac=1, random_state=seed).groupby("label").head(cfg.morph_per_class)
           [["path", "label"]].sort_values(["label", "path"]).reset_index(drop=True))
-morph = MO.MorphologyCache(root, cache / f"morphology_{MO.MorphologyCache.VERSION}.csv")
+morph = MO.MorphologyCache.in_cache(root, cache)
 features = pd.concat([sample, morph(sample)], axis=1)
 features["label"] = pd.Categorical(features["label"], categories=list(B.PBC_LT_CLASSES))
-features.to_csv(out / "pbc_morphology.csv", index=False)
 means = features.groupby("label", observed=True)[list(MO.FEATURES)].median().round(3)
 means["cells"] = features.groupby("label", observed=True).size()
 display(Markdown("Median of each feature per pbc fine class (segmentation masks):"))
@@ -252,7 +245,6 @@ sources = {
     "k-means nucleus": MO.features_table(zheng_images, zheng_labels, source="kmeans"),
 }
 zheng_features = pd.concat([t.assign(source=s) for s, t in sources.items()], ignore_index=True)
-zheng_features.to_csv(out / "zheng1_morphology.csv", index=False)
 summary = zheng_features.groupby(["source", "label"])[["nucleus_fraction", "spikiness", "lobe_count"]].median()
 display(summary.unstack("source").round(3))
 long = zheng_features.melt(id_vars=["label", "source"], value_vars=["nucleus_fraction", "lobe_count"],

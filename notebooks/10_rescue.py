@@ -57,7 +57,7 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-from types import SimpleNamespace
+from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown, display
@@ -78,20 +78,12 @@ print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px; rescuing the 
 # %% [markdown]
 # ## The base predictions
 #
-# The baseline chapter's runs are reused; any that are missing are produced
-# here by the same (resumable) protocols, so this chapter can run on its own.
+# The baseline chapter's runs are reused (the protocols read finished runs
+# back); any that are missing are produced here, so this chapter can run on its own.
 
 # %%
-def run_dir(regime, fold):
-    return results / "pbc_lt" / regime / f"rho{rho}_fold{fold}"
-
-
-needed = ["predictions_val_degraded.csv", "predictions_test_degraded.csv"]
-if not all((run_dir("probe", k) / f).is_file() for k in cfg.rescue_probe_folds for f in needed):
-    experiments.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
-if not all((run_dir("erm", k) / f).is_file() for k in cfg.finetune_folds for f in needed):
-    only_rho = SimpleNamespace(**{**vars(cfg), "finetune_rhos": [rho]})
-    experiments.pbc_lt_finetune(only_rho, root, splits, results, method="erm", seed=seed)
+probe_runs = experiments.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
+erm_runs = experiments.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits, results, method="erm", seed=seed)
 
 # %% [markdown]
 # ## Rare classes and boosts
@@ -126,9 +118,10 @@ display(boosts.round(2))
 # checks are for.
 
 # %%
-erm = R.pbc_lt_rescue(cfg, root, splits, cache, results, regime="erm", folds=cfg.finetune_folds, rho=rho, seed=seed)
-probe = R.pbc_lt_rescue(cfg, root, splits, cache, results, regime="probe", folds=cfg.rescue_probe_folds, rho=rho,
-                        seed=seed)
+erm = R.pbc_lt_rescue(cfg, root, splits, cache, results, erm_runs, regime="erm", folds=cfg.finetune_folds, rho=rho,
+                      seed=seed)
+probe = R.pbc_lt_rescue(cfg, root, splits, cache, results, probe_runs, regime="probe", folds=cfg.rescue_probe_folds,
+                        rho=rho, seed=seed)
 runs = pd.concat([erm.assign(model="fine-tuned ERM"), probe.assign(model="linear probe")], ignore_index=True)
 phase_names = {"base": "base predictions", "boost": "+ boost only (phase 1)",
                "semantic": "+ semantic verification (phase 2)", "morphology": "+ biological filtering (phase 3)"}
@@ -167,11 +160,15 @@ display(pd.Series(paper, name="macro-F1 (LB)").mul(100).round(2).to_frame())
 # rare (rescuable) classes are the last ones.
 
 # %%
+def rescue_run(regime, fold):
+    return runs[(runs.regime == regime) & (runs.fold == fold)].iloc[0]
+
+
 def rescued_predictions(regime, fold, phase):
-    out = results / "pbc_lt" / "rescue" / regime / f"rho{rho}_fold{fold}"
+    run = rescue_run(regime, fold)
     if phase == "base":
-        return pd.read_csv(run_dir(regime, fold) / "predictions_test_degraded.csv")
-    return pd.read_csv(out / f"predictions_test_degraded_{phase}.csv")
+        return pd.read_csv(Path(run.base_run_dir) / "predictions_test_degraded.csv")
+    return pd.read_csv(Path(run.run_dir) / f"predictions_test_degraded_{phase}.csv")
 
 
 index = {c: i for i, c in enumerate(classes)}
@@ -220,8 +217,7 @@ import json  # noqa: E402
 chosen = []
 for model, (regime, fold) in first.items():
     for phase in R.PHASES:
-        p = json.loads((results / "pbc_lt" / "rescue" / regime / f"rho{rho}_fold{fold}" /
-                        f"params_{phase}.json").read_text())
+        p = json.loads((Path(rescue_run(regime, fold).run_dir) / f"params_{phase}.json").read_text())
         for c in p["rare_classes"]:
             chosen.append(dict(model=model, phase=phase, rare_class=c, strength=p["info"]["strength"],
                                boost=p["boosts"][c], verify=p["verify"],

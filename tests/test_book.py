@@ -1,13 +1,14 @@
 """End to end: every notebook runs with papermill on the smoke profile, the
 book builds with warnings as errors, and its pages and figures load in
 headless Chromium."""
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from wbclib import runbook
+from wbclib import runbook, runs
 from wbclib.data import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -29,10 +30,22 @@ def executed(tmp_path_factory, root):
 
 def test_notebooks_write_results(executed):
     results = executed / "results" / "smoke"
-    assert list((results / "pbc_lt" / "probe").glob("rho100_fold0/predictions_test_degraded.csv"))
-    assert (results / "pbc_lt" / "erm" / "rho100_fold0" / "metrics.json").is_file()
-    assert (results / "crosslab" / "erm" / "pbc_to_others_seed0" / "predictions_zheng1.csv").is_file()
-    assert (results / "crosslab_dg" / "main" / "sada" / "LOLO_zheng1_seed0" / "predictions_zheng1.csv").is_file()
+    probe = runs.find_one(results, "pbc_lt/probe", rho=100, fold=0)
+    assert probe.path("predictions_test_degraded.csv").is_file()
+    assert runs.find_one(results, "pbc_lt/finetune", method="erm", rho=100, fold=0).metrics()["test"]
+    assert runs.find_one(results, "crosslab/finetune", setting="pbc_to_others", seed=0).path("predictions_zheng1.csv").is_file()
+    sada = runs.find(results, "crosslab_dg", variant="main", method="sada", setting="LOLO_zheng1", seed=0)
+    assert len(sada) and (sada.run_dir.iloc[0] / "predictions_zheng1.csv").is_file()
+
+
+def test_every_result_folder_knows_what_made_it(executed):
+    results = executed / "results" / "smoke"
+    with_metrics = [p.parent for p in results.rglob("metrics.json")]
+    assert with_metrics
+    for folder in with_metrics:
+        assert (folder / "config.json").is_file() and (folder / "done").is_file(), folder
+    identities = [json.loads((f / "config.json").read_text())["identity"] for f in with_metrics]
+    assert all({"protocol", "config", "inputs", "code"} <= set(i) for i in identities)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbclib import segment
+from wbclib import runs, segment
+from wbclib.protocols import segmentation
 from test_segment import synthetic_cell
 
 # Tiny models: one intra-op thread is faster on shared cores, and deterministic.
@@ -46,8 +47,19 @@ def test_kfold_scores_each_image_with_a_model_that_did_not_see_it(cellpose, root
         settings = json.loads((tmp_path / "kfold" / f"fold{k}" / "models" / "wbc_cellpose.json").read_text())
         assert settings["n_train"] == 2  # the other fold's images only
     assert table["cell_dice"].between(0, 1).all()
-    # finished folds are read back, not retrained; other settings are refused
+    # finished folds are read back, not retrained
     again = segment.cellpose_kfold(root, tmp_path / "kfold", n_folds=2, epochs=1, limit=4, batch_size=2)
     pd.testing.assert_frame_equal(table, again)
-    with pytest.raises(segment.SegmentationError, match="other settings"):
-        segment.cellpose_kfold(root, tmp_path / "kfold", n_folds=2, epochs=2, limit=4, batch_size=2)
+
+
+def test_kfold_protocol_names_its_folder_by_settings_and_reads_finished_runs(cellpose, root, tmp_path, monkeypatch):
+    first = segmentation.cellpose_kfold(tmp_path, root, n_folds=2, epochs=1, limit=4, batch_size=2)
+    run_dir = first["run_dir"].iloc[0]
+    assert run_dir.startswith(str(tmp_path / "segmentation" / "cellpose_kfold" / "n_folds-2_epochs-1_limit-4_"))
+    monkeypatch.setattr(segment, "train_cellpose", lambda *a, **k: pytest.fail("a finished run is read back"))
+    pd.testing.assert_frame_equal(segmentation.cellpose_kfold(tmp_path, root, n_folds=2, epochs=1, limit=4,
+                                                              batch_size=2), first)
+    monkeypatch.undo()
+    config, inputs = segmentation.kfold_identity(root, 2, 2, 4, 0, dict(batch_size=2))  # two epochs, not one
+    other = runs.run(tmp_path, "segmentation/cellpose_kfold", config, inputs, keys=("n_folds", "epochs", "limit"))
+    assert str(other.dir) != run_dir

@@ -230,3 +230,7 @@ def test_morphology_cache_measures_each_image_once_and_persists(tmp_path, monkey
     again = morph.MorphologyCache(tmp_path / "img", tmp_path / "morph.csv")(rows)
     assert len(calls) == 3
     pd.testing.assert_frame_equal(again, first)
+    # an image replaced under the same name is measured again, not read back
+    write_png(tmp_path / "img" / "b.png", paint(disk(CENTRE, 12), cell))
+    changed = morph.MorphologyCache(tmp_path / "img", tmp_path / "morph.csv")(rows)
+    assert len(calls) == 4 and changed.loc[1, "nucleus_area"] < first.loc[1, "nucleus_area"]

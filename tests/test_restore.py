@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from conftest import write_png
 from wbclib import degrade as D
 from wbclib import restore as R
 from wbclib.data import load_image
@@ -189,12 +190,13 @@ def test_noise_rate_sets_hold_each_image_once(synthetic_root):
     assert set(s.loc[s["noisy"], "version"]) == {"salt_pepper"}
 
 
-def test_chapter_settings_are_recorded_and_checked(tmp_path):
+def test_chapter_folder_follows_settings_and_images(tmp_path, synthetic_root):
     from wbclib import profiles
-    from wbclib.train import RunMismatch
 
+    images = dict(pool=pd.DataFrame({"path": ["lymphocyte/lymphocyte_0.png"], "label": ["lymphocyte"]}))
     cfg = profiles.get("smoke")
-    R.check_settings(tmp_path, cfg, seed=0)
-    R.check_settings(tmp_path, cfg, seed=0)
-    with pytest.raises(RunMismatch):
-        R.check_settings(tmp_path, profiles.get("cpu"), seed=0)
+    first = R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0)
+    assert R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir == first.dir
+    assert R.chapter_run(tmp_path, profiles.get("cpu"), synthetic_root, images, seed=0).dir != first.dir
+    write_png(synthetic_root / "lymphocyte" / "lymphocyte_0.png", np.zeros((40, 40, 3), np.uint8))  # image replaced
+    assert R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir != first.dir

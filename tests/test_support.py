@@ -1,4 +1,6 @@
 """Registry, profiles, augmentation presets, plots and the embedding store."""
+import dataclasses
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,11 +30,32 @@ def test_profiles_and_output_dirs(tmp_path, monkeypatch):
     assert profiles.get("cpu").image_size == 128
     assert profiles.get("gpu").n_max is None
     assert set(profiles.PROFILES["smoke"]) == set(profiles.PROFILES["cpu"]) == set(profiles.PROFILES["gpu"])
-    with pytest.raises(KeyError, match="unknown profile 'big'"):
+    with pytest.raises(profiles.ProfileError, match="unknown profile 'big'"):
         profiles.get("big")
     monkeypatch.setenv("WBC_RESULTS_DIR", str(tmp_path / "r"))
     assert profiles.output_dir("results") == (tmp_path / "r").resolve() and (tmp_path / "r").is_dir()
     assert profiles.output_dir("results", tmp_path / "x") == (tmp_path / "x").resolve()
+
+
+def test_profile_overrides_are_typed_and_validated(monkeypatch):
+    cfg = profiles.get("cpu", {"probe_epochs": "60", "rescue_strengths": "[0, 1, 2]", "n_max": "null"})
+    assert cfg.probe_epochs == 60 and cfg.rescue_strengths == [0.0, 1.0, 2.0] and cfg.n_max is None
+    assert profiles.get("cpu", lr=1).lr == 1.0 and isinstance(profiles.get("cpu", lr=1).lr, float)
+    with pytest.raises(profiles.ProfileError, match="did you mean 'probe_epochs'"):
+        profiles.get("cpu", {"probe_epoch": 3})
+    with pytest.raises(profiles.ProfileError, match="'probe_epochs' takes int"):
+        profiles.get("cpu", {"probe_epochs": "many"})
+    with pytest.raises(profiles.ProfileError, match="takes bool"):
+        profiles.get("cpu", dg_swad=1)
+    with pytest.raises(profiles.ProfileError, match="key=value"):
+        profiles.parse_overrides(["probe_epochs"])
+    monkeypatch.setenv("WBC_SET", "probe_epochs=7; lt_backbones=[tf_efficientnet_lite0]")
+    cfg = profiles.get("smoke")
+    assert cfg.probe_epochs == 7 and cfg.lt_backbones == ["tf_efficientnet_lite0"]
+    assert profiles.get("smoke", probe_epochs=9).probe_epochs == 9  # explicit beats the environment
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.probe_epochs = 1
+    assert cfg.replace(tta_views=4).tta_views == 4 and cfg.tta_views == 8
 
 
 def test_dihedral_jitter_keeps_shape_and_is_seeded():

@@ -110,11 +110,14 @@ def _segment(args) -> int:
 
 
 def _book_execute(args) -> int:
-    from . import runbook
+    from . import profiles, runbook
 
+    overrides = profiles.parse_overrides(args.set or [])
+    profiles.get(args.profile, overrides)  # validate every value before any notebook starts
     try:
         runbook.execute(args.profile, names=args.only, out_dir=args.out, notebooks_dir=args.notebooks,
-                        parameters={"data_root": args.root, "results_dir": args.results},
+                        parameters={"data_root": args.root, "results_dir": args.results,
+                                    "overrides": overrides or None},
                         progress=not args.no_progress, log_output=args.log_output)
     except runbook.NotebooksNotFound as exc:
         print(f"wbc: error: {exc}", file=sys.stderr)
@@ -181,8 +184,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", help="chapter sources folder (default: ./notebooks, else the installed copy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (notebooks and cells)")
     p.add_argument("--log-output", action="store_true", help="also print every cell's output")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a profile key for every notebook, e.g. --set probe_epochs=60 (repeatable; "
+                        "values are YAML: [0, 1], null, 1e-3)")
     p.set_defaults(func=_book_execute)
+
+    cache_p = sub.add_parser("cache", help="list or clear the derived-file cache (embeddings, manifests ...)")
+    cache_sub = cache_p.add_subparsers(dest="action", required=True)
+    for name, fn, text in [("info", _cache_info, "list the cache entries with their size and code version"),
+                           ("clear", _cache_clear, "remove the cache entries (all, or one --kind)")]:
+        p = cache_sub.add_parser(name, help=text)
+        p.add_argument("--cache", type=_non_empty, help="cache folder (default: ./cache or $WBC_CACHE_DIR)")
+        if name == "clear":
+            p.add_argument("--kind", help="only entries of this kind (e.g. embeddings)")
+        p.set_defaults(func=fn)
     return parser
+
+
+def _cache_info(args) -> int:
+    from . import cache, profiles
+
+    folder = profiles.output_dir("cache", args.cache)
+    table = cache.info(folder)
+    print(f"cache: {folder}")
+    if table.empty:
+        print("no entries")
+        return 0
+    summary = table.groupby("kind").agg(entries=("file", "size"), size_mb=("size_mb", "sum"))
+    print(summary.round(1).to_string())
+    return 0
+
+
+def _cache_clear(args) -> int:
+    from . import cache, profiles
+
+    folder = profiles.output_dir("cache", args.cache)
+    removed = cache.clear(folder, args.kind)
+    print(f"removed {removed} files from {folder}" + (f" ({args.kind})" if args.kind else ""))
+    return 0
 
 
 def _user_errors() -> tuple:
@@ -190,7 +229,10 @@ def _user_errors() -> tuple:
     printed as one ``wbc: error:`` message instead of a traceback."""
     from .data import DataError
 
-    errors = [DataError, OSError, ValueError]
+    from ._io import CorruptFileError
+    from .runs import RunMismatch
+
+    errors = [DataError, OSError, ValueError, CorruptFileError, RunMismatch]
     segment = sys.modules.get(f"{__package__}.segment")
     if segment is not None:  # only raised once segment is imported; importing it is slow
         errors.append(segment.SegmentationError)

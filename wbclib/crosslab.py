@@ -51,14 +51,14 @@ from . import _io, cache, heads, runs
 from . import benchmarks as B
 from . import metrics as M
 from . import scale as SC
-from .experiments import CROSSLAB_SETTINGS, _slug
+from .experiments import CROSSLAB_SETTINGS, setting_key
 from .gradcam import grad_cam, last_conv
 from .methods import create_method
 from .models import ImageTable, Normalized, create_backbone, default_workers
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
 from .swad import SWAD, update_bn
 from .runs import files_fingerprint, inputs_fingerprint
-from .train import TrainConfig, _split_by_domain, build_method, predictions_frame, score_predictions, train_run
+from .train import TrainConfig, split_by_domain, build_method, predictions_frame, score_predictions, train_run
 
 CLASSES = list(B.CROSSLAB_CLASSES)
 #: Versions of the run configuration, of the cached images/maps/stain statistics, and of the cached views.
@@ -466,7 +466,7 @@ def train_on_maps(method_name: str, hparams: dict, train_x: torch.Tensor, train_
         for s in range(steps_per_epoch):
             idx = order[s * batch_size: (s + 1) * batch_size]
             x, y, d = train_x[idx].float(), y_all[idx], d_all[idx]
-            logs.append(method.update(_split_by_domain(x, y, d, method.num_domains)))
+            logs.append(method.update(split_by_domain(x, y, d, method.num_domains)))
             for sch in schedulers:
                 sch.step()
             if averager is not None:
@@ -654,7 +654,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
             if method_name == "sada":
                 hparams.setdefault("beta", cfg.sada_beta)
             for seed in seeds:
-                config = dict(variant=variant, row=row, setting=_slug(name), seed=seed, version=VERSION,
+                config = dict(variant=variant, row=row, setting=setting_key(name), seed=seed, version=VERSION,
                               regime=cfg.dg_regime, method=method_name, hparams=hparams, options=options,
                               epochs=cfg.dg_epochs, batch_size=cfg.batch_size, swad=cfg.dg_swad, crops=crops,
                               width=cfg.dg_head_width, image_size=cfg.image_size, backbone=cfg.backbone,

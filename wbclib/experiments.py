@@ -20,7 +20,8 @@ from . import benchmarks as B
 from . import runs
 from .degrade import KINDS, SEVERITIES
 from .heads import fit_linear_head, make_head, predict_proba, single_torch_thread
-from .models import create_backbone, embedding_entry, extract_embeddings
+from .models import create_backbone, default_device, embedding_entry, extract_embeddings
+from .precision import precision_tag
 from .runs import inputs_fingerprint
 from .train import TrainConfig, predictions_frame, score_predictions, train_in, train_run
 
@@ -46,7 +47,7 @@ class EmbeddingStore:
         entry = None
         if backbone is None and cache_dir is not None:
             entry = embedding_entry(cache_dir, backbone_name, True, image_size, needed, 0, weights_tag,
-                                    transform_tag, root)
+                                    transform_tag, root, precision_tag(default_device()))
         if entry is not None and entry.exists():
             # A cache hit needs no model (building one costs seconds); it is validated all the same.
             self.features = _io.load_npy(entry.path, shape=(len(needed), None), dtype=np.float32)
@@ -152,7 +153,7 @@ def severity_grid_rows(cfg: SimpleNamespace, table: pd.DataFrame, definition) ->
     return grid
 
 
-def _probe_jobs(cfg: SimpleNamespace, table: pd.DataFrame, definition) -> tuple:
+def probe_jobs(cfg: SimpleNamespace, table: pd.DataFrame, definition) -> tuple:
     """The linear probe's (rho, fold, split, eval sets) jobs, severity grid, and
     every table its embedding store holds (shared with :func:`pbc_lt_heads`,
     whose plain ``cfg.backbone`` store then reuses the probe's cache entry)."""
@@ -172,7 +173,7 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     """
     table, definition = B.read_pbc_lt(splits_dir, seed)
     classes = list(B.PBC_LT_CLASSES)
-    jobs, grid, tables = _probe_jobs(cfg, table, definition)
+    jobs, grid, tables = probe_jobs(cfg, table, definition)
     store = EmbeddingStore(tables, cfg.backbone, cfg.image_size, root, cache_dir, desc="PBC-LT embeddings")
     rows = []
     for rho, fold, split, eval_sets in tqdm(jobs, desc="linear probes"):
@@ -242,7 +243,7 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
     rows = []
     for name, split, eval_sets in jobs:
         for s in cfg.crosslab_seeds:
-            run = _probe_run(results_dir, "crosslab/probe", cfg, root, split, eval_sets, s, setting=_slug(name))
+            run = _probe_run(results_dir, "crosslab/probe", cfg, root, split, eval_sets, s, setting=setting_key(name))
             for r in _probe_and_score(store, split, eval_sets, classes, cfg, run, s):
                 rows.append(dict(setting=name, seed=s, run_dir=str(run.dir), **r))
     return pd.DataFrame(rows)
@@ -260,14 +261,14 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
         for s in cfg.crosslab_seeds:
             config = _finetune_config(cfg, method, s, train_overrides)
-            run, result = train_in(results_dir, "crosslab/finetune", dict(setting=_slug(name), seed=s), config, split,
+            run, result = train_in(results_dir, "crosslab/finetune", dict(setting=setting_key(name), seed=s), config, split,
                                    root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for set_name in eval_sets:
                 rows.append(dict(setting=name, seed=s, eval_set=set_name, run_dir=str(run.dir), **result[set_name]))
     return pd.DataFrame(rows)
 
 
-def _slug(name: str) -> str:
+def setting_key(name: str) -> str:
     """A setting's configuration key (``pbc_to_others``, ``LOLO_zheng1``) from its name."""
     return name.replace("→", "_to_").replace(":", "_")
 
@@ -436,13 +437,15 @@ def lt_run_dirs(results_dir: Path, source: str, **keys) -> List[Path]:
     return [Path(p) for p in found.sort_values("fold")["run_dir"]] if len(found) else []
 
 
-def _cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path, root: Path) -> bool:
+def embeddings_cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path,
+                      root: Path) -> bool:
     """Whether an :class:`EmbeddingStore` of these tables would be a cache hit."""
     if cache_dir is None:
         return False
     needed = pd.concat([EmbeddingStore._keyed(t) for t in tables])[_KEY + ["label"]]
     needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-    return embedding_entry(cache_dir, backbone, True, image_size, needed, root=root).exists()
+    return embedding_entry(cache_dir, backbone, True, image_size, needed, root=root,
+                           precision=precision_tag(default_device())).exists()
 
 
 def _fit_and_save(head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
@@ -498,8 +501,8 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     tables = [s for _, _, s, _ in jobs] + [t for *_, e in jobs for t in e.values()]
                     if backbone == cfg.backbone and stain == "none":
                         # The linear-probe chapter's cache entry holds a superset: reuse it when it is there.
-                        superset = _probe_jobs(cfg, table, definition)[2]
-                        if _cached(superset, backbone, cfg.image_size, cache_dir, root):
+                        superset = probe_jobs(cfg, table, definition)[2]
+                        if embeddings_cached(superset, backbone, cfg.image_size, cache_dir, root):
                             tables = superset
                     name = f"{BACKBONE_NAMES.get(backbone, backbone)} {stain}"
                     plain = EmbeddingStore([_with_stain(t, stain, reference) for t in tables], backbone,

@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import precision
 from .augment import dihedral
 from .data import load_image
 from .degrade import SEVERITY_PARAMS, degrade, image_rng
-from . import precision
 from .scale import centre_crop_pad
 
 #: Values of the optional ``stain`` column of an image table.
@@ -369,14 +369,14 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
     from . import cache
 
     entry = embedding_entry(cache_dir, backbone.name, backbone.pretrained, image_size, table, degrade_seed,
-                            weights_tag, transform_tag, root)
+                            weights_tag, transform_tag, root, precision.precision_tag(device or default_device()))
     return cache.array(entry, compute, shape=(len(table), backbone.num_features), dtype=np.float32)
 
 
 def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int, batch_size: int, degrade_seed: int,
            device: Optional[torch.device], num_workers: Optional[int], desc: str, transform) -> np.ndarray:
     device = device or default_device()
-    model = Normalized(backbone).to(device).eval()
+    model = precision.for_inference(Normalized(backbone).to(device))  # compiled when WBC_COMPILE=1
     dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
                          degrade_seed=degrade_seed, transform=transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,

@@ -24,7 +24,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import find_contours
 from skimage.morphology import h_maxima
 
-from . import cluster, data
+from . import _io, cluster, data
 from .segment import (SegmentationResult, background_rgb, hematoxylin_od, mask_bbox, nucleus_stain, optical_density,
                       segment_cell)
 
@@ -47,8 +47,6 @@ LOBE_PEAK_HEIGHT = 0.2
 #: kmeans_masks fits its two clusters on at most this many of a cell's pixels
 #: (drawn at random, seeded), then labels every pixel by its nearest centre.
 KMEANS_MAX_FIT = 20000
-#: Nuclear fragments below this fraction of the nucleus area are ignored.
-MIN_FRAGMENT_FRACTION = 0.05
 #: Nuclear fragments below this fraction of the nucleus area are ignored.
 MIN_FRAGMENT_FRACTION = 0.05
 
@@ -386,9 +384,16 @@ class MorphologyCache:
     """:func:`wbclib.morphology.cell_morphology` of table rows (path,
     degradation, severity: the image as the classifier saw it at native
     resolution), measured once and kept in a CSV file (``None``: memory only).
-    Call it with a table to get its rows' features in order."""
+    Call it with a table to get its rows' features in order.
 
-    VERSION = "v1"
+    A row's key holds its file's size and modification time, so an edited or
+    replaced image is measured again; :meth:`in_cache` names the file by the
+    data root and the code that measures, and the file is rewritten
+    atomically whenever rows are added."""
+
+    VERSION = "v2"
+    #: The modules whose code decides the measurements.
+    MODULES = ("morphology.py", "segment.py", "degrade.py", "data.py")
 
     def __init__(self, root: Union[str, Path], path: Optional[Union[str, Path]] = None):
         self.root = Path(root)
@@ -396,14 +401,27 @@ class MorphologyCache:
         self.max_side = MORPHOLOGY_MAX_SIDE
         self.rows: Dict[str, dict] = {}
         if self.path is not None and self.path.is_file():
-            for rec in pd.read_csv(self.path).to_dict("records"):
+            for rec in _io.read_csv(self.path).to_dict("records"):
                 self.rows[rec.pop("key")] = rec
 
-    @staticmethod
-    def key(row) -> str:
+    @classmethod
+    def in_cache(cls, root: Union[str, Path], cache_dir: Union[str, Path]) -> "MorphologyCache":
+        """The cache file of ``root``'s measurements under ``cache_dir``."""
+        from . import cache
+
+        entry = cache.entry(cache_dir, "morphology", dict(version=cls.VERSION, max_side=MORPHOLOGY_MAX_SIDE),
+                            dict(root=str(Path(root).resolve())), modules=cls.MODULES, suffix=".csv")
+        return cls(root, entry.path)
+
+    def key(self, row) -> str:
         kind = getattr(row, "degradation", "none")
         kind = kind if isinstance(kind, str) else "none"
-        return f"{row.path}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
+        try:
+            st = (self.root / row.path).stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        return f"{row.path}|{stamp}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
 
     def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
         keys, new = [], []
@@ -414,7 +432,5 @@ class MorphologyCache:
                 self.rows[k] = cell_morphology(_degraded_image(self.root, row), max_side=self.max_side)
                 new.append(k)
         if new and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            frame = pd.DataFrame([dict(key=k, **self.rows[k]) for k in new])
-            frame.to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
+            _io.write_csv(self.path, pd.DataFrame([dict(key=k, **v) for k, v in self.rows.items()]))
         return pd.DataFrame([self.rows[k] for k in keys]).reset_index(drop=True)

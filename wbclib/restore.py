@@ -51,11 +51,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import _io, runs
 from . import degrade as D
 from . import metrics as M
 from .augment import eval_transform
 from .data import load_image
 from .models import ImageTable, default_device, default_workers, load_table_image
+from .runs import inputs_fingerprint
 
 # --------------------------------------------------------------------------
 # Median filter, bilateral filter, PSNR / SSIM
@@ -66,10 +68,10 @@ def median3x3(image: np.ndarray) -> np.ndarray:
 
     Equal to ``scipy.ndimage.median_filter(image, size=(3, 3, 1), mode="mirror")``
     (and to the numpy sorting network this replaced, kept in
-    ``bench/reference_filters.py``); about 80 times faster than that network on
-    a pbc image. ``medianBlur`` replicates the edge pixel, so the image is
-    mirrored by one pixel first and the result cropped. Takes uint8 images
-    with 1, 3 or 4 channels (or 2-D).
+    ``bench/reference_filters.py``) and 8.6 times faster than that network on
+    pbc images (``bench/bench_filters.py``, one thread). ``medianBlur``
+    replicates the edge pixel, so the image is mirrored by one pixel first
+    and the result cropped. Takes uint8 images with 1, 3 or 4 channels (or 2-D).
     """
     padded = cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_REFLECT_101)
     return np.ascontiguousarray(cv2.medianBlur(padded, 3)[1:-1, 1:-1].reshape(image.shape))
@@ -92,10 +94,10 @@ def bilateral(image: np.ndarray, sigma_color: float = 30.0, sigma_spatial: float
     disc) weighted by ``exp(-d^2 / 2 sigma_spatial^2) * exp(-c^2 / 2 s^2)``,
     ``c`` the colour distance summed over the channels (grey levels) and
     ``s = 1.5 sigma_color`` so that ``sigma_color`` keeps the meaning it had
-    for Euclidean colour distances. About 85 times faster than the numpy
-    filter it replaced (square window, Euclidean distance:
-    ``bench/reference_filters.py``); tests/test_speed_equivalence.py states
-    how closely the two agree.
+    for Euclidean colour distances. 50 times faster than the numpy filter it
+    replaced (square window, Euclidean distance: ``bench/reference_filters.py``;
+    ``bench/bench_filters.py``, one thread); tests/test_speed_equivalence.py
+    states how closely the two agree.
     """
     return cv2.bilateralFilter(image, 2 * radius + 1, _L1_PER_EUCLIDEAN * sigma_color, sigma_spatial,
                                borderType=cv2.BORDER_REFLECT_101)
@@ -171,9 +173,9 @@ class NoiseDetector:
 
         z = _log_scores(scores, score)
         if method == "otsu":
-            from .scale import _otsu
+            from .scale import otsu_threshold
 
-            return cls(score=score, threshold=_from_log(_otsu(z), score), components=2, method=method)
+            return cls(score=score, threshold=_from_log(otsu_threshold(z), score), components=2, method=method)
         if method != "gmm":
             raise ValueError(f"unknown threshold method {method!r}; known: gmm, otsu")
         x = z.reshape(-1, 1)
@@ -510,12 +512,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train_pix2pix(config: Pix2PixConfig, table: pd.DataFrame, root: Path, run_dir: Path,
                   val_table: Optional[pd.DataFrame] = None, device: Optional[torch.device] = None,
                   val_crops: int = 32) -> UNetGenerator:
@@ -529,19 +525,15 @@ def train_pix2pix(config: Pix2PixConfig, table: pd.DataFrame, root: Path, run_di
     Learning rates are constant for the first half of the epochs and decay
     linearly to zero over the second half (Isola et al.).
     """
-    from .train import RunMismatch
-
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.json"
-    config_dict = json.loads(json.dumps(asdict(config)))
-    if config_path.is_file():
-        if json.loads(config_path.read_text()) != config_dict:
-            raise RunMismatch(f"{run_dir} holds a Pix2Pix run with another configuration; delete it or choose another folder")
-    else:
-        config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    # The folder's identity: every setting but the worker count (which changes no number), the
+    # training and validation rows, the data root and its files, and the code.
+    settings = {k: v for k, v in asdict(config).items() if k != "num_workers"}
+    tables = dict(train=table, **({"val": val_table} if val_table is not None else {}))
+    run = runs.Run(run_dir, dict(protocol="restore/pix2pix", config=settings, inputs=inputs_fingerprint(tables, root),
+                                 code=runs.code_version())).open()
     device = device or default_device()
-    if (run_dir / "summary.json").is_file():
+    if run.done:
         return load_generator(run_dir, device)
 
     _seed_all(config.seed)
@@ -567,7 +559,7 @@ def train_pix2pix(config: Pix2PixConfig, table: pd.DataFrame, root: Path, run_di
     start, history = 0, []
     ckpt = run_dir / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = _io.torch_load(ckpt, map_location=device, weights_only=False)
         model.generator.load_state_dict(state["generator"])
         model.discriminator.load_state_dict(state["discriminator"])
         for opt, s in zip(model.optimizers(), state["optimizers"]):
@@ -599,26 +591,27 @@ def train_pix2pix(config: Pix2PixConfig, table: pd.DataFrame, root: Path, run_di
             row["val_l1_input"] = float((val_x - val_y).abs().mean() * 127.5)
         row["seconds"] = time.time() - began
         history.append(row)
-        _atomic_save(dict(generator=model.generator.state_dict(), discriminator=model.discriminator.state_dict(),
-                          optimizers=[o.state_dict() for o in model.optimizers()],
-                          schedulers=[s.state_dict() for s in schedulers], epoch=epoch, history=history), ckpt)
-        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
-    _atomic_save(model.generator.state_dict(), run_dir / "generator.pt")
+        _io.torch_save(dict(generator=model.generator.state_dict(), discriminator=model.discriminator.state_dict(),
+                            optimizers=[o.state_dict() for o in model.optimizers()],
+                            schedulers=[s.state_dict() for s in schedulers], epoch=epoch, history=history), ckpt)
+        run.write_csv("history.csv", pd.DataFrame(history))
+    _io.torch_save(model.generator.state_dict(), run_dir / "generator.pt")
     summary = dict(epochs=config.epochs, train_images=len(data.images), steps_per_epoch=steps,
                    seconds=float(sum(h["seconds"] for h in history)),
                    generator_parameters=sum(p.numel() for p in model.generator.parameters()),
                    discriminator_parameters=sum(p.numel() for p in model.discriminator.parameters()),
                    discriminator_receptive_field=PatchDiscriminator.receptive_field(config.d_layers))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.write_json("summary.json", summary)
+    run.finish(summary)
     return model.generator.eval()
 
 
 def load_generator(run_dir: Path, device: Optional[torch.device] = None) -> UNetGenerator:
     """The trained generator of a finished run folder, in eval mode."""
     run_dir = Path(run_dir)
-    config = Pix2PixConfig(**json.loads((run_dir / "config.json").read_text()))
+    config = Pix2PixConfig(**_io.read_json(run_dir / "config.json")["identity"]["config"])
     generator = UNetGenerator(config.channels, config.depth, config.residual, config.full_res)
-    generator.load_state_dict(torch.load(run_dir / "generator.pt", map_location="cpu", weights_only=True))
+    generator.load_state_dict(_io.torch_load(run_dir / "generator.pt"))
     return generator.to(device or default_device()).eval()
 
 
@@ -794,14 +787,14 @@ def load_classifier(run_dir: Path, num_classes: int, device: Optional[torch.devi
     from .train import TrainConfig, build_method
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = _io.read_json(run_dir / "config.json")["identity"]["config"]
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(config, num_classes=num_classes, num_domains=1, class_counts=[1] * num_classes)
     device = device or default_device()
-    method.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    method.load_state_dict(_io.torch_load(run_dir / "best.pt"))
     return method.to(device).eval(), config
 
 
@@ -855,15 +848,13 @@ def round_robin(rows: pd.DataFrame, n: Optional[int], exclude: Sequence[str] = (
 
 
 def cached_frame(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    """Read ``path`` (CSV) when it exists, else compute, write atomically and return."""
+    """Read ``path`` (CSV, inside the chapter's run folder, whose identity covers
+    what it depends on) when it exists, else compute, write atomically and return."""
     path = Path(path)
     if path.is_file():
-        return pd.read_csv(path)
+        return _io.read_csv(path)
     frame = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    _io.write_csv(path, frame)
     return frame
 
 
@@ -873,21 +864,12 @@ CHAPTER_KEYS = ("restore_detector_images", "restore_rates", "restore_pool_images
                 "p2p_depth", "p2p_d_channels", "p2p_d_layers", "p2p_lr", "n_boot", "finetune_folds")
 
 
-def check_settings(out_dir: Path, cfg, seed: int = 0) -> Path:
-    """Record the settings behind ``out_dir``'s cached tables in ``settings.json``;
-    refuse (like a run folder) when they were made with other settings."""
-    from .train import RunMismatch
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps(dict(seed=seed, **{k: getattr(cfg, k) for k in CHAPTER_KEYS})))
-    path = out_dir / "settings.json"
-    if path.is_file():
-        if json.loads(path.read_text()) != settings:
-            raise RunMismatch(f"{out_dir} holds restoration results made with other settings; delete it to redo them")
-    else:
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    return out_dir
+def chapter_run(results_dir: Path, cfg, root: Path, images: Dict[str, pd.DataFrame], seed: int = 0) -> runs.Run:
+    """The chapter's run folder (``restoration``), named by the hash of its
+    settings (:data:`CHAPTER_KEYS`), its images (rows, data root, files) and the
+    code: tables cached in it are never reused for other settings or data."""
+    settings = dict(seed=seed, **{k: getattr(cfg, k) for k in CHAPTER_KEYS})
+    return runs.run(results_dir, "restoration", settings, inputs_fingerprint(images, root))
 
 
 def chapter_images(cfg, table: pd.DataFrame) -> Dict[str, pd.DataFrame]:
@@ -920,17 +902,15 @@ def pix2pix_config(cfg, seed: int = 0) -> Pix2PixConfig:
 
 def ensure_erm_classifier(cfg, root: Path, splits_dir: Path, results_dir: Path, rho: int = 100, fold: int = 0,
                           seed: int = 0) -> Path:
-    """The run folder of chapter 03's fine-tuned ERM model at (rho, fold),
-    trained here (resumably, same configuration) when it is missing."""
+    """The run folder of chapter 03's fine-tuned ERM model at (rho, fold): read
+    back when finished, trained here (resumably, same identity) otherwise."""
     from types import SimpleNamespace
 
-    run_dir = Path(results_dir) / "pbc_lt" / "erm" / f"rho{rho}_fold{fold}"
-    if not (run_dir / "metrics.json").is_file():
-        from .experiments import pbc_lt_finetune
+    from .experiments import pbc_lt_finetune
 
-        only = SimpleNamespace(**{**vars(cfg), "finetune_rhos": [rho], "finetune_folds": [fold]})
-        pbc_lt_finetune(only, root, splits_dir, results_dir, method="erm", seed=seed)
-    return run_dir
+    only = SimpleNamespace(**{**vars(cfg), "finetune_rhos": [rho], "finetune_folds": [fold]})
+    runs_table = pbc_lt_finetune(only, root, splits_dir, results_dir, method="erm", seed=seed)
+    return Path(runs_table["run_dir"].iloc[0])
 
 
 def restoration_effect(method, config, test: pd.DataFrame, root: Path, classes: Sequence[str],

@@ -55,7 +55,7 @@ from torch import nn
 
 from . import cluster
 from . import stain as S
-from .methods import METHODS, Method, Minibatches, full_precision
+from .method_base import METHODS, Method, Minibatches, full_precision
 
 
 # --------------------------------------------------------------------------

@@ -37,7 +37,7 @@ CENTRE_RADIUS = 0.3
 MIN_COMPONENT = 0.002
 
 
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a 1-D sample (between-class variance maximised over a histogram)."""
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -57,7 +57,7 @@ def nucleus_mask(image: np.ndarray) -> np.ndarray:
     od = -np.log((image[..., :2].astype(np.float32) + 1.0) / 256.0).mean(-1)
     if float(od.max() - od.min()) < 1e-6:
         return np.zeros(od.shape, bool)
-    mask = ndi.binary_fill_holes(od > _otsu(od.ravel()))
+    mask = ndi.binary_fill_holes(od > otsu_threshold(od.ravel()))
     labels, n = ndi.label(mask)
     if n == 0:
         return mask

@@ -56,7 +56,7 @@ BACKENDS = ("classical", "cellpose")
 CELLPOSE_TRAINING_HINT = (
     "train one first with wbclib.segment.train_cellpose(images, cell_masks, out_dir, epochs=...) "
     "(cellpose 3.1, from scratch, on background-relative optical density), or cross-validated on zheng1's "
-    "expert masks with wbclib.segment.cellpose_kfold(root, out_dir, n_folds=5, epochs=...); full-length "
+    "expert masks with wbclib.protocols.segmentation.cellpose_kfold(results_dir, root, n_folds=5, epochs=...); full-length "
     "training wants a GPU. Then pass the saved model file as model_path=..."
 )
 #: The cellpose major version this back-end is written for (3.x: CPnet, ``train.train_seg``).
@@ -295,6 +295,12 @@ def _segment_classical(image: np.ndarray, p: ClassicalParams) -> Tuple[np.ndarra
     lobes = 1 + np.flatnonzero(_areas(labels, n) >= p.min_lobe_fraction * core.sum())
     nucleus = np.isin(labels, lobes) | core
     return nucleus, cell | nucleus
+
+
+def require_cellpose() -> None:
+    """Check that the cellpose back-end can run here (cellpose 3.1 importable);
+    a :class:`SegmentationError` says what to install otherwise."""
+    _import_cellpose()
 
 
 def _import_cellpose():
@@ -545,6 +551,12 @@ def _zheng1_table(root: Path) -> pd.DataFrame:
     return data.zheng1_labels(root)[["image_id", "label"]]
 
 
+def zheng1_image_ids(root: Path, limit: Optional[int] = None) -> List[int]:
+    """zheng1's image ids in label-table order (the first ``limit``)."""
+    table = _zheng1_table(Path(root))
+    return (table if limit is None else table.head(limit))["image_id"].astype(int).tolist()
+
+
 def zheng1_regions(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(nucleus, cell) from a zheng1 expert mask (nucleus 255, cytoplasm 128,
     background 0); cell = nucleus + cytoplasm. Cut at 64 and 192 so that
@@ -732,8 +744,9 @@ def cellpose_kfold(root: Optional[PathLike], out_dir: PathLike, n_folds: int = 5
 
     The first ``limit`` images (label-table order) take part, split by
     :func:`zheng1_folds`. Resumable: each fold writes ``fold<k>/models/...``
-    and then ``fold<k>/scores.csv`` (its presence marks the fold done);
-    ``config.json`` guards the folder against other settings. ``threads``
+    and then ``fold<k>/scores.csv`` (its presence marks the fold done). The
+    folder must belong to these settings and data:
+    :func:`wbclib.protocols.segmentation.cellpose_kfold` chooses and guards it. ``threads``
     caps torch's CPU threads meanwhile (1 is several times faster than 2 on
     cores other jobs are using). Returns ``image_id, label, fold,
     nucleus_dice, cell_dice, train_seconds``.
@@ -750,18 +763,10 @@ def cellpose_kfold(root: Optional[PathLike], out_dir: PathLike, n_folds: int = 5
 
 
 def _cellpose_kfold(root, out_dir, n_folds, epochs, limit, seed, device, train_kwargs) -> pd.DataFrame:
+    from . import _io
+
     root = data.data_root(root)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(n_folds=n_folds, epochs=epochs, limit=limit, seed=seed, od_scale=CELLPOSE_OD_SCALE, version=1,
-                  **{k: v for k, v in train_kwargs.items()})
-    config_path = out_dir / "config.json"
-    if config_path.is_file():
-        if json.loads(config_path.read_text()) != json.loads(json.dumps(config)):
-            raise SegmentationError(f"{out_dir} holds a cellpose k-fold run with other settings; delete it or "
-                                    "choose another folder")
-    else:
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     table = _zheng1_table(root).head(limit) if limit is not None else _zheng1_table(root)
     table = table.reset_index(drop=True).assign(fold=zheng1_folds(table, n_folds, seed))
     masks = load_zheng1_masks(root, limit)
@@ -771,20 +776,18 @@ def _cellpose_kfold(root, out_dir, n_folds, epochs, limit, seed, device, train_k
         fold_dir = out_dir / f"fold{k}"
         scores_path = fold_dir / "scores.csv"
         if scores_path.is_file():
-            parts.append(pd.read_csv(scores_path))
+            parts.append(_io.read_csv(scores_path))
             continue
         train_ids = table.loc[table["fold"] != k, "image_id"].tolist()
         model_path = train_cellpose([images[i] for i in train_ids], [masks[i][1] for i in train_ids], fold_dir,
                                     epochs=epochs, seed=seed + k, device=device, **train_kwargs)
-        seconds = json.loads(model_path.with_name(model_path.name + ".json").read_text())["seconds"]
+        seconds = _io.read_json(model_path.with_name(model_path.name + ".json"))["seconds"]
         rows = []
         for image_id, label in table.loc[table["fold"] == k, ["image_id", "label"]].itertuples(index=False):
             result = segment_cell(images[image_id], backend="cellpose", model_path=model_path)
             true_nucleus, true_cell = masks[image_id]
             rows.append((image_id, label, k, dice(result.nucleus, true_nucleus), dice(result.cell, true_cell), seconds))
         part = pd.DataFrame(rows, columns=["image_id", "label", "fold", "nucleus_dice", "cell_dice", "train_seconds"])
-        tmp = scores_path.with_suffix(".tmp")
-        part.to_csv(tmp, index=False)
-        tmp.replace(scores_path)
+        _io.write_csv(scores_path, part)
         parts.append(part)
     return pd.concat(parts, ignore_index=True).sort_values("image_id").reset_index(drop=True)

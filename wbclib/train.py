@@ -64,7 +64,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _split_by_domain(x, y, d, num_domains: int) -> List[tuple]:
+def split_by_domain(x, y, d, num_domains: int) -> List[tuple]:
     # One pair per domain, in domain order and empty when a domain is absent from
     # the batch: DANN and BoDA read the position as the domain label.
     return [(x[d == k], y[d == k]) for k in range(num_domains)]
@@ -110,12 +110,16 @@ def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_
 
 
 def run_identity(config: TrainConfig, split: pd.DataFrame, root: Path, eval_sets: Dict[str, pd.DataFrame],
-                 swad: Optional[dict] = None, n_boot: int = 1000, tags: Optional[dict] = None) -> tuple:
+                 swad: Optional[dict] = None, n_boot: int = 1000, tags: Optional[dict] = None,
+                 device: Optional[torch.device] = None) -> tuple:
     """(configuration, inputs) that identify a training run. ``num_workers`` is
     left out: it changes how fast a run is, never its numbers (per-draw seeds).
     ``tags`` (e.g. ``rho``, ``fold``) are index keys the protocol adds."""
     config_dict = {k: v for k, v in asdict(config).items() if k != "num_workers"}
     config_dict["n_boot"] = n_boot
+    device = device or default_device()
+    config_dict["precision"] = dict(train=precision.precision_tag(device, training=True),
+                                    predict=precision.precision_tag(device))
     if swad is not None:
         config_dict["swad"] = dict(swad)
     config_dict.update(tags or {})
@@ -145,7 +149,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     name changes with the identity). Returns ``{set name: scores}``.
     """
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
-    config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags)
+    config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags, device)
     run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version())).open()
     if run.done:
         return run.metrics()
@@ -197,7 +201,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             x, y, d = x.to(device), y.to(device), d.to(device)
             with precision.autocast(device, training=True):
-                stats = method.update(_split_by_domain(x, y, d, method.num_domains))
+                stats = method.update(split_by_domain(x, y, d, method.num_domains))
             losses.append(stats["loss"])
             for sch in schedulers:
                 sch.step()
@@ -248,7 +252,7 @@ def train_in(results_dir: Path, protocol: str, tags: dict, config: TrainConfig, 
     name and queryable with :func:`runs.find`) and identity. Returns ``(run, results)``."""
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     config_dict, inputs = run_identity(config, split, root, eval_sets, kwargs.get("swad"), kwargs.get("n_boot", 1000),
-                                       tags)
+                                       tags, kwargs.get("device"))
     run = runs_run(results_dir, protocol, config_dict, inputs, keys=list(tags))
     return run, train_run(config, split, root, run.dir, classes, eval_sets=eval_sets, protocol=protocol, tags=tags,
                           **kwargs)

@@ -1,0 +1,11 @@
+"""Protocols: the only code that reads a profile's settings and writes results.
+
+Each module runs one benchmark of the book on the algorithms of ``wbclib``
+(which know nothing of profiles or result folders): it chooses run folders
+with :func:`wbclib.runs.run` (named by configuration keys and the hash of
+configuration, inputs and code), writes into them atomically, and returns
+tables whose ``run_dir`` column tells notebooks where each result lives.
+
+Chapters 03-07 and 10 still run from ``experiments``, ``crosslab`` and
+``rescue``; they move here module by module.
+"""
