@@ -52,10 +52,12 @@ book: notebooks
 test: setup
 	$(BIN)/python -m pytest -q -ra
 
+# Each figure is printed as `NAME ratio X.XX` against its reference timed in the same run.
 bench: setup
+	$(BIN)/python bench/bench_stain.py $(ROOT_ARG)
+	$(BIN)/python bench/bench_stain.py --size 224 --n 64 $(ROOT_ARG)
+	$(BIN)/python bench/bench_filters.py $(ROOT_ARG)
 	$(BIN)/python bench/bench_throughput.py $(ROOT_ARG)
-	$(BIN)/python bench/bench_stain.py --size 128 $(ROOT_ARG)
-	$(BIN)/python bench/bench_stain.py --size 224 $(ROOT_ARG)
 
 # Step through the chapters interactively (see README.md).
 lab: setup

@@ -2,7 +2,7 @@
 as the references the speed benchmarks and equivalence tests compare against.
 
 They are the implementations wbclib shipped before (restore.median3x3,
-restore.bilateral, morphology._kmeans), unchanged.
+restore.bilateral, morphology._kmeans, sada.kmeans), unchanged.
 """
 from __future__ import annotations
 
@@ -72,3 +72,36 @@ def kmeans_numpy(values: np.ndarray, k: int, seed: int, iterations: int = 50, ma
             if (labels == c).any():
                 centres[c] = fit_on[labels == c].mean(0)
     return _nearest(values, centres)
+
+
+def kmeans_torch(points, k: int, n_init: int = 5, n_iter: int = 100, generator=None):
+    """The torch k-means of wbclib.sada (Lloyd from k-means++ seeding, n_init
+    restarts, lowest inertia wins): labels (N,) and centroids (k, D)."""
+    import torch
+
+    points = points.float()
+    n = len(points)
+    if n <= k:
+        return torch.arange(n, device=points.device), points.clone()
+    best = (float("inf"), None, None)
+    for _ in range(n_init):
+        first = int(torch.randint(n, (1,), generator=generator))
+        centres = [points[first]]
+        for _ in range(1, k):
+            d2 = torch.cdist(points, torch.stack(centres)).pow(2).min(1).values
+            weights = d2.cpu() if float(d2.sum()) > 0 else torch.ones(n)
+            centres.append(points[int(torch.multinomial(weights, 1, generator=generator))])
+        centres = torch.stack(centres)
+        for _ in range(n_iter):
+            labels = torch.cdist(points, centres).argmin(1)
+            counts = torch.bincount(labels, minlength=k).float()
+            sums = torch.zeros_like(centres).index_add_(0, labels, points)
+            updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+            if torch.equal(updated, centres):
+                break
+            centres = updated
+        labels = torch.cdist(points, centres).argmin(1)
+        inertia = float((points - centres[labels]).pow(2).sum())
+        if inertia < best[0]:
+            best = (inertia, labels, centres)
+    return best[1], best[2]
