@@ -158,5 +158,10 @@ def test_cli_fetch_exit_codes(zheng1_archive, tmp_path, monkeypatch, capsys):
     assert "zheng1: ready in" in capsys.readouterr().out
     broken = dataclasses.replace(_zheng1(zheng1_archive), expected={"zheng1/images/*.png": (301, 301)})
     monkeypatch.setitem(fetch.SOURCES, "zheng1", broken)
+    # a copy in place that fails the check is reported, not replaced, without --force
+    before = sorted(p.name for p in (tmp_path / "zheng1" / "images").iterdir())
+    assert cli.main(["data", "fetch", "--root", str(tmp_path), "--source", "zheng1"]) == 1
+    assert "fails its check (zheng1/images/*.png: 300 files, expected 301)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "zheng1" / "images").iterdir()) == before
     assert cli.main(["data", "fetch", "--root", str(tmp_path), "--source", "zheng1", "--force"]) == 1
-    assert "300 files, expected 301" in capsys.readouterr().err
+    assert "failed its check: zheng1/images/*.png: 300 files, expected 301" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Install and run from anywhere: the wheel, installed non-editably into a
 fresh virtual environment, executes a chapter from an unrelated folder and
 writes every output there."""
+import importlib.util
 import os
 import shutil
 import site
@@ -32,8 +33,9 @@ def venv(tmp_path_factory) -> Path:
         shutil.copy(PROJECT_ROOT / name, src / name)
     for name in ["wbclib", "notebooks"]:
         shutil.copytree(PROJECT_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
-    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                  "-w", work / "dist", src])
+    # Offline when this interpreter has setuptools; else pip fetches it into an isolated build env.
+    offline = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-w", work / "dist", src])
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     wheel = next((work / "dist").glob("wbclib-*.whl"))
 

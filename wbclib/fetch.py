@@ -339,9 +339,11 @@ def fetch(name_or_source, root: Optional[PathLike] = None, download: Downloader 
           force: bool = False, strict: bool = False, log=print) -> Path:
     """Download one set into ``root/<name>``, lay it out and check it; returns that folder.
 
-    A set already present and passing :func:`check` is left alone unless
-    ``force``. ``download`` fetches each file (see :data:`Downloader`).
-    Raises :class:`FetchError` when a pinned digest or the check fails.
+    A set already present is checked and left alone unless ``force``: one
+    that passes is reused, one that fails raises (a copy the user may have
+    edited is never replaced without ``force``). ``download`` fetches each
+    file (see :data:`Downloader`). Raises :class:`FetchError` when a pinned
+    digest or the check fails.
     """
     source = SOURCES[name_or_source] if isinstance(name_or_source, str) else name_or_source
     root = default_root(root)
@@ -351,7 +353,8 @@ def fetch(name_or_source, root: Optional[PathLike] = None, download: Downloader 
         if not problems:
             log(f"{source.name}: already in {target}; " + "; ".join(notes or ["layout checked"]))
             return target
-        log(f"{source.name}: present but incomplete ({problems[0]}); fetching again")
+        raise FetchError(f"{source.name}: {target} is there but fails its check ({'; '.join(problems)}); "
+                         "fix it, or download it again with force (wbc data fetch --force)")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{source.name}-download-", dir=root) as scratch:
         files = {}
