@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from wbclib import data
+from wbclib._io import CorruptFileError
 
 
 def test_missing_root_names_the_path_and_the_fix(tmp_path, monkeypatch):
@@ -69,9 +70,14 @@ def test_pbc_manifest_counts_and_cache(root, tmp_path):
     first = data.manifest("pbc", root, cache_dir=tmp_path)
     assert len(first) == 13193
     assert first[first.fine_label == "SNE"].shape[0] == 1646
-    assert list(tmp_path.glob("manifest_pbc_*.csv"))
+    cached = list(tmp_path.rglob("manifest_pbc_*.csv"))
+    assert len(cached) == 1
     again = data.manifest("pbc", root, cache_dir=tmp_path)
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
+    # A write that stopped half-way is not silently reused (H-09: 35 of 132 rows came back).
+    cached[0].write_text(cached[0].read_text()[: cached[0].stat().st_size // 3])
+    with pytest.raises(CorruptFileError, match="manifest_pbc"):
+        data.manifest("pbc", root, cache_dir=tmp_path)
 
 
 def test_unknown_source():

@@ -242,3 +242,11 @@ def test_each_draw_gets_its_own_augmentation_seed():
     draws = list(SeededDraws(make_sampler("class_balanced", [0, 0, 0, 1], seed=3), seed=3, epoch=1))
     assert [s for _, s in draws] == [draw_seed(3, 1, k) for k in range(4)]
     assert len({s for _, s in draws}) == 4 and draw_seed(3, 1, 0) != draw_seed(3, 2, 0)
+
+
+def test_a_class_too_small_to_split_is_named():
+    rows = [dict(path=f"pbc/x/{c}_{i}.jpg", fine_label=c) for c in benchmarks.PBC_LT_CLASSES for i in range(10)]
+    manifest = pd.DataFrame(rows[:-9])  # the last class keeps one image
+    last = benchmarks.PBC_LT_CLASSES[-1]
+    with pytest.raises(data.DataError, match=f"too few for: {last} \\(1\\)"):
+        benchmarks.make_pbc_lt(manifest)

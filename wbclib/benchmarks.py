@@ -50,6 +50,17 @@ class PbcLtDefinition:
     counts_available: Dict[str, int] = field(default_factory=dict)
 
 
+def _check_class_sizes(labels: pd.Series, needed: int, what: str) -> None:
+    """A clear error naming every class with fewer than ``needed`` images (the
+    stratified splits need them), instead of scikit-learn's message."""
+    counts = labels.value_counts()
+    small = counts[counts < needed]
+    missing = [c for c in PBC_LT_CLASSES if c not in counts.index]
+    if len(small) or missing:
+        listed = [f"{c} ({n})" for c, n in small.items()] + [f"{c} (0)" for c in missing]
+        raise data.DataError(f"{what} needs at least {needed} images per class; too few for: {', '.join(listed)}")
+
+
 def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.2,
                 n_folds: int = 5) -> tuple:
     """Build the PBC-LT table from the (de-duplicated) pbc manifest.
@@ -62,6 +73,7 @@ def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.
     """
     df = manifest[manifest["fine_label"].isin(PBC_LT_CLASSES)][["path", "fine_label"]]
     df = df.rename(columns={"fine_label": "label"}).sort_values("path").reset_index(drop=True)
+    _check_class_sizes(df["label"], needed=n_folds + 2, what="PBC-LT (a held-out test image and one per fold)")
     rest, test = train_test_split(df, test_size=test_fraction, stratify=df["label"], random_state=seed)
     test = test.assign(split="test", fold=-1)
     rest = rest.assign(split="cv", fold=-1)

@@ -573,18 +573,16 @@ def manifest(source: str, root: Optional[PathLike] = None, hashes: bool = True,
     what = f"the {source} data under {root}"
     if cache_dir is None or problems:
         return _rows_to_manifest(rows, root, hashes, problems, what)
-    stamp = hashlib.sha256()
-    for row in rows:
-        st = (root / row["path"]).stat()
-        stamp.update(f"{row['path']}|{row['label']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    key = hashlib.sha256(f"{root}|{hashes}|{MANIFEST_CHECKS_VERSION}|{stamp.hexdigest()}".encode()).hexdigest()[:16]
-    cached = Path(cache_dir) / f"manifest_{source}_{key}.csv"
-    if cached.is_file():
-        return pd.read_csv(cached, dtype={"fine_label": str, "sha256": str}, keep_default_na=False)
-    df = _rows_to_manifest(rows, root, hashes, problems, what)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(cached, index=False)
-    return df
+    from . import cache
+    from .runs import files_fingerprint
+
+    listing = hashlib.sha256("\n".join(f"{r['path']}|{r['label']}" for r in rows).encode()).hexdigest()[:16]
+    inputs = dict(root=str(root), listing=listing, files=files_fingerprint(root, [r["path"] for r in rows]))
+    entry = cache.entry(cache_dir, "manifest", dict(source=source, hashes=hashes, checks=MANIFEST_CHECKS_VERSION),
+                        inputs, modules=("data.py",), suffix=".csv", label=source)
+    return cache.frame(entry, lambda: _rows_to_manifest(rows, root, hashes, problems, what),
+                       columns=("path", "label", "sha256"), dtype={"fine_label": str, "sha256": str},
+                       keep_default_na=False)
 
 
 def image_folder(folder: PathLike, lab: str, hashes: bool = True) -> pd.DataFrame:
