@@ -250,3 +250,14 @@ def test_a_class_too_small_to_split_is_named():
     last = benchmarks.PBC_LT_CLASSES[-1]
     with pytest.raises(data.DataError, match=f"too few for: {last} \\(1\\)"):
         benchmarks.make_pbc_lt(manifest)
+
+
+def test_compare_reports_runs_whose_digits_differ(tmp_path):
+    for folder, value in (("a", 0.5), ("b", 0.5)):
+        runs.run(tmp_path / folder, "demo", dict(rho=1), keys=["rho"]).finish(dict(macro_f1=value))
+    assert runs.compare(tmp_path / "a", tmp_path / "b").empty
+    runs.run(tmp_path / "b", "demo", dict(rho=2), keys=["rho"]).finish(dict(macro_f1=0.1))
+    run = runs.run(tmp_path / "b", "demo", dict(rho=1), keys=["rho"])
+    run.path("metrics.json").write_text(json.dumps(dict(macro_f1=0.50000001)))
+    problems = runs.compare(tmp_path / "a", tmp_path / "b")
+    assert sorted(problems["problem"].str.split().str[0]) == ["metrics", "only"]

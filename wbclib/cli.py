@@ -189,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "values are YAML: [0, 1], null, 1e-3)")
     p.set_defaults(func=_book_execute)
 
+    runs_p = sub.add_parser("runs", help="query finished run folders")
+    runs_sub = runs_p.add_subparsers(dest="action", required=True)
+    p = runs_sub.add_parser("list", help="finished runs of the current code: protocol, folder, keys")
+    p.add_argument("--results", type=_non_empty, help="results folder (default: ./results or $WBC_RESULTS_DIR)")
+    p.add_argument("--protocol", help="only this protocol (prefix), e.g. pbc_lt")
+    p.set_defaults(func=_runs_list)
+    p = runs_sub.add_parser("compare", help="check that two results folders hold the same numbers (exit 1 if not)")
+    p.add_argument("first", type=_non_empty)
+    p.add_argument("second", type=_non_empty)
+    p.set_defaults(func=_runs_compare)
+
     cache_p = sub.add_parser("cache", help="list or clear the derived-file cache (embeddings, manifests ...)")
     cache_sub = cache_p.add_subparsers(dest="action", required=True)
     for name, fn, text in [("info", _cache_info, "list the cache entries with their size and code version"),
@@ -199,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kind", help="only entries of this kind (e.g. embeddings)")
         p.set_defaults(func=fn)
     return parser
+
+
+def _runs_list(args) -> int:
+    from . import profiles, runs
+
+    table = runs.find(profiles.output_dir("results", args.results), args.protocol)
+    if table.empty:
+        print("no finished runs of the current code")
+        return 0
+    keys = [c for c in ("rho", "fold", "seed", "setting", "method", "backbone", "variant", "recipe") if c in table]
+    print(table[["protocol", *keys, "run_dir"]].to_string(index=False))
+    return 0
+
+
+def _runs_compare(args) -> int:
+    from . import runs
+
+    differences = runs.compare(args.first, args.second)
+    if differences.empty:
+        print(f"every finished run under {args.first} and {args.second} has identical metrics")
+        return 0
+    print(differences.to_string(index=False))
+    return 1
 
 
 def _cache_info(args) -> int:

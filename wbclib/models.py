@@ -258,8 +258,12 @@ def default_device() -> torch.device:
 
 
 def default_workers() -> int:
+    """Data-loading worker processes: ``$WBC_WORKERS`` when set, else the cores
+    but one (at most 8). Numbers never depend on it (per-draw seeds)."""
     import os
 
+    if os.environ.get("WBC_WORKERS", "").strip():
+        return max(0, int(os.environ["WBC_WORKERS"]))
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 

@@ -268,3 +268,19 @@ def _provenance() -> dict:
         except ImportError:
             pass
     return info
+
+
+def compare(results_a: Path, results_b: Path) -> pd.DataFrame:
+    """Finished runs present under both folders (same protocol and run id) whose
+    ``metrics.json`` differ, and runs present under only one: one row per
+    difference (``run``, ``problem``). Empty when every number agrees to the
+    last digit: the check that a commit reproduces itself."""
+    def finished(base: Path) -> Dict[str, Path]:
+        return {str(p.parent.relative_to(base)): p.parent for p in Path(base).rglob("done")}
+
+    a, b = finished(Path(results_a)), finished(Path(results_b))
+    rows = [dict(run=r, problem=f"only under {results_a if r in a else results_b}") for r in sorted(set(a) ^ set(b))]
+    for r in sorted(set(a) & set(b)):
+        if (a[r] / "metrics.json").read_bytes() != (b[r] / "metrics.json").read_bytes():
+            rows.append(dict(run=r, problem="metrics differ"))
+    return pd.DataFrame(rows, columns=["run", "problem"])
