@@ -61,7 +61,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles
+from wbclib import experiments, metrics, plots, profiles, verdicts
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
@@ -220,7 +220,7 @@ lines.append(f"* The largest tail gain is **{winner}**: {100 * tail_gain[winner]
 if len(deltas):
     for name, part in deltas.groupby("variant"):
         m, s = 100 * part.delta.mean(), 100 * part.delta.std()
-        verdict = "helps" if m - s > 0 else "hurts" if m + s < 0 else "makes no consistent difference"
+        verdict = verdicts.consistency(m, s)
         lines.append(f"* **{name}** {verdict} on average over recipes, folds and rhos: {m:+.1f} ± {s:.1f} "
                      "points of macro-F1 on the degraded test.")
 lines.append("* All images here come from one lab (pbc) with one staining protocol, so stain normalisation can "

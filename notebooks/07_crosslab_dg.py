@@ -65,7 +65,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import crosslab, plots, profiles, scale
+from wbclib import crosslab, plots, profiles, scale, verdicts
 
 started = time.time()
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
@@ -210,15 +210,7 @@ display((gains.set_index(["protocol", "method"]).drop(columns="baseline") * 100)
         .rename(columns={"p_not_better": "% replicates with gain <= 0"}))
 
 
-def judged(gain, low, high) -> str:
-    span = f"{100 * gain:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
-    if low > 0:
-        return f"better, {span}"
-    if high < 0:
-        return f"worse, {span}"
-    return f"not distinguishable, {span}"
-
-
+judged = verdicts.interval  # better / worse only when the whole interval excludes zero
 lines = [f"- {r.protocol}, {r.method}: F1-macro "
          f"{judged(r.macro_f1_gain, r.macro_f1_gain_low, r.macro_f1_gain_high)}; F1-micro "
          f"{judged(r.micro_f1_gain, r.micro_f1_gain_low, r.micro_f1_gain_high)}" for r in gains.itertuples()]

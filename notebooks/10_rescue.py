@@ -63,7 +63,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles
+from wbclib import experiments, metrics, plots, profiles, verdicts
 from wbclib import rescue as R
 from wbclib.data import PROJECT_ROOT
 
@@ -244,7 +244,7 @@ display(pd.DataFrame(chosen).round(3))
 paper_gain = {"semantic": 100 * (paper["+ MedSigLIP Semantic Verification (Phase 2)"] - paper["Swin-T (5-Fold + TTA)"]),
               "morphology": 100 * (paper["+ Biological Filtering (Phase 3)"]
                                    - paper["+ MedSigLIP Semantic Verification (Phase 2)"])}
-verdicts = []
+judged = []
 for model, (regime, fold) in first.items():
     before = rescued_predictions(regime, fold, "base")
     for phase, previous in (("semantic", "base"), ("morphology", "semantic")):
@@ -252,18 +252,12 @@ for model, (regime, fold) in first.items():
         b = rescued_predictions(regime, fold, phase)
         g = R.paired_bootstrap_gain(before["label"], a["pred"], b["pred"], classes, n_boot=cfg.n_boot, seed=seed)
         gain, low, high = 100 * g["gain"], 100 * g["low"], 100 * g["high"]
-        if low > 0 and gain >= paper_gain[phase] / 2:
-            verdict = "reproduced"
-        elif gain > 0:
-            verdict = "same direction, smaller or not significant"
-        else:
-            verdict = "not reproduced"
-        verdicts.append(dict(model=model, phase=phase_names[phase], gain=gain, low=low, high=high,
-                             paper_gain=paper_gain[phase], verdict=verdict))
-verdicts = pd.DataFrame(verdicts)
-display(verdicts.round(2))
+        judged.append(dict(model=model, phase=phase_names[phase], gain=gain, low=low, high=high,
+                           paper_gain=paper_gain[phase], verdict=verdicts.reproduction(gain, low, paper_gain[phase])))
+judged = pd.DataFrame(judged)
+display(judged.round(2))
 lines = [f"* **{r.model}, {r.phase}**: {r.gain:+.2f} points (95 % CI {r.low:+.2f} to {r.high:+.2f}) against the "
-         f"paper's {r.paper_gain:+.2f}: {r.verdict}." for r in verdicts.itertuples()]
+         f"paper's {r.paper_gain:+.2f}: {r.verdict}." for r in judged.itertuples()]
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]

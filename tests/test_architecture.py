@@ -18,7 +18,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: Algorithms: pure methods on arrays, tensors and tables.
 ALGORITHMS = {"augment", "cluster", "degrade", "gradcam", "heads", "infer", "losses", "method_base", "methods",
               "metrics", "morphology", "precision", "registry", "sada", "samplers", "scale", "segment", "stain",
-              "swad"}
+              "swad", "verdicts"}
 #: What algorithms must not import: profiles, protocols, run folders and the book's machinery.
 ABOVE_ALGORITHMS = {"profiles", "protocols", "experiments", "crosslab", "runs", "runbook", "cli", "rescue"}
 
