@@ -124,10 +124,10 @@ name, sources, targets = crosslab.settings_named(["LOLO:zheng1"])[0]
 split, eval_sets = crosslab.dg_sets(cfg, table, sources, targets, crops)
 train = split[split["split"] == "train"]
 store = crosslab.store_for(cfg, root, cache, table, crops)
-clusters = store.stain_clusters(train, cfg.sada_k)[store.index(train, train)]
+clusters = store.stain_clusters(train, crosslab.stain_clusters_k(cfg))[store.index(train, train)]
 display(pd.crosstab(train["lab"].to_numpy(), clusters, rownames=["lab"], colnames=["stain cluster"]))
-raw, views = store.view_images(train, cfg.sada_k, n=4)
-plots.restained_grid(raw, views, title=f"SADA re-staining (k = {cfg.sada_k}): copies take other clusters' stains");
+raw, views = store.view_images(train, crosslab.stain_clusters_k(cfg), n=4)
+plots.restained_grid(raw, views, title=f"SADA re-staining (k = {crosslab.stain_clusters_k(cfg)}): copies take other clusters' stains");
 
 # %% [markdown]
 # ## The cross-lab table
@@ -276,9 +276,10 @@ else:
 
 # %%
 sweep = []
+sada_defaults = crosslab.resolved_hparams(cfg, "SADA")  # the main run's k and beta
 for k in cfg.sada_sweep_k:
     for beta in cfg.sada_sweep_beta:
-        default = (k == cfg.sada_k and beta == cfg.sada_beta)
+        default = (k, beta) == (sada_defaults["k"], sada_defaults["beta"])
         part = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"],
                                     settings=cfg.sada_sweep_settings, seeds=cfg.dg_seeds[:1], split_seed=seed,
                                     overrides=None if default else {"SADA": {"k": k, "beta": beta}},

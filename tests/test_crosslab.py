@@ -249,3 +249,20 @@ def test_end_to_end_path_trains_on_images_on_tiny_synthetic_labs(tmp_path):
     assert np.allclose(again["macro_f1"], out[out["method"] == "SADA"]["macro_f1"])
     examples, images, cams = crosslab.gradcam_examples(cfg, root, splits, cache, results, rows=["SADA"], per_lab=1)
     assert images.shape == (3, 32, 32, 3) and cams["SADA"].shape == (3, 32, 32)
+
+
+def test_row_hyper_parameters_have_one_home(monkeypatch):
+    from wbclib.sada import SADA
+
+    cfg = profiles.get("cpu")
+    assert crosslab.resolved_hparams(cfg, "SADA")["beta"] == SADA.defaults["beta"]
+    # A changed method default reaches the book (the profile only overrides when it sets a value) ...
+    monkeypatch.setitem(SADA.defaults, "beta", 0.5)
+    assert crosslab.resolved_hparams(cfg, "SADA")["beta"] == 0.5
+    # ... the profile's value beats the default, a row's own (the ablation's beta 0) beats the profile,
+    # and a sweep's beats everything.
+    tuned = cfg.replace(sada_beta=2.0, sada_k=4)
+    assert crosslab.resolved_hparams(tuned, "SADA")["beta"] == 2.0 and crosslab.stain_clusters_k(tuned) == 4
+    assert crosslab.resolved_hparams(tuned, "M2: SADA without L_LA")["beta"] == 0.0
+    assert crosslab.row_hparams(tuned, "SADA", dict(beta=0.01))[1]["beta"] == 0.01
+    assert crosslab.resolved_hparams(tuned, "ERM + re-stained views")["k"] == 4

@@ -53,6 +53,7 @@ from . import metrics as M
 from . import scale as SC
 from .experiments import CROSSLAB_SETTINGS, setting_key
 from .gradcam import grad_cam, last_conv
+from .method_base import METHODS
 from .methods import create_method
 from .models import ImageTable, Normalized, create_backbone, default_workers
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
@@ -85,6 +86,41 @@ ROWS: Dict[str, Tuple[str, dict, dict]] = {
     "M3: SupCon, no L_LA": ("sada", {"anchors": "self", "beta": 0.0}, {}),
     "ERM + re-stained views": ("erm_restain", {}, {}),
 }
+
+def profile_hparams(cfg) -> Dict[str, dict]:
+    """The profile's overrides of method defaults, by registered method name:
+    ``sada_k`` (stain clusters, for SADA and the re-stained-views control) and
+    ``sada_beta`` (L_LA weight), each only when set (None keeps the method's
+    declared default, ``Method.defaults``)."""
+    k, beta = getattr(cfg, "sada_k", None), getattr(cfg, "sada_beta", None)
+    views = {} if k is None else {"k": k}
+    return {"sada": dict(views, **({} if beta is None else {"beta": beta})), "erm_restain": dict(views)}
+
+
+def row_hparams(cfg, row: str, extra: Optional[dict] = None) -> Tuple[str, dict, dict]:
+    """The one place a table row's hyper-parameters are resolved, in this order
+    (later wins): the method's declared defaults, the profile's overrides
+    (:func:`profile_hparams`), the row's own (:data:`ROWS`, e.g. an ablation's
+    beta 0), ``extra`` (a sweep). Returns ``(method name, hparams, options)``;
+    names left out take the method's default when it is built (the code version
+    in every run's identity covers those)."""
+    if row not in ROWS:
+        raise KeyError(f"unknown row {row!r}; known: {list(ROWS)}")
+    method_name, own, options = ROWS[row]
+    hparams = {**profile_hparams(cfg).get(method_name, {}), **own, **(extra or {})}
+    return method_name, hparams, dict(options)
+
+
+def resolved_hparams(cfg, row: str) -> dict:
+    """Every hyper-parameter of ``row`` as its method will use it (defaults filled in)."""
+    method_name, hparams, _ = row_hparams(cfg, row)
+    return METHODS.get(method_name).resolve_hparams(hparams)
+
+
+def stain_clusters_k(cfg) -> int:
+    """How many stain-colour clusters SADA uses (the profile's ``sada_k``, else SADA's default)."""
+    return int(resolved_hparams(cfg, "SADA")["k"])
+
 
 #: SADA's Table I (ResNet-50, four source labs, five classes; leave-one-domain-out), mean ± std of 3 trials.
 SADA_TABLE_I = pd.DataFrame(
@@ -526,7 +562,7 @@ class _MapsRunner:
         self.eval_x = {n: all_maps[store.index(r, everything)] for n, r in eval_sets.items()}
         self.eval_y = {n: _labels(r) for n, r in eval_sets.items()}
         if single_source:  # stain-colour clusters as domains
-            clusters = store.stain_clusters(self.train, cfg.sada_k)
+            clusters = store.stain_clusters(self.train, stain_clusters_k(cfg))
             self.train_d = clusters[store.index(self.train, self.train)]
         else:
             labs = sorted(self.train["lab"].unique())
@@ -546,7 +582,8 @@ class _MapsRunner:
         cfg = self.cfg
         x, y, d = self.train_x, self.train_y, self.train_d
         if method_name in VIEW_METHODS:
-            views = self.views(int(hparams.get("k", cfg.sada_k)), int(hparams.get("seed", seed)))
+            k = METHODS.get(method_name).resolve_hparams(hparams)["k"]  # the row's, else the method's default
+            views = self.views(int(k), int(hparams.get("seed", seed)))
             x = torch.cat([x[:, None], views], 1)
         method, history, swad = train_on_maps(
             method_name, hparams, x, y, d, self.eval_x["val"], self.eval_y["val"], cfg.dg_epochs, cfg.batch_size,
@@ -572,7 +609,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
     split = split.copy()
     train = split[split["split"] == "train"]
     if single_source:
-        clusters = store.stain_clusters(train, cfg.sada_k)
+        clusters = store.stain_clusters(train, stain_clusters_k(cfg))
         split.loc[train.index, "domain"] = [f"stain{c}" for c in clusters[store.index(train, train)]]
     hparams = dict(hparams)
     if method_name == "sada":
@@ -647,12 +684,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
         single = len(sources) == 1
         runner = None
         for row in rows:
-            method_name, hparams, options = ROWS[row]
-            hparams = {**hparams, **(overrides or {}).get(row, {})}
-            if method_name in VIEW_METHODS:
-                hparams.setdefault("k", cfg.sada_k)
-            if method_name == "sada":
-                hparams.setdefault("beta", cfg.sada_beta)
+            method_name, hparams, options = row_hparams(cfg, row, (overrides or {}).get(row))
             for seed in seeds:
                 config = dict(variant=variant, row=row, setting=setting_key(name), seed=seed, version=VERSION,
                               regime=cfg.dg_regime, method=method_name, hparams=hparams, options=options,
@@ -811,15 +843,11 @@ def gradcam_examples(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_d
     trained = crosslab_dg(cfg, root, splits_dir, cache_dir, results_dir, rows=rows, settings=[setting], seeds=[seed],
                           variant=variant, split_seed=split_seed, weights_for=(setting, seed), progress=False)
     for row in rows:
-        method_name, hparams, _ = ROWS[row]
+        method_name, hparams, _ = row_hparams(cfg, row)
         run_dir = Path(trained[trained["method"] == row]["run_dir"].iloc[0])
         if cfg.dg_regime == "maps":
             maps = torch.from_numpy(store.trunk_maps(images)).float()
             hp = dict(hparams)
-            if method_name in VIEW_METHODS:
-                hp.setdefault("k", cfg.sada_k)
-            if method_name == "sada":
-                hp.setdefault("beta", cfg.sada_beta)
             if method_name == "boda":
                 hp["domain_class_counts"] = None
             method = create_method(method_name, MapHead(maps.shape[1], cfg.dg_head_width), cfg.dg_head_width,

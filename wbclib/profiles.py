@@ -20,6 +20,11 @@ Long-tail chapter keys (``experiments.pbc_lt_heads`` / ``decoupled_finetune``):
 * ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
   weights; False here (offline: random init), set True where the hub is reachable.
 
+Cross-lab chapter keys (``crosslab.crosslab_dg``, notebook 07): ``dg_*`` set
+the regime, rows, seeds, sizes and schedule; ``sada_k`` and ``sada_beta``
+override SADA's declared defaults (``Method.defaults``) only when set (None:
+the method's own), through the one resolver ``crosslab.row_hparams``.
+
 Restoration chapter keys (``restore``, notebook 08):
 
 * ``restore_detector_images`` – pristine images given noise at each of
@@ -92,7 +97,7 @@ PROFILES = {
         decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
         decoupled_stain="none", decoupled_tta=True, hub_pretrained=False,
         dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0], dg_train_per_class=8, dg_test_per_class=4,
-        dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=3, sada_beta=0.1,
+        dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=None, sada_beta=None,
         sada_sweep_k=[2, 3], sada_sweep_beta=[0.1], sada_sweep_settings=["LOLO:zheng1"],
         dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=1,
         restore_detector_images=18, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=27, restore_heldout_images=1,
@@ -114,7 +119,8 @@ PROFILES = {
         decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
         decoupled_stain="none", decoupled_tta=False, hub_pretrained=False,
         dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1], dg_train_per_class=60, dg_test_per_class=150,
-        dg_epochs=20, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150, sada_k=3, sada_beta=0.1,
+        dg_epochs=20, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150,
+        sada_k=None, sada_beta=None,
         sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=["LOLO:zheng1"],
         dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=2,
         restore_detector_images=360, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=450,
@@ -139,7 +145,7 @@ PROFILES = {
         decoupled_augmentation="decoupled", decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=False,
         dg_regime="end_to_end", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=None,
         dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
-        sada_k=3, sada_beta=0.1, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
+        sada_k=None, sada_beta=None, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
         sada_sweep_settings=list(_LOLO), dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=3,
         restore_detector_images=2000, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=None,
         restore_heldout_images=180, restore_kinds=["salt_pepper"], p2p_crop=256, p2p_epochs=20,
@@ -209,8 +215,8 @@ class Profile:
     dg_swad: bool
     dg_scale: str
     dg_scale_per_lab: Optional[int]
-    sada_k: int
-    sada_beta: float
+    sada_k: Optional[int]
+    sada_beta: Optional[float]
     sada_sweep_k: List[int]
     sada_sweep_beta: List[float]
     sada_sweep_settings: List[str]
