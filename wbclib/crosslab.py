@@ -874,7 +874,7 @@ def _num_domains(run_dir: Path) -> int:
     for name in ("weights.pt", "train/swad.pt", "train/best.pt"):
         path = run_dir / name
         if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _io.torch_load(path)
             if "centroids" in state:
                 return int(state["centroids"].shape[0])
             last = [k for k in state if k.startswith("discriminator.") and k.endswith(".weight")]

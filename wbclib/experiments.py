@@ -583,7 +583,7 @@ def _stage1_model(config: TrainConfig, run_dir: Path, class_counts: Sequence[int
 
     # No pretrained download: every weight is overwritten by the checkpoint.
     method = build_method(dataclasses.replace(config, pretrained=False), num_classes, 1, class_counts)
-    method.load_state_dict(torch.load(Path(run_dir) / "best.pt", map_location="cpu", weights_only=True))
+    method.load_state_dict(_io.torch_load(Path(run_dir) / "best.pt"))
     return method.eval()
 
 

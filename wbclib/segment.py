@@ -45,7 +45,7 @@ from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 from skimage.transform import resize
 
-from . import data
+from . import _io, data
 
 PathLike = Union[str, Path]
 #: (x0, y0, x1, y1) in pixels, end-exclusive.
@@ -383,7 +383,7 @@ def _load_cellpose(model_path: PathLike):
     if key not in _CELLPOSE_MODELS:
         models, _ = _import_cellpose()
         sidecar = path.with_name(path.name + ".json")
-        settings = json.loads(sidecar.read_text()) if sidecar.is_file() else {"nchan": 2, "input": "rgb"}
+        settings = _io.read_json(sidecar) if sidecar.is_file() else {"nchan": 2, "input": "rgb"}
         import torch
 
         model = models.CellposeModel(pretrained_model=str(path), nchan=int(settings["nchan"]),
@@ -716,7 +716,7 @@ def train_cellpose(images, masks, out_dir: PathLike, epochs: int = 100, batch_si
                     batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
                     n_train=len(images), device=str(device), seconds=round(seconds, 2),
                     train_loss=[round(float(v), 5) for v in np.asarray(train_losses)])
-    path.with_name(path.name + ".json").write_text(json.dumps(settings, indent=2))
+    _io.write_json(path.with_name(path.name + ".json"), settings)
     return path
 
 
