@@ -49,13 +49,15 @@ from IPython.display import display
 
 from wbclib import benchmarks as B
 from wbclib import experiments, models, plots, profiles
+from wbclib import pix2pix as P2P
 from wbclib import restore as R
+from wbclib.protocols import restoration as protocol
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, splits, results = ctx.cfg, ctx.root, ctx.splits, ctx.results
 table, definition = B.read_pbc_lt(splits, seed)
-images = R.chapter_images(cfg, table)
-out = R.chapter_run(results, cfg, root, images, seed).dir
+images = protocol.chapter_images(cfg, table)
+out = protocol.chapter_run(results, cfg, root, images, seed).dir
 print(f"profile {cfg.name}: {len(images['detector'])} images for the detector, a raw set of "
       f"{len(images['pool'])}, {len(images['heldout'])} held-out images for PSNR/SSIM; "
       f"Pix2Pix on {cfg.p2p_crop} px crops, {cfg.p2p_epochs} epochs")
@@ -88,9 +90,9 @@ print(f"profile {cfg.name}: {len(images['detector'])} images for the detector, a
 # the clean population is no longer pristine.
 
 # %%
-versions = R.cached_frame(out / "detector_versions.csv",
+versions = protocol.cached_frame(out / "detector_versions.csv",
                           lambda: R.detector_versions(images["detector"], root, seed=seed))
-rates = R.cached_frame(out / "detector_rates.csv", lambda: R.detector_rates(versions, cfg.restore_rates, seed=seed))
+rates = protocol.cached_frame(out / "detector_rates.csv", lambda: R.detector_rates(versions, cfg.restore_rates, seed=seed))
 display(rates.pivot_table(index=["background", "noise", "rate"], columns="score",
                           values=["precision", "recall"]).round(3))
 
@@ -115,7 +117,7 @@ R.score_histograms(versions, rate=0.3, seed=seed);
 # at one of four severities. The detector is fitted on this set alone.
 
 # %%
-pool_scores = R.cached_frame(out / "pool_scores.csv", lambda: R.table_scores(images["pool"], root).reset_index(drop=True))
+pool_scores = protocol.cached_frame(out / "pool_scores.csv", lambda: R.table_scores(images["pool"], root).reset_index(drop=True))
 detector = R.NoiseDetector.fit(pool_scores["impulse"], score="impulse", seed=seed)
 pool = images["pool"].reset_index(drop=True).assign(impulse=pool_scores["impulse"],
                                                     noisy=detector.predict(pool_scores["impulse"]))
@@ -143,9 +145,9 @@ display(pd.crosstab([pool["degradation"], pool["severity"]], pool["noisy"].map({
 # is fully convolutional, so it restores whole images.
 
 # %%
-p2p_config = R.pix2pix_config(cfg, seed)
+p2p_config = protocol.pix2pix_config(cfg, seed)
 p2p_run = out / "pix2pix"
-generator = R.train_pix2pix(p2p_config, pool[~pool["noisy"]], root, p2p_run, val_table=images["heldout"])
+generator = P2P.train_pix2pix(p2p_config, pool[~pool["noisy"]], root, p2p_run, val_table=images["heldout"])
 p2p_summary = json.loads((p2p_run / "summary.json").read_text())
 history = pd.read_csv(p2p_run / "history.csv")
 print(f"Pix2Pix: {p2p_summary['train_images']} clean images, {p2p_summary['epochs']} epochs x "
@@ -164,9 +166,9 @@ display(history.round(3))
 # "noisy input" is the degraded image itself.
 
 # %%
-restorer = R.Pix2PixRestorer(generator)
+restorer = P2P.Pix2PixRestorer(generator)
 restorers = {**R.BASELINES, "Pix2Pix": restorer}
-quality = R.cached_frame(out / "restoration_scores.csv",
+quality = protocol.cached_frame(out / "restoration_scores.csv",
                          lambda: R.evaluate_restorers(images["heldout"], root, restorers, seed=seed))
 display(R.restoration_table(quality).round(3))
 display(R.restoration_table(quality, by=["kind"]).round(3))
@@ -209,12 +211,12 @@ R.image_grid(rows, titles, zoom=120);
 
 # %%
 fold, rho = cfg.finetune_folds[0], 100
-run_dir = R.ensure_erm_classifier(cfg, root, splits, results, rho=rho, fold=fold, seed=seed)
+run_dir = protocol.ensure_erm_classifier(cfg, root, splits, results, rho=rho, fold=fold, seed=seed)
 classes = list(B.PBC_LT_CLASSES)
 method, train_config = R.load_classifier(run_dir, len(classes))
 _, sets = experiments.pbc_lt_sets(cfg, table, definition, rho, fold)
 test = sets["test_degraded"].reset_index(drop=True)
-test_scores = R.cached_frame(out / "test_scores.csv", lambda: R.table_scores(test, root).reset_index(drop=True))
+test_scores = protocol.cached_frame(out / "test_scores.csv", lambda: R.table_scores(test, root).reset_index(drop=True))
 flags = detector.predict(test_scores["impulse"])
 truth = test["degradation"].eq("salt_pepper")
 test_detection = R.detection_scores(truth, flags)
@@ -223,7 +225,7 @@ print("noisy call vs truth on the degraded test:",
 display(test.assign(flagged=flags).groupby(["degradation", "severity"])["flagged"].mean().unstack().round(2))
 
 # %%
-preds, effect = R.restoration_effect(method, train_config, test, root, classes, flags,
+preds, effect = protocol.restoration_effect(method, train_config, test, root, classes, flags,
                                      {"Pix2Pix": restorer, "median 3x3": R.median3x3}, out / "classify",
                                      n_boot=cfg.n_boot)
 saved = pd.read_csv(run_dir / "predictions_test_degraded.csv")

@@ -11,7 +11,9 @@ from scipy import ndimage
 
 from conftest import write_png
 from wbclib import degrade as D
+from wbclib import pix2pix as P2P
 from wbclib import restore as R
+from wbclib.protocols import restoration as protocol
 from wbclib.data import load_image
 from wbclib.models import ImageTable
 
@@ -98,23 +100,23 @@ def test_make_pairs_uses_the_benchmark_degradations(texture):
 
 
 def test_networks_shapes_and_whole_image_restorer():
-    g = R.UNetGenerator(channels=4, depth=3)
+    g = P2P.UNetGenerator(channels=4, depth=3)
     assert g(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
-    d = R.PatchDiscriminator(channels=4, layers=3)
-    assert R.PatchDiscriminator.receptive_field(3) == 70
+    d = P2P.PatchDiscriminator(channels=4, layers=3)
+    assert P2P.PatchDiscriminator.receptive_field(3) == 70
     assert d(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)).shape == (1, 1, 6, 6)
     image = np.random.default_rng(0).integers(0, 256, (37, 45, 3)).astype(np.uint8)
-    out = R.Pix2PixRestorer(g)(image)
+    out = P2P.Pix2PixRestorer(g)(image)
     assert out.shape == image.shape and out.dtype == np.uint8
 
 
 def test_pix2pix_steps_bring_the_output_closer_to_the_clean_target(texture):
     torch.manual_seed(0)
-    model = R.Pix2Pix(R.Pix2PixConfig(channels=8, depth=3, d_channels=8, d_layers=1, lr=2e-3))
+    model = P2P.Pix2Pix(P2P.Pix2PixConfig(channels=8, depth=3, d_channels=8, d_layers=1, lr=2e-3))
     rng = np.random.default_rng(0)
     crops = [texture[:32, :32], texture[32:, 32:], texture[:32, 32:], texture[32:, :32]]
-    clean = torch.stack([R.to_tensor(c) for c in crops])
-    noisy = torch.stack([R.to_tensor(D.salt_and_pepper(c, 0.08, rng)) for c in crops])
+    clean = torch.stack([P2P.to_tensor(c) for c in crops])
+    noisy = torch.stack([P2P.to_tensor(D.salt_and_pepper(c, 0.08, rng)) for c in crops])
 
     def l1():
         model.generator.eval()
@@ -133,12 +135,12 @@ def test_pix2pix_steps_bring_the_output_closer_to_the_clean_target(texture):
 def test_pix2pix_run_resumes_to_the_same_weights(synthetic_root, tmp_path, monkeypatch):
     paths = sorted(str(p.relative_to(synthetic_root)) for p in synthetic_root.glob("*/*.png"))[:8]
     table = pd.DataFrame({"path": paths})
-    config = R.Pix2PixConfig(crop=16, epochs=2, batch_size=4, channels=4, depth=2, d_channels=4, d_layers=1)
+    config = P2P.Pix2PixConfig(crop=16, epochs=2, batch_size=4, channels=4, depth=2, d_channels=4, d_layers=1)
     device = torch.device("cpu")
-    straight = R.train_pix2pix(config, table, synthetic_root, tmp_path / "a", device=device)
+    straight = P2P.train_pix2pix(config, table, synthetic_root, tmp_path / "a", device=device)
 
     calls = {"n": 0}
-    step = R.Pix2Pix.step
+    step = P2P.Pix2Pix.step
 
     def interrupted(self, noisy, clean):
         calls["n"] += 1
@@ -146,22 +148,22 @@ def test_pix2pix_run_resumes_to_the_same_weights(synthetic_root, tmp_path, monke
             raise KeyboardInterrupt
         return step(self, noisy, clean)
 
-    monkeypatch.setattr(R.Pix2Pix, "step", interrupted)
+    monkeypatch.setattr(P2P.Pix2Pix, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        R.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
+        P2P.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
     assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "generator.pt").exists()
-    monkeypatch.setattr(R.Pix2Pix, "step", step)
-    resumed = R.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
+    monkeypatch.setattr(P2P.Pix2Pix, "step", step)
+    resumed = P2P.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert len(pd.read_csv(tmp_path / "b" / "history.csv")) == 2
     # A finished run is loaded, not retrained; another configuration is refused.
-    monkeypatch.setattr(R.Pix2Pix, "step", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
-    R.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
+    monkeypatch.setattr(P2P.Pix2Pix, "step", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    P2P.train_pix2pix(config, table, synthetic_root, tmp_path / "b", device=device)
     from wbclib.train import RunMismatch
 
     with pytest.raises(RunMismatch):
-        R.train_pix2pix(R.Pix2PixConfig(crop=16, epochs=3), table, synthetic_root, tmp_path / "b", device=device)
+        P2P.train_pix2pix(P2P.Pix2PixConfig(crop=16, epochs=3), table, synthetic_root, tmp_path / "b", device=device)
 
 
 def test_restored_table_matches_image_table_and_restores_flagged_rows(synthetic_root):
@@ -195,8 +197,8 @@ def test_chapter_folder_follows_settings_and_images(tmp_path, synthetic_root):
 
     images = dict(pool=pd.DataFrame({"path": ["lymphocyte/lymphocyte_0.png"], "label": ["lymphocyte"]}))
     cfg = profiles.get("smoke")
-    first = R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0)
-    assert R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir == first.dir
-    assert R.chapter_run(tmp_path, profiles.get("cpu"), synthetic_root, images, seed=0).dir != first.dir
+    first = protocol.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0)
+    assert protocol.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir == first.dir
+    assert protocol.chapter_run(tmp_path, profiles.get("cpu"), synthetic_root, images, seed=0).dir != first.dir
     write_png(synthetic_root / "lymphocyte" / "lymphocyte_0.png", np.zeros((40, 40, 3), np.uint8))  # image replaced
-    assert R.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir != first.dir
+    assert protocol.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir != first.dir
