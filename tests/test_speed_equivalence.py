@@ -153,3 +153,22 @@ def test_autocast_context_runs_matmuls_in_the_chosen_type():
     # fp32 switches an enclosing autocast off rather than inheriting it.
     with torch.autocast("cpu", dtype=torch.bfloat16), precision.autocast("cpu", "fp32"):
         assert (a @ a.T).dtype == torch.float32
+
+
+def test_bf16_autocast_embeddings_stay_close_to_float32(pbc_images):
+    from wbclib.models import Normalized, create_backbone
+
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=True)
+    model = Normalized(backbone).eval()
+    x = torch.stack([torch.from_numpy(image[:352, :352]).permute(2, 0, 1) for image in pbc_images])
+    x = torch.nn.functional.interpolate(x.float(), size=(128, 128), antialias=True, mode="bilinear").round().to(torch.uint8)
+    with torch.no_grad():
+        with precision.autocast("cpu", "fp32"):
+            reference = model(x)
+        with precision.autocast("cpu", "bf16"):
+            reduced = model(x).float()
+    # bf16 keeps 8 significant bits; through the network the embedding's
+    # direction moves little: per-image cosine 0.998 on average, 0.994 at
+    # worst, on 200 pbc images at 224 px (bench/agreement_precision.py).
+    cosine = torch.nn.functional.cosine_similarity(reference, reduced)
+    assert cosine.min() > 0.99

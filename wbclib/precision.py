@@ -5,13 +5,24 @@ a 16-bit type and keeps reductions, losses and weights in float32. Where the
 hardware has native 16-bit arithmetic that is several times faster:
 EfficientNet-Lite0 feature extraction at 224 px, batch 32, 2 CPU threads on a
 CPU with AVX512-BF16 went from 49 (float32, channels-last) to 118 images/s
-under bfloat16 autocast. Without that hardware it is slower than float32, so
-the choice is made at run time:
+under bfloat16 autocast on an idle machine (issue 12), 2.5x plain eager
+float32 timm on a loaded one (``bench/bench_throughput.py``). On 200 pbc
+images the embeddings keep a cosine of 0.998 to float32 (0.994 at worst) and
+a linear probe's predictions 99.5% unchanged, macro-F1 0.777 against 0.778
+(``bench/agreement_precision.py``). Without that hardware bfloat16 is slower
+than float32, so the choice is made at run time:
 
 * CUDA: bfloat16 where the GPU supports it, else float16 (inference only:
   training in float16 needs a loss scaler, which the trainer does not have);
 * CPU: bfloat16 only where the CPU has AVX512-BF16 or AMX instructions;
 * anything else (MPS, other CPUs): float32.
+
+Separately, ``WBC_COMPILE=1`` compiles inference models with
+``torch.compile`` (inductor, weights frozen into the graph; see
+:func:`for_inference`): 7x plain eager float32 where bf16 autocast alone gave
+2.1-3x on a loaded 2-core machine, but compiling takes 2-3 minutes there and
+comes again for every new model object and input shape, so it is off by
+default and pays off only for long extractions.
 
 The setting ``"auto"`` (default) applies these rules; ``"fp32"`` turns autocast
 off and ``"bf16"`` / ``"fp16"`` force a type. The environment variable
@@ -29,6 +40,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+#: Environment variable that turns on torch.compile for inference ("1", "true", "on").
+COMPILE_ENV = "WBC_COMPILE"
 #: Accepted precision settings.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Environment variable that overrides the default setting.
@@ -90,11 +103,34 @@ def autocast_dtype(device: Device, precision: Optional[str] = None, training: bo
     return None
 
 
-def precision_tag(device: Device, precision: Optional[str] = None, training: bool = False) -> str:
-    """What a run records of its precision: ``"fp32"``, ``"bf16-autocast"`` or
+def compile_enabled(compile: Optional[bool] = None) -> bool:
+    """Whether :func:`for_inference` compiles: ``compile`` if given, else ``$WBC_COMPILE``."""
+    if compile is not None:
+        return bool(compile)
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def precision_tag(device: Device, precision: Optional[str] = None, training: bool = False,
+                  compile: Optional[bool] = None) -> str:
+    """What a run records of its numerics: ``"fp32"``, ``"bf16-autocast"`` or
     ``"fp16-autocast"`` (the resolved type, not the setting, so an "auto" run
-    on a CPU without bfloat16 and one with it are told apart)."""
-    return _TAGS[autocast_dtype(device, precision, training)]
+    on a CPU without bfloat16 and one with it are told apart), with
+    ``"+compiled"`` when inference is compiled (frozen weights round
+    differently). Training is never compiled."""
+    tag = _TAGS[autocast_dtype(device, precision, training)]
+    return tag + "+compiled" if not training and compile_enabled(compile) else tag
+
+
+def for_inference(model: torch.nn.Module, compile: Optional[bool] = None) -> torch.nn.Module:
+    """``model`` (in eval mode), compiled with inductor and frozen weights
+    when :func:`compile_enabled`. Freezing folds batch norms into the
+    convolutions and pre-packs weights, the part of compiling that pays on
+    CPU; its graph is specialised to the input shape, so a smaller last
+    batch compiles once more."""
+    model = model.eval()
+    if not compile_enabled(compile):
+        return model
+    return torch.compile(model, dynamic=False, options={"freezing": True})
 
 
 @contextlib.contextmanager
