@@ -65,6 +65,7 @@ from IPython.display import Markdown, display
 from wbclib import benchmarks as B
 from wbclib import experiments, metrics, plots, profiles, verdicts
 from wbclib import rescue as R
+from wbclib.protocols import rescue as protocol
 from wbclib.data import PROJECT_ROOT
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
@@ -118,10 +119,10 @@ display(boosts.round(2))
 # checks are for.
 
 # %%
-erm = R.pbc_lt_rescue(cfg, root, splits, cache, results, erm_runs, regime="erm", folds=cfg.finetune_folds, rho=rho,
-                      seed=seed)
-probe = R.pbc_lt_rescue(cfg, root, splits, cache, results, probe_runs, regime="probe", folds=cfg.rescue_probe_folds,
-                        rho=rho, seed=seed)
+erm = protocol.pbc_lt_rescue(cfg, root, splits, cache, results, erm_runs, regime="erm", folds=cfg.finetune_folds,
+                             rho=rho, seed=seed)
+probe = protocol.pbc_lt_rescue(cfg, root, splits, cache, results, probe_runs, regime="probe",
+                               folds=cfg.rescue_probe_folds, rho=rho, seed=seed)
 runs = pd.concat([erm.assign(model="fine-tuned ERM"), probe.assign(model="linear probe")], ignore_index=True)
 phase_names = {"base": "base predictions", "boost": "+ boost only (phase 1)",
                "semantic": "+ semantic verification (phase 2)", "morphology": "+ biological filtering (phase 3)"}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wbclib import rescue
+from wbclib.protocols import rescue as rescue_protocol
 from wbclib.data import PROJECT_ROOT
 from wbclib.morphology import MahalanobisFilter
 from wbclib.rescue import RescueGrid, SuppressAndRescue, fit_thresholds, supcon_loss
@@ -211,7 +212,7 @@ COUNTS = {"A": 300, "B": 150, "R": 3, "Q": 2}
 
 def test_fit_thresholds_rescues_what_validation_supports():
     val, verify = synthetic_split()
-    base = rescue._score_rows(val, CLASSES)["macro_f1"]
+    base = rescue_protocol.score_rows(val, CLASSES)["macro_f1"]
     boost = fit_thresholds(val, COUNTS, ["R", "Q"], phase="boost")
     semantic = fit_thresholds(val, COUNTS, ["R", "Q"], verify, phase="semantic", start=boost)
     assert semantic.info["val_score"] > base + 0.1

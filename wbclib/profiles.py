@@ -50,7 +50,7 @@ Segmentation chapter keys (notebook 09):
   on 15 training images per fold, 25 epochs at batch 8 (50 steps) left every
   mask empty (Dice 0), the same at batch 4 (100 steps) gave Dice 0.91 / 0.96.
 
-Rescue chapter keys (``rescue.pbc_lt_rescue``, notebook 10):
+Rescue chapter keys (``protocols.rescue.pbc_lt_rescue``, notebook 10):
 
 * ``rescue_rare`` – how many of the rarest training classes may be rescued;
 * ``rescue_head_epochs`` – epochs of the supervised-contrastive verifier head;

@@ -40,7 +40,6 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -52,7 +51,7 @@ from torch import nn
 from .heads import single_torch_thread
 from .losses import inverse_log_frequency_weights
 from .metrics import scores as _scores
-from .morphology import PAPER_FEATURES, MahalanobisFilter, MorphologyCache
+from .morphology import PAPER_FEATURES, MahalanobisFilter
 
 PathLike = Union[str, Path]
 
@@ -726,122 +725,3 @@ def read_paper_table2(path: PathLike) -> Dict[str, float]:
     if not rows:
         raise ValueError(f"{path}: no Table 2 rows found")
     return rows
-
-
-def _verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], root: Path, cache_dir: Path):
-    """Embeddings for the verifier: a SigLIP tower when ``cfg.rescue_siglip_path``
-    names local weights, else the profile's frozen backbone (reusing the
-    linear-probe chapter's cache entry where it holds the rows)."""
-    from . import benchmarks as B
-    from .experiments import ChainedStore, EmbeddingStore, embeddings_cached, probe_jobs
-
-    if getattr(cfg, "rescue_siglip_path", None):
-        return SiglipEmbedder.from_pretrained(cfg.rescue_siglip_path, name="medsiglip").store(tables, root, cache_dir)
-    table, definition = B.read_pbc_lt(Path(cfg._splits), cfg._seed)
-    superset = probe_jobs(cfg, table, definition)[2]
-    stores = []
-    if embeddings_cached(superset, cfg.backbone, cfg.image_size, cache_dir, root):
-        probe = EmbeddingStore(superset, cfg.backbone, cfg.image_size, root, cache_dir)
-        stores.append(probe)
-        missing = [t[probe.positions(t) < 0] for t in tables]
-        tables = [t for t in missing if len(t)]
-    if tables:
-        stores.append(EmbeddingStore(tables, cfg.backbone, cfg.image_size, root, cache_dir,
-                                     desc="verification embeddings"))
-    return ChainedStore(*stores)
-
-
-def _score_rows(frame: pd.DataFrame, classes: Sequence[str]) -> dict:
-    index = {c: i for i, c in enumerate(classes)}
-    return _scores(frame["label"].map(index).to_numpy(), frame["pred"].map(index).to_numpy(), len(classes))
-
-
-def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
-                  base: pd.DataFrame, regime: str = "erm", folds: Optional[Sequence[int]] = None, rho: float = 100,
-                  seed: int = 0, val_set: str = "val_degraded", test_set: str = "test_degraded") -> pd.DataFrame:
-    """Suppress-and-Rescue on top of a PBC-LT run's saved predictions.
-
-    ``base`` is the table a PBC-LT protocol returned (``experiments.pbc_lt_finetune``
-    or ``pbc_lt_probe``: ``rho``, ``fold``, ``run_dir``); ``regime`` names it
-    (``erm``, ``probe``). For each fold, with the base run's training rows:
-
-    * the rare classes are the ``cfg.rescue_rare`` rarest in training, and
-      their boosts come from the training counts;
-    * the verifier (:func:`fit_contrastive_head`) is trained on the training
-      rows' embeddings, pristine and with their phase-2 degradation;
-    * the Mahalanobis filter is fitted on the same rows' K-means morphology
-      (:data:`wbclib.morphology.PAPER_FEATURES`), for the rare classes;
-    * every phase's parameters are chosen by :func:`fit_thresholds` on
-      ``predictions_<val_set>.csv`` and then applied, unchanged, to
-      ``predictions_<test_set>.csv``.
-
-    Each fold is a ``pbc_lt/rescue`` run folder (:func:`runs.run`, named by
-    regime, rho and fold, keyed by the base run and every setting):
-    ``params_<phase>.json``, ``predictions_<test_set>_<phase>.csv``,
-    ``metrics.json`` and ``done`` (a finished fold is read back). Returns one
-    row per (fold, phase) with the test and validation scores, the rescue's
-    ``run_dir`` and the ``base_run_dir``; phase ``base`` is the run's own predictions.
-    """
-    from . import _io, runs
-    from .runs import inputs_fingerprint
-    from . import benchmarks as B
-    from .experiments import pbc_lt_sets
-
-    table, definition = B.read_pbc_lt(splits_dir, seed)
-    classes = list(B.PBC_LT_CLASSES)
-    folds = list(folds if folds is not None else cfg.finetune_folds)
-    cfg = SimpleNamespace(**vars(cfg), _splits=str(splits_dir), _seed=seed)
-
-    morph = MorphologyCache.in_cache(root, cache_dir)
-    rows = []
-    strengths = tuple(getattr(cfg, "rescue_strengths", None) or BOOST_STRENGTHS)
-    for fold in folds:
-        hits = base[(base["rho"] == rho) & (base["fold"] == fold)]["run_dir"].unique()
-        if len(hits) != 1:
-            raise LookupError(f"{len(hits)} base runs for rho={rho} fold={fold} in the {regime!r} table")
-        run_dir = Path(hits[0])
-        split, _ = pbc_lt_sets(cfg, table, definition, rho, fold)
-        train = split[split["split"] == "train"]
-        views = pd.concat([train, B.phase2(train)], ignore_index=True)
-        config = dict(regime=regime, rho=rho, fold=fold, base=run_dir.name, val_set=val_set, test_set=test_set,
-                      rare=cfg.rescue_rare, head_epochs=cfg.rescue_head_epochs, strengths=list(strengths),
-                      siglip=getattr(cfg, "rescue_siglip_path", None), backbone=cfg.backbone,
-                      image_size=cfg.image_size, morphology=MorphologyCache.VERSION, seed=seed)
-        out = runs.run(results_dir, "pbc_lt/rescue", config, inputs_fingerprint(dict(views=views), root),
-                       keys=("regime", "rho", "fold"))
-        if out.done:
-            rows += [dict(r, run_dir=str(out.dir), base_run_dir=str(run_dir)) for r in out.metrics()]
-            continue
-        counts = class_counts(train["label"], classes)
-        rare = rarest_classes({c: counts[c] for c in definition.head_order}, cfg.rescue_rare)
-        val = _io.read_csv(run_dir / f"predictions_{val_set}.csv")
-        test = _io.read_csv(run_dir / f"predictions_{test_set}.csv")
-        store = _verification_store(cfg, [views, val, test], root, cache_dir)
-        index = {c: i for i, c in enumerate(classes)}
-        verifier = fit_contrastive_head(store(views), views["label"].map(index).to_numpy(), len(classes),
-                                        epochs=cfg.rescue_head_epochs, seed=seed)
-        verify_val, verify_test = verifier.predict_proba(store(val)), verifier.predict_proba(store(test))
-        rare_views = views[views["label"].isin(rare)]
-        maha = MahalanobisFilter().fit(morph(rare_views)[[f"km_{f}" for f in PAPER_FEATURES]].to_numpy(float),
-                                       rare_views["label"].to_numpy())
-        kmeans_morph = lambda t: morph(t).rename(columns={f"km_{f}": f for f in PAPER_FEATURES} | {  # noqa: E731
-            f: f"mask_{f}" for f in PAPER_FEATURES})
-        base_val, base_test = _score_rows(val, classes), _score_rows(test, classes)
-        fold_rows = [dict(regime=regime, fold=fold, phase="base", rare=rare, **base_test,
-                          val_macro_f1=base_val["macro_f1"], changed=0)]
-        previous, grid = None, RescueGrid(strengths=strengths)
-        for phase in PHASES:
-            params = fit_thresholds(val, counts, rare, verify_val, kmeans_morph, phase=phase, grid=grid,
-                                    mahalanobis=maha, start=previous)
-            rescued = params.apply(test, verify_test, kmeans_morph)
-            keep = [c for c in ("path", "label", "degradation", "severity", "pred", "base_pred", "candidate", "rescue")
-                    if c in rescued]
-            out.write_csv(f"predictions_{test_set}_{phase}.csv", rescued[keep])
-            out.write_json(f"params_{phase}.json", params.to_dict())
-            fold_rows.append(dict(regime=regime, fold=fold, phase=phase, rare=rare, **_score_rows(rescued, classes),
-                                  val_macro_f1=params.info["val_score"],
-                                  changed=int((rescued["pred"] != rescued["base_pred"]).sum())))
-            previous = params
-        out.finish(fold_rows)
-        rows += [dict(r, run_dir=str(out.dir), base_run_dir=str(run_dir)) for r in fold_rows]
-    return pd.DataFrame(rows)
