@@ -36,7 +36,7 @@
 # bootstrap intervals over the test images.
 #
 # **Regime.** In the `gpu` profile every method fine-tunes the whole
-# EfficientNet-Lite0 on images (`crosslab.crosslab_dg` through
+# EfficientNet-Lite0 on images (`protocols.crosslab_dg.crosslab_dg` through
 # `train.train_run`; SADA re-stains inside every mini-batch). On two CPU cores
 # that is out of reach for 8 methods × 4 settings × 3 seeds, so the `cpu` and
 # `smoke` profiles freeze the ImageNet trunk: each image's final feature map
@@ -66,6 +66,7 @@ from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
 from wbclib import crosslab, plots, profiles, scale, verdicts
+from wbclib.protocols import crosslab_dg as dg
 
 started = time.time()
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
@@ -139,7 +140,7 @@ plots.restained_grid(raw, views, title=f"SADA re-staining (k = {crosslab.stain_c
 # clusters of the pbc images (SADA's pseudo-domains) instead of labs.
 
 # %%
-runs = crosslab.crosslab_dg(cfg, root, splits, cache, results, split_seed=seed,
+runs = dg.crosslab_dg(cfg, root, splits, cache, results, split_seed=seed,
                             weights_for=("pbc→others", cfg.dg_seeds[0]))
 order = list(cfg.dg_rows)
 print(f"{len(runs)} scores from {runs.groupby(['method', 'setting', 'seed']).ngroups} runs; "
@@ -150,13 +151,13 @@ print(f"{len(runs)} scores from {runs.groupby(['method', 'setting', 'seed']).ngr
 # seeds; the average is over the three held-out labs):
 
 # %%
-display(crosslab.table_one(runs, lolo=True, order=order))
+display(dg.table_one(runs, lolo=True, order=order))
 
 # %% [markdown]
 # Trained on pbc alone, tested on the two other labs:
 
 # %%
-display(crosslab.table_one(runs, lolo=False, order=order))
+display(dg.table_one(runs, lolo=False, order=order))
 
 # %% [markdown]
 # For reference, SADA's reported Table I (ResNet-50 fine-tuned end to end,
@@ -178,9 +179,9 @@ first["interval"] = [f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
                      for a, lo, hi in zip(first.macro_f1, first.macro_f1_low, first.macro_f1_high)]
 display(first.pivot_table(index="method", columns=["setting", "eval_set"], values="interval", aggfunc="first")
         .loc[order])
-lolo = crosslab.target_rows(runs, lolo=True)
+lolo = dg.target_rows(runs, lolo=True)
 bars = lolo.groupby(["method", "eval_set"], as_index=False)[["macro_f1"]].mean()
-first_lolo = crosslab.target_rows(first, lolo=True)
+first_lolo = dg.target_rows(first, lolo=True)
 bars = bars.merge(first_lolo[["method", "eval_set", "macro_f1_low", "macro_f1_high"]], on=["method", "eval_set"])
 bars = bars.sort_values(["method", "eval_set"], key=lambda c: c.map(order.index) if c.name == "method" else c)
 fig = plots.metric_bars(bars.reset_index(drop=True), x="eval_set", y="macro_f1", hue="method",
@@ -203,7 +204,7 @@ fig.tight_layout()
 gains = []
 for lolo_flag, label in ((True, "LOLO"), (False, "pbc→others")):
     for method in ("BoDA", "BoDA decoupled", "SADA"):
-        g = crosslab.paired_gain(runs, method, "ERM", seeds=cfg.dg_seeds, lolo=lolo_flag, n_boot=cfg.n_boot)
+        g = dg.paired_gain(runs, method, "ERM", seeds=cfg.dg_seeds, lolo=lolo_flag, n_boot=cfg.n_boot)
         gains.append(dict(protocol=label, **g))
 gains = pd.DataFrame(gains)
 display((gains.set_index(["protocol", "method"]).drop(columns="baseline") * 100).round(1)
@@ -232,11 +233,11 @@ display(Markdown(
 
 # %%
 lolo_settings = [n for n in runs.setting.unique() if n.startswith("LOLO")]
-ablation = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=cfg.dg_ablation_rows,
+ablation = dg.crosslab_dg(cfg, root, splits, cache, results, rows=cfg.dg_ablation_rows,
                                 settings=lolo_settings, seeds=cfg.dg_seeds[:1], split_seed=seed)
 base = runs[runs.method.isin(["ERM", "SADA"]) & runs.seed.isin(cfg.dg_seeds[:1]) & runs.setting.isin(lolo_settings)]
 both = pd.concat([base.replace({"method": {"ERM": "M1: ERM"}}), ablation])
-avg = (100 * crosslab.target_rows(both).groupby("method")[["micro_f1", "macro_f1"]].mean()).round(1)
+avg = (100 * dg.target_rows(both).groupby("method")[["micro_f1", "macro_f1"]].mean()).round(1)
 avg = avg.loc[[m for m in ["M1: ERM", *cfg.dg_ablation_rows[:2], "SADA", *cfg.dg_ablation_rows[2:]] if m in avg.index]]
 avg.columns = ["F1-micro", "F1-macro"]
 display(avg)
@@ -280,11 +281,11 @@ sada_defaults = crosslab.resolved_hparams(cfg, "SADA")  # the main run's k and b
 for k in cfg.sada_sweep_k:
     for beta in cfg.sada_sweep_beta:
         default = (k, beta) == (sada_defaults["k"], sada_defaults["beta"])
-        part = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"],
+        part = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"],
                                     settings=cfg.sada_sweep_settings, seeds=cfg.dg_seeds[:1], split_seed=seed,
                                     overrides=None if default else {"SADA": {"k": k, "beta": beta}},
                                     variant="main" if default else f"sweep_k{k}_beta{beta}", progress=False)
-        sweep.append(crosslab.target_rows(part).assign(k=k, beta=beta))
+        sweep.append(dg.target_rows(part).assign(k=k, beta=beta))
 sweep = pd.concat(sweep)
 plots.sweep_heatmaps(sweep, row="k", column="beta",
                      title=f"SADA, average over {', '.join(cfg.sada_sweep_settings)} (held-out labs)");
@@ -300,7 +301,7 @@ plots.sweep_heatmaps(sweep, row="k", column="beta",
 
 # %%
 cam_rows = [r for r in ["ERM", "CORAL", "Mixup", "SelfReg", "BoDA", "SADA"] if r in cfg.dg_rows]
-examples, images, cams = crosslab.gradcam_examples(cfg, root, splits, cache, results, rows=cam_rows,
+examples, images, cams = dg.gradcam_examples(cfg, root, splits, cache, results, rows=cam_rows,
                                                    per_lab=cfg.dg_gradcam_per_lab, seed=cfg.dg_seeds[0],
                                                    split_seed=seed)
 captions = [f"{lab}\n{label}" for lab, label in zip(examples["lab"], examples["label"])]
@@ -312,7 +313,7 @@ plots.gradcam_grid(images, cams, captions, title="Grad-CAM of the true class (tr
 # The same ERM runs (first seed) on images resized without the per-lab crop.
 
 # %%
-noscale = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["ERM"], seeds=cfg.dg_seeds[:1],
+noscale = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["ERM"], seeds=cfg.dg_seeds[:1],
                                variant="noscale", scale=False, split_seed=seed, progress=False)
 with_scale = runs[(runs.method == "ERM") & (runs.seed == cfg.dg_seeds[0])]
 compare = pd.concat([with_scale.assign(scale="cropped per lab"), noscale.assign(scale="resized only")])
@@ -325,7 +326,7 @@ display((100 * compare.pivot_table(index=["setting", "eval_set"], columns="scale
 # Computed from this run:
 
 # %%
-average = crosslab.average_over_targets(runs, lolo=True)
+average = dg.average_over_targets(runs, lolo=True)
 abl = avg["F1-macro"]
 scale_gain = (compare[compare.scale == "cropped per lab"].macro_f1.mean()
               - compare[compare.scale == "resized only"].macro_f1.mean())

@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import write_png
 from wbclib import crosslab, profiles, scale
+from wbclib.protocols import crosslab_dg as dg
 from wbclib.gradcam import grad_cam, last_conv
 from wbclib.models import ImageTable
 from wbclib.swad import SWAD, update_bn
@@ -178,7 +179,7 @@ def test_methods_train_on_cached_maps_with_swad():
         method, history, swad = crosslab.train_on_maps(name, {"lr": 1e-2}, train_x, y, d, x[:32], y[:32],
                                                        epochs=8, batch_size=16, seed=0, swad={"n_converge": 2},
                                                        width=8)
-        accuracy = (crosslab._predict(method, x[32:]).argmax(1) == y[32:]).mean()
+        accuracy = (crosslab.predict_on_maps(method, x[32:]).argmax(1) == y[32:]).mean()
         assert len(history) == 8 and swad["window"], name
         assert accuracy > 0.6, (name, accuracy)
 
@@ -191,7 +192,7 @@ def test_table_one_has_the_shape_of_sada_table_one():
                 rows.append(dict(method=method, setting=setting, seed=seed, eval_set=lab,
                                  macro_f1=0.5 + 0.1 * seed, micro_f1=0.6))
                 rows.append(dict(method=method, setting=setting, seed=seed, eval_set="val", macro_f1=0.9, micro_f1=0.9))
-    table = crosslab.table_one(pd.DataFrame(rows), order=["SADA", "ERM"])
+    table = dg.table_one(pd.DataFrame(rows), order=["SADA", "ERM"])
     assert list(table.index) == ["SADA", "ERM"]
     assert list(table.columns.get_level_values(0).unique()) == ["pbc", "zheng1", "bccd", "average"]
     assert table.loc["ERM", ("average", "F1-macro")] == "55.0 ± 7.1"
@@ -236,7 +237,7 @@ def test_end_to_end_path_trains_on_images_on_tiny_synthetic_labs(tmp_path):
                              "batch_size": 8, "dg_epochs": 2, "dg_seeds": [0], "n_boot": 10, "probe_epochs": 2,
                              "crosslab_val_per_class": None, "dg_scale_per_lab": 4, "num_workers": 0})
     torch.manual_seed(0)
-    out = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["BoDA decoupled", "SADA"],
+    out = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["BoDA decoupled", "SADA"],
                                settings=["pbc→others"], progress=False)
     assert set(out["eval_set"]) == {"val", "zheng1", "bccd"} and len(out) == 6
     assert out["macro_f1"].between(0, 1).all()
@@ -244,10 +245,10 @@ def test_end_to_end_path_trains_on_images_on_tiny_synthetic_labs(tmp_path):
     assert sada_run.parent == results / "crosslab_dg" and sada_run.name.startswith("variant-main_method-sada_")
     assert (sada_run / "train" / "swad.pt").is_file() and (sada_run / "predictions_bccd.csv").is_file()
     # re-running reads the finished runs back
-    again = crosslab.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"], settings=["pbc→others"],
+    again = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"], settings=["pbc→others"],
                                  progress=False)
     assert np.allclose(again["macro_f1"], out[out["method"] == "SADA"]["macro_f1"])
-    examples, images, cams = crosslab.gradcam_examples(cfg, root, splits, cache, results, rows=["SADA"], per_lab=1)
+    examples, images, cams = dg.gradcam_examples(cfg, root, splits, cache, results, rows=["SADA"], per_lab=1)
     assert images.shape == (3, 32, 32, 3) and cams["SADA"].shape == (3, 32, 32)
 
 
