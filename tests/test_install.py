@@ -3,6 +3,7 @@ fresh virtual environment, executes a chapter from an unrelated folder and
 writes every output there."""
 import importlib.util
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -71,7 +72,9 @@ def test_wheel_ships_the_chapters_and_runs_one_from_any_folder(venv, root, tmp_p
                cwd=tmp_path, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "02_benchmarks.py: executed in" in run.stdout + run.stderr
-    assert "notebooks (smoke)" in run.stderr  # the progress bar over notebooks
+    # progress: a bar over notebooks and papermill's bar over the chapter's cells (tqdm, on stderr)
+    assert "notebooks (smoke)" in run.stderr
+    assert re.search(r"02_benchmarks: +\d+%.*\d+/\d+ \[.*(cell/s|s/cell)\]", run.stderr), run.stderr[-2000:]
     assert (tmp_path / "executed" / "02_benchmarks.ipynb").is_file()
     assert list((tmp_path / "splits").glob("pbc_lt_seed0*.csv")) and (tmp_path / "cache").is_dir()
     assert sorted(p.name for p in (PROJECT_ROOT / "notebooks").iterdir()) == before

@@ -2,6 +2,7 @@
 table of contents and configuration, licence, citation and API reference."""
 import importlib
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -96,11 +97,28 @@ def test_book_config_renders_without_executing():
     assert "sphinx.ext.autodoc" in config["sphinx"]["extra_extensions"]
 
 
+def _public_modules() -> set:
+    """wbclib's modules and packages under version control (a module still being written is not yet
+    public), without private ones (``_io``, ``__main__``) and the command line."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "wbclib"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file counts
+        listed = [str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "wbclib").rglob("*.py")]
+    modules = set()
+    for path in listed:
+        parts = Path(path).with_suffix("").parts
+        if path.endswith(".py") and parts[-1] == "__init__":
+            parts = parts[:-1]
+        if path.endswith(".py") and not any(p.startswith("_") for p in parts) and parts != ("wbclib", "cli"):
+            modules.add(".".join(parts))
+    return modules
+
+
 def test_api_reference_documents_every_public_module():
     documented = re.findall(r"^\.\. automodule:: (\S+)$", (PROJECT_ROOT / "book" / "api.md").read_text(), re.M)
-    public = {f"wbclib.{p.stem}" for p in (PROJECT_ROOT / "wbclib").glob("*.py")
-              if not p.stem.startswith("_") and p.stem != "cli"}
-    assert set(documented) == public
+    missing = _public_modules() - set(documented) - {"wbclib"}
+    assert not missing, f"add '.. automodule:: <module>' blocks to book/api.md for: {sorted(missing)}"
     assert len(documented) == len(set(documented))
     for name in documented:
         assert importlib.import_module(name).__doc__, f"{name} has no module docstring"
