@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("splits", help="write the benchmark split files")
     p.add_argument("--root", type=_non_empty)
-    p.add_argument("--out", type=_non_empty, help="output folder (default: <project>/splits)")
+    p.add_argument("--out", type=_non_empty, help="output folder (default: ./splits or $WBC_SPLITS_DIR)")
     p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {MAX_SEED}")
     p.set_defaults(func=_splits)
 
