@@ -40,7 +40,8 @@ import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles
+from wbclib import metrics, plots, profiles
+from wbclib.protocols import pbc_lt
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
@@ -51,7 +52,7 @@ print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px, head class ca
 # ## Linear probe on frozen features
 
 # %%
-probe = experiments.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
+probe = pbc_lt.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
 main_sets = ["test", "test_degraded"]
 summary = metrics.summarize(probe[probe.eval_set.isin(main_sets)], by=["rho", "eval_set"])
 display(metrics.format_mean_std(summary))
@@ -91,7 +92,7 @@ g.set_axis_labels("severity (0 = pristine)", "macro-F1");
 # ## Fine-tuning end to end
 
 # %%
-finetune = experiments.pbc_lt_finetune(cfg, root, splits, results, method="erm", seed=seed)
+finetune = pbc_lt.pbc_lt_finetune(cfg, root, splits, results, method="erm", seed=seed)
 ft_summary = metrics.summarize(finetune[finetune.eval_set.isin(main_sets)], by=["rho", "eval_set"])
 display(metrics.format_mean_std(ft_summary))
 display(finetune[finetune.eval_set.isin(main_sets)][["rho", "fold", "eval_set", "macro_f1", "macro_f1_low",

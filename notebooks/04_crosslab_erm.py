@@ -36,7 +36,8 @@ import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles
+from wbclib import metrics, plots, profiles
+from wbclib.protocols import crosslab_erm
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
@@ -47,7 +48,7 @@ display(cross.pivot_table(index="label", columns="lab", values="path", aggfunc="
 # ## Linear probe on frozen features, every setting
 
 # %%
-probe = experiments.crosslab_probe(cfg, root, splits, cache, results, seed=seed)
+probe = crosslab_erm.crosslab_probe(cfg, root, splits, cache, results, seed=seed)
 probe = probe.rename(columns={"accuracy": "micro_f1"})
 targets = probe[probe.eval_set != "val"]
 cols = ["setting", "eval_set", "macro_f1", "macro_f1_low", "macro_f1_high", "micro_f1"]
@@ -59,7 +60,7 @@ print("in-domain validation macro-F1:", probe[probe.eval_set == "val"].groupby("
 # ## Fine-tuning on pbc, testing on zheng1 and bccd
 
 # %%
-finetune = experiments.crosslab_finetune(cfg, root, splits, results, method="erm", seed=seed)
+finetune = crosslab_erm.crosslab_finetune(cfg, root, splits, results, method="erm", seed=seed)
 finetune = finetune.rename(columns={"accuracy": "micro_f1"})
 display(finetune[cols].round(3))
 

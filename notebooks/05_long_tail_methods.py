@@ -61,15 +61,16 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles, verdicts
+from wbclib import metrics, plots, profiles, verdicts
+from wbclib.protocols import pbc_lt
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 classes = list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
-short = experiments.BACKBONE_NAMES
+short = pbc_lt.BACKBONE_NAMES
 print(f"profile {cfg.name}: {', '.join(short[b] for b in cfg.lt_backbones)} at {cfg.image_size} px, "
-      f"rho {experiments.lt_rhos(cfg)}, folds {cfg.probe_folds}, {cfg.probe_epochs} head epochs; "
+      f"rho {pbc_lt.lt_rhos(cfg)}, folds {cfg.probe_folds}, {cfg.probe_epochs} head epochs; "
       f"Macenko for {[short[b] for b in cfg.lt_stain_backbones]}, "
       f"TTA ({cfg.tta_views} views on {cfg.tta_sets}) for {[short[b] for b in cfg.lt_tta_backbones]}")
 
@@ -85,16 +86,16 @@ print(f"profile {cfg.name}: {', '.join(short[b] for b in cfg.lt_backbones)} at {
 # fold's validation macro-F1.
 
 # %%
-recipes = experiments.head_recipes(cfg.probe_epochs)
-display(pd.DataFrame([dict(recipe=name, method=experiments.RECIPE_NAMES[name], head=spec[0],
+recipes = pbc_lt.head_recipes(cfg.probe_epochs)
+display(pd.DataFrame([dict(recipe=name, method=pbc_lt.RECIPE_NAMES[name], head=spec[0],
                            sampler=spec[1].get("sampler", "class_balanced" if spec[0] == "crt" else "instance"),
                            loss=spec[1].get("loss", "hybrid" if spec[0] == "crt" else "ce"))
                       for name, spec in recipes.items() if name in cfg.lt_recipes]).set_index("recipe"))
 
 # %%
-heads = experiments.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
-heads["method"] = heads.recipe.map(experiments.RECIPE_NAMES)
-order = [experiments.RECIPE_NAMES[r] for r in cfg.lt_recipes]
+heads = pbc_lt.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
+heads["method"] = heads.recipe.map(pbc_lt.RECIPE_NAMES)
+order = [pbc_lt.RECIPE_NAMES[r] for r in cfg.lt_recipes]
 main = heads[(heads.backbone == cfg.backbone) & (heads.stain == "none") & ~heads.tta
              & heads.eval_set.isin(["test", "test_degraded"])]
 
@@ -121,7 +122,7 @@ for metric, label in [("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced 
 # The same at $\rho = 100$ on the degraded test for every backbone:
 
 # %%
-rho_max = max(experiments.lt_rhos(cfg))
+rho_max = max(pbc_lt.lt_rhos(cfg))
 deg = heads[(heads.rho == rho_max) & (heads.eval_set == "test_degraded") & (heads.stain == "none") & ~heads.tta]
 by_backbone = mean_std(deg.assign(backbone=deg.backbone.map(short)), ["method", "backbone"], ["macro_f1"])
 display(by_backbone["macro_f1"].unstack("backbone").reindex(order))
@@ -137,9 +138,9 @@ display(by_backbone["macro_f1"].unstack("backbone").reindex(order))
 shown = [r for r in ["ib", "cb_sampling", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm"]
          if r in cfg.lt_recipes]
 plain_runs = heads[(heads.backbone == cfg.backbone) & (heads.stain == "none") & ~heads.tta & (heads.rho == rho_max)]
-runs = {experiments.RECIPE_NAMES[r]: list(plain_runs[plain_runs.recipe == r].sort_values("fold").run_dir.unique())
+runs = {pbc_lt.RECIPE_NAMES[r]: list(plain_runs[plain_runs.recipe == r].sort_values("fold").run_dir.unique())
         for r in shown}
-per_class = experiments.per_class_scores(runs, "test_degraded", classes).rename(columns={"group": "method"})
+per_class = pbc_lt.per_class_scores(runs, "test_degraded", classes).rename(columns={"group": "method"})
 plots.per_class_f1(per_class, definition.head_order, hue="method",
                    title=f"{short[cfg.backbone]}, rho={rho_max}, degraded test");
 
@@ -147,7 +148,7 @@ plots.per_class_f1(per_class, definition.head_order, hue="method",
 head_classes, tail_classes = definition.head_order[:3], definition.head_order[-3:]
 f1 = per_class.groupby(["method", "class"]).f1.mean().unstack("class")
 groups = pd.DataFrame({"head F1": f1[head_classes].mean(axis=1), "tail F1": f1[tail_classes].mean(axis=1)})
-base = experiments.RECIPE_NAMES["ib"]
+base = pbc_lt.RECIPE_NAMES["ib"]
 groups["Δ head"] = groups["head F1"] - groups.loc[base, "head F1"]
 groups["Δ tail"] = groups["tail F1"] - groups.loc[base, "tail F1"]
 print(f"head classes {head_classes}, tail classes {tail_classes}")
@@ -167,7 +168,7 @@ display((100 * groups).round(1).reindex([m for m in order if m in groups.index])
 
 # %%
 if cfg.lt_stain_backbones:
-    reference = experiments.stain_reference(table, root, results / "pbc_lt" / "stain_reference.json")
+    reference = pbc_lt.stain_reference(table, root, results / "pbc_lt" / "stain_reference.json")
     examples = table[table.split == "test"].groupby("label").head(1).path.head(6).tolist()
     print("reference image:", reference, "(class", table.set_index("path").label[reference] + ")")
     plots.stain_examples(root, examples, reference);
@@ -189,7 +190,7 @@ for name, part in both[both.variant != "none"].groupby("variant"):
     deltas.append(diff.assign(variant=name))
 if deltas:
     deltas = pd.concat(deltas)
-    deltas["method"] = deltas.recipe.map(experiments.RECIPE_NAMES)
+    deltas["method"] = deltas.recipe.map(pbc_lt.RECIPE_NAMES)
     summary = deltas.groupby(["method", "rho", "variant"]).delta.agg(["mean", "std"])
     cells = (100 * summary["mean"]).map("{:+.1f}".format) + " ± " + (100 * summary["std"].fillna(0)).map("{:.1f}".format)
     display(Markdown(f"**Δ macro-F1 vs plain** (points, {', '.join(short[b] for b in both.backbone.unique())}, "

@@ -54,13 +54,14 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, models, plots, profiles
+from wbclib import metrics, models, plots, profiles
+from wbclib.protocols import pbc_lt
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 classes = list(B.PBC_LT_CLASSES)
-short = experiments.BACKBONE_NAMES
-rho = max(experiments.lt_rhos(cfg))
+short = pbc_lt.BACKBONE_NAMES
+rho = max(pbc_lt.lt_rhos(cfg))
 EVAL = "test_degraded"
 print(f"profile {cfg.name}: rho {rho}, {EVAL}; frozen backbones {[short[b] for b in cfg.lt_backbones]} "
       f"(folds {cfg.probe_folds}); fine-tuned {[short[b] for b in cfg.decoupled_backbones]} "
@@ -81,7 +82,7 @@ def table(rows):
 # As reported {cite}`le2026decoupled` (WBCBench 2026, 13 classes, %):
 
 # %%
-display(experiments.paper_table1())
+display(pbc_lt.paper_table1())
 
 # %% [markdown]
 # ## Table 1 on frozen features
@@ -92,10 +93,10 @@ display(experiments.paper_table1())
 # its decoupled models.
 
 # %%
-heads = experiments.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
-ensembles = experiments.pbc_lt_ensembles(cfg, results, source="heads", variant="none", recipe="crt", rho=rho,
+heads = pbc_lt.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
+ensembles = pbc_lt.pbc_lt_ensembles(cfg, results, source="heads", variant="none", recipe="crt", rho=rho,
                                         members=heads)
-rows = experiments.table1_rows(heads, ensembles, eval_set=EVAL, rho=rho)
+rows = pbc_lt.table1_rows(heads, ensembles, eval_set=EVAL, rho=rho)
 summary, shown = table(rows)
 if cfg.lt_tta_backbones:  # the decoupled rows with TTA where the profile computed it
     tta = heads[(heads.rho == rho) & (heads.eval_set == EVAL) & heads.tta & (heads.stain == "none")
@@ -147,7 +148,7 @@ plain = summary[~summary.index.str.endswith("+ TTA")]
 best = plain["macro_f1_mean"].idxmax()
 
 
-cm = experiments.summed_confusion(rows[rows.row == best].run_dir.unique(), EVAL, classes)
+cm = pbc_lt.summed_confusion(rows[rows.row == best].run_dir.unique(), EVAL, classes)
 plots.confusion_matrix(cm, classes, title=f"{best}, rho={rho}, degraded test, {len(cfg.probe_folds)} folds");
 
 # %% [markdown]
@@ -180,20 +181,20 @@ if len(folds):
 # so their absolute numbers are not the paper's.
 
 # %%
-tuned = experiments.decoupled_finetune(cfg, root, splits, cache, results, seed=seed, rho=rho)
+tuned = pbc_lt.decoupled_finetune(cfg, root, splits, cache, results, seed=seed, rho=rho)
 variant = cfg.decoupled_stain
 tuned_ens = pd.DataFrame()
 # Ensembles of the paper's backbones where the profile has them (Table 1's rows), else of all.
 members = [b for b in cfg.decoupled_backbones if b in models.PAPER_BACKBONES]
 members = members if len(members) > 1 else cfg.decoupled_backbones
 if len(members) > 1:
-    tuned_ens = experiments.pbc_lt_ensembles(cfg, results, source="decoupled", variant=variant, recipe="crt",
+    tuned_ens = pbc_lt.pbc_lt_ensembles(cfg, results, source="decoupled", variant=variant, recipe="crt",
                                              backbones=members, rho=rho, members=tuned)
-tuned_rows = experiments.table1_rows(tuned, tuned_ens, eval_set=EVAL, rho=rho, supervised="supervised",
+tuned_rows = pbc_lt.table1_rows(tuned, tuned_ens, eval_set=EVAL, rho=rho, supervised="supervised",
                                      decoupled="crt", stain=variant)
 tuned_summary, tuned_shown = table(tuned_rows)
 display(tuned_shown)
-paper = experiments.paper_table1()
+paper = pbc_lt.paper_table1()
 matching = [r for r in tuned_shown.index if r in paper.index]
 if matching:
     display(Markdown("The paper's rows for the same backbones:"))
@@ -207,6 +208,6 @@ display(Markdown(claims(tuned_summary, cfg.decoupled_backbones)))
 # %%
 recipes = tuned[(tuned.eval_set == EVAL) & (tuned.rho == rho)].copy()
 recipes["backbone"] = recipes.backbone.map(short)
-recipes["recipe"] = recipes.recipe.map(experiments.RECIPE_NAMES) + recipes.tta.map({True: " + TTA", False: ""})
+recipes["recipe"] = recipes.recipe.map(pbc_lt.RECIPE_NAMES) + recipes.tta.map({True: " + TTA", False: ""})
 recipe_summary = metrics.summarize(recipes, by=["backbone", "recipe"], metrics=["macro_f1", "balanced_accuracy"])
 display(metrics.format_mean_std(recipe_summary, metrics=["macro_f1", "balanced_accuracy"]))

@@ -48,9 +48,10 @@ import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, models, plots, profiles
+from wbclib import models, plots, profiles
 from wbclib import pix2pix as P2P
 from wbclib import restore as R
+from wbclib.protocols import pbc_lt
 from wbclib.protocols import restoration as protocol
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
@@ -214,7 +215,7 @@ fold, rho = cfg.finetune_folds[0], 100
 run_dir = protocol.ensure_erm_classifier(cfg, root, splits, results, rho=rho, fold=fold, seed=seed)
 classes = list(B.PBC_LT_CLASSES)
 method, train_config = R.load_classifier(run_dir, len(classes))
-_, sets = experiments.pbc_lt_sets(cfg, table, definition, rho, fold)
+_, sets = pbc_lt.pbc_lt_sets(cfg, table, definition, rho, fold)
 test = sets["test_degraded"].reset_index(drop=True)
 test_scores = protocol.cached_frame(out / "test_scores.csv", lambda: R.table_scores(test, root).reset_index(drop=True))
 flags = detector.predict(test_scores["impulse"])

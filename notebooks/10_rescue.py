@@ -63,10 +63,11 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import experiments, metrics, plots, profiles, verdicts
+from wbclib import metrics, plots, profiles, verdicts
 from wbclib import rescue as R
-from wbclib.protocols import rescue as protocol
 from wbclib.data import PROJECT_ROOT
+from wbclib.protocols import pbc_lt
+from wbclib.protocols import rescue as protocol
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
@@ -83,8 +84,8 @@ print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px; rescuing the 
 # back); any that are missing are produced here, so this chapter can run on its own.
 
 # %%
-probe_runs = experiments.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
-erm_runs = experiments.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits, results, method="erm", seed=seed)
+probe_runs = pbc_lt.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
+erm_runs = pbc_lt.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits, results, method="erm", seed=seed)
 
 # %% [markdown]
 # ## Rare classes and boosts
@@ -95,7 +96,7 @@ erm_runs = experiments.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, s
 # ($s = 0$: no boost).
 
 # %%
-split, _ = experiments.pbc_lt_sets(cfg, table, definition, rho, cfg.finetune_folds[0])
+split, _ = pbc_lt.pbc_lt_sets(cfg, table, definition, rho, cfg.finetune_folds[0])
 counts = R.class_counts(split[split["split"] == "train"]["label"], classes)
 ordered = {c: counts[c] for c in definition.head_order}
 rare = R.rarest_classes(ordered, cfg.rescue_rare)

@@ -20,7 +20,7 @@ ALGORITHMS = {"augment", "cluster", "degrade", "gradcam", "heads", "infer", "los
               "metrics", "morphology", "precision", "registry", "sada", "samplers", "scale", "segment", "stain",
               "swad", "verdicts"}
 #: What algorithms must not import: profiles, protocols, run folders and the book's machinery.
-ABOVE_ALGORITHMS = {"profiles", "protocols", "experiments", "crosslab", "runs", "runbook", "cli", "rescue"}
+ABOVE_ALGORITHMS = {"profiles", "protocols", "crosslab", "runs", "runbook", "cli", "rescue"}
 
 
 def _module_name(path: Path) -> str:

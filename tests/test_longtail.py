@@ -15,8 +15,9 @@ from torch import nn
 
 from conftest import write_png
 from test_infer import cell_image
-from wbclib import augment, experiments, infer, losses, profiles, runs
+from wbclib import augment, embeddings, infer, losses, profiles, runs
 from wbclib import benchmarks as B
+from wbclib.protocols import common, pbc_lt
 from wbclib.methods import create_method
 from wbclib.train import TrainConfig
 
@@ -118,14 +119,14 @@ def _run(tiny, source, backbone="tf_efficientnet_lite0", **keys):
 
 @pytest.fixture(scope="module")
 def heads(tiny):
-    return experiments.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    return pbc_lt.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
 
 
 def test_heads_cover_every_recipe_rho_fold_variant_and_eval_set(tiny, heads):
     cfg = tiny.cfg
     plain = heads[~heads.tta]
     assert set(plain.recipe) == set(cfg.lt_recipes) and set(plain.rho) == {10, 100} and set(plain.fold) == {0, 1}
-    assert set(plain.eval_set) == set(experiments.EVAL_SETS) and set(plain.stain) == {"none", "macenko"}
+    assert set(plain.eval_set) == set(pbc_lt.EVAL_SETS) and set(plain.stain) == {"none", "macenko"}
     assert len(plain) == 6 * 2 * 2 * 4 * 2
     tta = heads[heads.tta]
     assert set(tta.eval_set) == {"test_degraded"} and set(tta.stain) == {"none"} and len(tta) == 6 * 2 * 2
@@ -147,17 +148,17 @@ def test_tta_predictions_average_the_head_over_dihedral_views(tiny, heads):
 
 
 def test_heads_are_resumable_without_refitting(tiny, heads, monkeypatch):
-    monkeypatch.setattr(experiments, "make_head", lambda *a, **k: pytest.fail("a finished head must not be refitted"))
-    monkeypatch.setattr(experiments, "extract_embeddings", lambda *a, **k: pytest.fail("no embeddings needed"))
-    again = experiments.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    monkeypatch.setattr(pbc_lt, "make_head", lambda *a, **k: pytest.fail("a finished head must not be refitted"))
+    monkeypatch.setattr(embeddings, "extract_embeddings", lambda *a, **k: pytest.fail("no embeddings needed"))
+    again = pbc_lt.pbc_lt_heads(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
     pd.testing.assert_frame_equal(again, heads)
 
 
 def test_ensembles_average_saved_predictions(tiny, heads):
     cfg = SimpleNamespace(**dict(vars(tiny.cfg), lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite0"]))
-    ens = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100, members=heads)
+    ens = pbc_lt.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100, members=heads)
     by_backbone = ens[ens.kind == "backbones"]
-    assert set(by_backbone.fold) == {0, 1} and set(by_backbone.eval_set) == set(experiments.EVAL_SETS)
+    assert set(by_backbone.fold) == {0, 1} and set(by_backbone.eval_set) == set(pbc_lt.EVAL_SETS)
     folds = ens[ens.kind == "folds"]
     assert set(folds.eval_set) == {"test", "test_degraded"} and set(folds.ensemble) == {"Lite0", "all"}
     assert (folds[folds.ensemble == "Lite0"].members == 2).all() and (folds[folds.ensemble == "all"].members == 4).all()
@@ -165,7 +166,7 @@ def test_ensembles_average_saved_predictions(tiny, heads):
     manual = infer.average_predictions([pd.read_csv(r / "predictions_test.csv") for r in runs])
     saved = Path(folds[folds.ensemble == "Lite0"].run_dir.iloc[0])
     # Without the members table the results index finds the same runs.
-    again = experiments.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100)
+    again = pbc_lt.pbc_lt_ensembles(cfg, tiny.results, variant="macenko", recipe="crt", rho=100)
     pd.testing.assert_frame_equal(again, ens)
     pd.testing.assert_frame_equal(pd.read_csv(saved / "predictions_test.csv"), manual, atol=1e-5)
     # Different folds' validation sets are different images: averaging them is refused.
@@ -174,8 +175,8 @@ def test_ensembles_average_saved_predictions(tiny, heads):
 
 
 def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
-    rows = experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100)
-    assert set(rows.recipe) == set(experiments.DECOUPLED_RECIPES) and set(rows.backbone) == {"resnet18"}
+    rows = pbc_lt.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100)
+    assert set(rows.recipe) == set(pbc_lt.DECOUPLED_RECIPES) and set(rows.backbone) == {"resnet18"}
     assert set(rows[rows.tta].eval_set) == {"test_degraded"}
     stage1 = runs.find_one(tiny.results, "pbc_lt/finetune", backbone="resnet18", rho=100, fold=0).dir
     assert (stage1 / "best.pt").is_file()
@@ -190,19 +191,19 @@ def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
     from wbclib import train
 
     monkeypatch.setattr(train, "build_method", lambda *a, **k: pytest.fail("finished: stage 1 is not retrained"))
-    monkeypatch.setattr(experiments, "_stage1_model", lambda *a, **k: pytest.fail("finished: no stage 2 either"))
+    monkeypatch.setattr(pbc_lt, "_stage1_model", lambda *a, **k: pytest.fail("finished: no stage 2 either"))
     pd.testing.assert_frame_equal(
-        experiments.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100), rows)
+        pbc_lt.decoupled_finetune(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results, rho=100), rows)
 
 
 def test_stage1_reuses_the_baseline_erm_run_when_identical():
     cfg = profiles.get("cpu")
     # Same protocol and configuration as pbc_lt_finetune's ERM run: the same identity, so the same folder.
-    assert experiments.stage1_config(cfg, cfg.backbone) == experiments._finetune_config(cfg, "erm", 0, {})
-    assert experiments.stage1_config(cfg, "tf_efficientnet_lite1") != experiments._finetune_config(cfg, "erm", 0, {})
+    assert pbc_lt.stage1_config(cfg, cfg.backbone) == common.finetune_config(cfg, "erm", 0, {})
+    assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite1") != common.finetune_config(cfg, "erm", 0, {})
     gpu = profiles.get("gpu")
-    assert experiments.stage1_config(gpu, gpu.backbone) != experiments._finetune_config(gpu, "erm", 0, {})  # RandAugment
-    assert not experiments.stage1_config(gpu, "resnet50").pretrained and experiments.stage1_config(gpu, gpu.backbone).pretrained
+    assert pbc_lt.stage1_config(gpu, gpu.backbone) != common.finetune_config(gpu, "erm", 0, {})  # RandAugment
+    assert not pbc_lt.stage1_config(gpu, "resnet50").pretrained and pbc_lt.stage1_config(gpu, gpu.backbone).pretrained
 
 
 def test_trainer_applies_the_presets_evaluation_crop(synthetic_root, tmp_path, monkeypatch):
@@ -224,13 +225,13 @@ def test_trainer_applies_the_presets_evaluation_crop(synthetic_root, tmp_path, m
 
 
 def test_long_tail_profile_keys_name_known_things():
-    recipes = experiments.head_recipes(10)
+    recipes = pbc_lt.head_recipes(10)
     assert recipes["ldam_drw"][1]["loss_hparams"]["drw_epoch"] == 8
     for name, p in profiles.PROFILES.items():
         assert set(p["lt_recipes"]) <= set(recipes), name
         for key in ("lt_backbones", "lt_stain_backbones", "lt_tta_backbones", "decoupled_backbones"):
-            assert set(p[key]) <= set(experiments.BACKBONE_NAMES), (name, key)
+            assert set(p[key]) <= set(pbc_lt.BACKBONE_NAMES), (name, key)
         assert set(p["lt_stain_backbones"]) <= set(p["lt_backbones"]) and set(p["lt_tta_backbones"]) <= set(p["lt_backbones"])
-        assert set(p["tta_sets"]) <= set(experiments.EVAL_SETS) and 1 <= p["tta_views"] <= 8
+        assert set(p["tta_sets"]) <= set(pbc_lt.EVAL_SETS) and 1 <= p["tta_views"] <= 8
         assert p["decoupled_augmentation"] in augment.AUGMENTATIONS and p["decoupled_stain"] in ("none", "macenko")
-        assert 100 in p["finetune_rhos"] and experiments.lt_rhos(profiles.get(name)) == [10, 100]
+        assert 100 in p["finetune_rhos"] and pbc_lt.lt_rhos(profiles.get(name)) == [10, 100]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from wbclib import augment, experiments, plots, profiles
+from wbclib import augment, embeddings, plots, profiles
 from wbclib.registry import Registry
 
 
@@ -92,7 +92,7 @@ def test_embedding_store_looks_rows_up_by_path_and_degradation(root, tmp_path):
     base = pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths], "label": "neutrophil",
                          "degradation": "gaussian_blur", "severity": 0})
     blurred = base.assign(severity=4)
-    store = experiments.EmbeddingStore([base, blurred, base.iloc[:1]], "tf_efficientnet_lite0", 32, root, tmp_path)
+    store = embeddings.EmbeddingStore([base, blurred, base.iloc[:1]], "tf_efficientnet_lite0", 32, root, tmp_path)
     assert store.features.shape == (6, 1280)
     np.testing.assert_array_equal(store(base.iloc[[2, 0]]), store(base)[[2, 0]])
     assert not np.allclose(store(base), store(blurred))

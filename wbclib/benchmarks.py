@@ -167,6 +167,20 @@ def make_crosslab(manifests: pd.DataFrame, seed: int = 0, val_fraction: float = 
     return df
 
 
+#: (name, source labs, target labs): train on pbc, and leave-one-lab-out.
+CROSSLAB_SETTINGS = [
+    ("pbc→others", ["pbc"], ["zheng1", "bccd"]),
+    ("LOLO:pbc", ["zheng1", "bccd"], ["pbc"]),
+    ("LOLO:zheng1", ["pbc", "bccd"], ["zheng1"]),
+    ("LOLO:bccd", ["pbc", "zheng1"], ["bccd"]),
+]
+
+
+def setting_key(name: str) -> str:
+    """A setting's configuration key (``pbc_to_others``, ``LOLO_zheng1``) from its name."""
+    return name.replace("→", "_to_").replace(":", "_")
+
+
 def crosslab_split(table: pd.DataFrame, target_labs: Sequence[str], source_labs: Optional[Sequence[str]] = None,
                    train_per_class: Optional[int] = None, val_per_class: Optional[int] = None) -> pd.DataFrame:
     """Train and validate on the source labs (in-domain validation), test on

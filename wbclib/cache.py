@@ -106,7 +106,6 @@ def _check_array(value: np.ndarray, shape, dtype, what: str) -> None:
 def info(cache_dir: Path) -> pd.DataFrame:
     """One row per cache entry: kind, file, size, whether its code version is current."""
     rows = []
-    current = {}
     for sidecar in sorted(Path(cache_dir).rglob("*.json")):
         data_file = sidecar.with_name(sidecar.name[: -len(".json")])
         if not data_file.is_file():

@@ -3,7 +3,7 @@
 
 Four classes (neutrophil, lymphocyte, monocyte, eosinophil), leave-one-lab-out
 over {pbc, zheng1, bccd} and train-on-pbc / test-on-the-others
-(``experiments.CROSSLAB_SETTINGS``); every method of :data:`ROWS` for every
+(``benchmarks.CROSSLAB_SETTINGS``); every method of :data:`ROWS` for every
 setting and seed; F1-macro and F1-micro (= accuracy for one label per image)
 per target lab with bootstrap intervals; SWAD weight averaging for every
 method alike.
@@ -51,7 +51,7 @@ from . import _io, cache
 from . import benchmarks as B
 from . import metrics as M
 from . import scale as SC
-from .experiments import CROSSLAB_SETTINGS
+from .benchmarks import CROSSLAB_SETTINGS
 from .method_base import METHODS
 from .methods import create_method
 from .models import ImageTable, Normalized, create_backbone, default_workers

@@ -10,7 +10,7 @@
 For frozen-feature heads, TTA happens in embedding space: the image table
 gets a ``view`` column (see :class:`models.ImageTable`), each view's
 embedding is cached, and the head's probabilities are averaged over views
-(:func:`experiments.head_proba`).
+(:func:`protocols.pbc_lt.head_proba`).
 """
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ class Method(nn.Module):
     #: averages them (:meth:`swad.SWAD.collect`); two-stage methods say False
     #: during their first stage.
     swad_eligible: bool = True
+    #: A ``torch.amp.GradScaler`` when training autocasts to float16 (the trainer
+    #: sets it, see :func:`precision.autocast_dtype`); :meth:`step` then scales the loss.
+    grad_scaler: Optional["torch.amp.GradScaler"] = None
 
     def __init__(
         self,
@@ -94,8 +97,16 @@ class Method(nn.Module):
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            loss.backward()
+            self.optimizer.step()
+            return
+        # float16 training: backward through the scaled loss; the scaler unscales the gradients
+        # (before any clipping a method adds), skips a step whose gradients overflowed, and adapts.
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
     def require_one_pair_per_domain(self, minibatches: Minibatches) -> None:
         """For methods that use the minibatch position as the domain label."""

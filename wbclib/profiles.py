@@ -5,11 +5,11 @@
   (capped per-class counts, 128 px, one fine-tuned fold).
 * ``gpu`` – paper scale: full benchmark sizes, 224 px, every fold fine-tuned.
 
-Long-tail chapter keys (``experiments.pbc_lt_heads`` / ``decoupled_finetune``):
+Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune``):
 
 * ``lt_backbones`` – frozen ImageNet backbones whose embeddings every head
   recipe is trained on (rho 10 and 100 of ``rhos``, every probe fold);
-* ``lt_recipes`` – the head recipes (``experiments.head_recipes``);
+* ``lt_recipes`` – the head recipes (``protocols.pbc_lt.head_recipes``);
 * ``lt_stain_backbones`` – those also run with Macenko-normalised images;
 * ``lt_tta_backbones`` / ``lt_tta_stains`` – those also evaluated with
   test-time augmentation (``tta_views`` dihedral views, on ``tta_sets``);
@@ -20,7 +20,7 @@ Long-tail chapter keys (``experiments.pbc_lt_heads`` / ``decoupled_finetune``):
 * ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
   weights; False here (offline: random init), set True where the hub is reachable.
 
-Cross-lab chapter keys (``crosslab.crosslab_dg``, notebook 07): ``dg_*`` set
+Cross-lab chapter keys (``protocols.crosslab_dg.crosslab_dg``, notebook 07): ``dg_*`` set
 the regime, rows, seeds, sizes and schedule; ``sada_k`` and ``sada_beta``
 override SADA's declared defaults (``Method.defaults``) only when set (None:
 the method's own), through the one resolver ``crosslab.row_hparams``.
@@ -72,14 +72,14 @@ from typing import List, Optional, Sequence, Union, get_args, get_origin, get_ty
 
 import yaml
 
-from .data import PROJECT_ROOT, PathLike
+from .data import PathLike
 
 #: EfficientNet-Lite0/1/2, the backbones with offline ImageNet weights.
 _LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
-#: Every head recipe of ``experiments.head_recipes``.
+#: Every head recipe of ``protocols.pbc_lt.head_recipes``.
 _LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm", "lws"]
 
-#: Cross-lab chapter (``crosslab.crosslab_dg``): the table rows, the SADA ablations and the LOLO settings.
+#: Cross-lab chapter (``protocols.crosslab_dg.crosslab_dg``): the table rows, the SADA ablations and the LOLO settings.
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
 _DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
 _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]

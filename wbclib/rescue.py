@@ -27,7 +27,7 @@ The verification branch is :func:`fit_contrastive_head`: an MLP projection
 trained with the supervised contrastive loss (:func:`supcon_loss`, Khosla et
 al. 2020) on fixed embeddings, giving class probabilities by a temperature
 softmax over cosine similarities to class prototypes. Embeddings are the
-book's backbone features by default (:class:`wbclib.experiments.EmbeddingStore`)
+book's backbone features by default (:class:`wbclib.embeddings.EmbeddingStore`)
 or a SigLIP vision tower (:class:`SiglipEmbedder`, e.g. MedSigLIP weights
 that the user has locally).
 """
@@ -210,7 +210,7 @@ def _import_siglip():
 
 class SiglipEmbedder(nn.Module):
     """The pooled output of a SigLIP vision tower, as a :class:`wbclib.models.Backbone`
-    for :class:`wbclib.experiments.EmbeddingStore`.
+    for :class:`wbclib.embeddings.EmbeddingStore`.
 
     :meth:`from_pretrained` reads local weights only (a folder written by
     ``save_pretrained``: MedSigLIP's own checkpoint, a full SigLIP model whose
@@ -264,8 +264,8 @@ class SiglipEmbedder(nn.Module):
                         std=(0.5, 0.5, 0.5), pretrained=False)
 
     def store(self, tables: Sequence[pd.DataFrame], root: Path, cache_dir: Optional[Path], batch_size: int = 32):
-        """An :class:`~wbclib.experiments.EmbeddingStore` of ``tables`` embedded by this tower."""
-        from .experiments import EmbeddingStore
+        """An :class:`~wbclib.embeddings.EmbeddingStore` of ``tables`` embedded by this tower."""
+        from .embeddings import EmbeddingStore
 
         return EmbeddingStore(tables, self.name, self.image_size, root, cache_dir, desc=f"{self.name} embeddings",
                               backbone=self.backbone(), weights_tag=self.tag, batch_size=batch_size)

@@ -123,8 +123,8 @@ def pick_targets(labels: torch.Tensor, k: int, generator: Optional[torch.Generat
     others = torch.tensor([[c for c in range(k) if c != own] for own in range(k)], dtype=torch.long).view(k, k - 1)
     for i, own in enumerate(labels.tolist()):
         own = min(int(own), k - 1)
-        for v, cluster in enumerate(others[own].tolist()):
-            members = (pool_labels == cluster).nonzero().flatten()
+        for v, donor_cluster in enumerate(others[own].tolist()):
+            members = (pool_labels == donor_cluster).nonzero().flatten()
             if len(members) == 0:
                 members = (pool_labels != own).nonzero().flatten()
             if len(members) == 0:

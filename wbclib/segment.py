@@ -26,14 +26,13 @@ and the first 100 bccd fields (by name); ``evaluate_zheng1`` and
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd

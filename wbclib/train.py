@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import _io
+from . import distributed
 from . import metrics as M
 from . import precision
 from .augment import eval_transform, make_augmentation
@@ -122,6 +123,9 @@ def run_identity(config: TrainConfig, split: pd.DataFrame, root: Path, eval_sets
                                     predict=precision.precision_tag(device))
     if swad is not None:
         config_dict["swad"] = dict(swad)
+    if distributed.planned_world_size() > 1:
+        # Batch statistics, dropout and the float summation order change with it (see distributed.py).
+        config_dict["world_size"] = distributed.planned_world_size()
     config_dict.update(tags or {})
     inputs = inputs_fingerprint(dict(split=split, **{f"eval:{k}": t for k, t in eval_sets.items()}), root)
     return config_dict, inputs
@@ -147,10 +151,23 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     (``done``) returns its saved metrics; an interrupted one resumes from
     ``checkpoint.pt``. Protocols let :func:`train_in` choose the folder (its
     name changes with the identity). Returns ``{set name: scores}``.
+
+    With ``$WBC_NPROC`` above 1 the run trains data-parallel on that many
+    processes under torchrun (:func:`distributed.launch_train_run`); inside
+    such a process group each rank trains on its shard of every batch and
+    only rank 0 writes the run folder (see :mod:`wbclib.distributed`). Where
+    training autocasts to float16 (GPUs without bfloat16) the loss is scaled
+    (``torch.amp.GradScaler``, through ``Method.step``).
     """
+    if distributed.should_launch():
+        return distributed.launch_train_run(dict(
+            config=config, split=split, root=root, run_dir=run_dir, classes=classes, eval_sets=eval_sets,
+            device=device, n_boot=n_boot, swad=swad, protocol=protocol, tags=tags))
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags, device)
-    run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version())).open()
+    run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version()))
+    with distributed.main_first():  # rank 0 creates config.json, the others check it
+        run.open()
     if run.done:
         return run.metrics()
 
@@ -165,7 +182,13 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     test_view = eval_transform(config.augmentation, config.image_size)
     val_set = ImageTable(val_rows, root, classes, config.image_size, config.degrade_seed, transform=test_view)
     counts = np.bincount(train_set.labels, minlength=len(classes))
-    method = build_method(config, len(classes), len(train_set.domain_names), counts.tolist()).to(device)
+    method = build_method(config, len(classes), len(train_set.domain_names), counts.tolist())
+    method = distributed.sync_batch_norm(method, device).to(device)
+    distributed.broadcast_state(method)  # every rank starts from rank 0's weights
+    distributed.average_gradients(method)
+    if precision.autocast_dtype(device, training=True) == torch.float16:
+        # float16 gradients underflow without loss scaling; Method.step scales, unscales and steps.
+        method.grad_scaler = torch.amp.GradScaler(torch.device(device).type)
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * steps_per_epoch))
@@ -183,6 +206,8 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         if averager is not None and state.get("swad"):
             averager.load_state_dict(state["swad"])
+        if method.grad_scaler is not None and state.get("grad_scaler"):
+            method.grad_scaler.load_state_dict(state["grad_scaler"])
 
     for epoch in range(start_epoch, config.epochs):
         if bad_epochs >= config.patience:
@@ -192,22 +217,31 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         # Main-process randomness (dropout, mixing) depends only on (seed, epoch), and each
         # draw's augmentation only on (seed, epoch, draw): a resumed run repeats them, and the
         # number of loader workers changes nothing.
-        torch.manual_seed(config.seed * 1000 + epoch)
+        # Each rank of a process group draws its own dropout masks (rank 0 the one-process ones).
+        torch.manual_seed(config.seed * 1000 + epoch + 1_000_003 * distributed.rank())
         draws = SeededDraws(make_sampler(config.sampler, train_set.labels, seed=config.seed * 1000 + epoch),
                             seed=config.seed, epoch=epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, drop_last=len(train_set) > config.batch_size,
-                            sampler=draws, num_workers=workers)
+        drop_last, batch_size = len(train_set) > config.batch_size, config.batch_size
+        if distributed.world_size() > 1:  # this rank's share of every batch, each draw with its own seed
+            draws = distributed.shard_draws(draws.draws, config.batch_size, drop_last)
+            batch_size = distributed.local_batch_size(config.batch_size)
+        loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=draws, num_workers=workers)
         losses = []
-        for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+        for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                            disable=not distributed.is_main()):
             x, y, d = x.to(device), y.to(device), d.to(device)
             with precision.autocast(device, training=True):
                 stats = method.update(split_by_domain(x, y, d, method.num_domains))
-            losses.append(stats["loss"])
+            distributed.broadcast_state(method, parameters=False)  # rank 0's batch-norm statistics everywhere
+            losses.append(distributed.mean_over_ranks(stats["loss"]))
             for sch in schedulers:
                 sch.step()
             if averager is not None:
                 averager.collect(method)
-        val_probs = predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
+        # Rank 0 validates; every rank takes the same decisions (best epoch, patience, SWAD) from its numbers.
+        val_probs = distributed.broadcast_object(
+            predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
+            if distributed.is_main() else None)
         val_scores = M.scores(val_set.labels, val_probs.argmax(1), len(classes))
         if averager is not None:
             true_prob = val_probs[np.arange(len(val_probs)), val_set.labels]
@@ -215,23 +249,31 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         history.append(dict(epoch=epoch, loss=float(np.mean(losses)), **{f"val_{k}": v for k, v in val_scores.items()}))
         if val_scores["macro_f1"] > best:
             best, bad_epochs = val_scores["macro_f1"], 0
-            _io.torch_save(method.state_dict(), best_path)
+            if distributed.is_main():
+                _io.torch_save(method.state_dict(), best_path)
         else:
             bad_epochs += 1
-        _io.torch_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
-                            schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
-                            bad_epochs=bad_epochs, history=history,
-                            swad=averager.state_dict() if averager is not None else None), ckpt_path)
-        run.write_csv("history.csv", pd.DataFrame(history))
+        if distributed.is_main():
+            extra = {} if method.grad_scaler is None else dict(grad_scaler=method.grad_scaler.state_dict())
+            _io.torch_save(dict(model=method.state_dict(), optimizers=[o.state_dict() for o in method.optimizers()],
+                                schedulers=[s.state_dict() for s in schedulers], epoch=epoch, best=best,
+                                bad_epochs=bad_epochs, history=history,
+                                swad=averager.state_dict() if averager is not None else None, **extra), ckpt_path)
+            run.write_csv("history.csv", pd.DataFrame(history))
+        distributed.barrier()  # best.pt and checkpoint.pt are written before any rank reads them
 
     if averager is not None:
         method.load_state_dict(averager.averaged_state(method))
         bn_loader = DataLoader(ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
                                           transform=test_view), batch_size=config.batch_size, num_workers=workers)
+        # Every rank, on the same (whole) loader: with SyncBatchNorm it is a collective operation.
         update_bn(method, bn_loader, forward=lambda batch: method.predict(batch[0].to(device)))
-        _io.torch_save(method.state_dict(), run.path("swad.pt"))
+        if distributed.is_main():
+            _io.torch_save(method.state_dict(), run.path("swad.pt"))
     else:
         method.load_state_dict(_io.torch_load(best_path, map_location=device))
+    if not distributed.is_main():  # rank 0 evaluates and finishes the run; the others return its metrics
+        return distributed.broadcast_object(None)
     results = {}
     for name, table in eval_sets.items():
         dataset = ImageTable(table, root, classes, config.image_size, config.degrade_seed, transform=test_view)
@@ -242,7 +284,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     results["best_val_macro_f1"] = {"macro_f1": best}
     if averager is not None:
         results["swad"] = averager.summary()
-    return run.finish(results)
+    return distributed.broadcast_object(run.finish(results))
 
 
 def train_in(results_dir: Path, protocol: str, tags: dict, config: TrainConfig, split: pd.DataFrame, root: Path,

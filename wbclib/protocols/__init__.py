@@ -6,6 +6,7 @@ with :func:`wbclib.runs.run` (named by configuration keys and the hash of
 configuration, inputs and code), writes into them atomically, and returns
 tables whose ``run_dir`` column tells notebooks where each result lives.
 
-Chapters 03-07 and 10 still run from ``experiments``, ``crosslab`` and
-``rescue``; they move here module by module.
+One module per chapter's benchmark: ``pbc_lt`` (03, 05, 06),
+``crosslab_erm`` (04), ``crosslab_dg`` (07), ``restoration`` (08),
+``segmentation`` (09), ``rescue`` (10); ``common`` holds what they share.
 """

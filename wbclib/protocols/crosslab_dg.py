@@ -25,7 +25,7 @@ from .. import metrics as M
 from ..crosslab import (CLASSES, ROWS, VERSION, VIEW_METHODS, MapHead, MapStore, dg_sets, features_on_maps,
                         labels_of, one_thread, predict_on_maps, row_hparams, scale_factors, settings_named,
                         stain_clusters_k, store_for, train_on_maps)
-from ..experiments import CROSSLAB_SETTINGS, setting_key
+from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..gradcam import grad_cam, last_conv
 from ..method_base import METHODS
 from ..methods import create_method

@@ -14,12 +14,13 @@ import pandas as pd
 
 from .. import _io, runs
 from .. import benchmarks as B
-from ..experiments import ChainedStore, EmbeddingStore, embeddings_cached, pbc_lt_sets, probe_jobs
+from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
 from ..metrics import scores
 from ..morphology import PAPER_FEATURES, MahalanobisFilter, MorphologyCache
 from ..rescue import (BOOST_STRENGTHS, PHASES, RescueGrid, SiglipEmbedder, class_counts, fit_contrastive_head,
                       fit_thresholds, rarest_classes)
 from ..runs import inputs_fingerprint
+from .pbc_lt import pbc_lt_sets, probe_jobs
 
 
 def verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], root: Path, cache_dir: Path):
@@ -52,7 +53,7 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
                   seed: int = 0, val_set: str = "val_degraded", test_set: str = "test_degraded") -> pd.DataFrame:
     """Suppress-and-Rescue on top of a PBC-LT run's saved predictions.
 
-    ``base`` is the table a PBC-LT protocol returned (``experiments.pbc_lt_finetune``
+    ``base`` is the table a PBC-LT protocol returned (``protocols.pbc_lt.pbc_lt_finetune``
     or ``pbc_lt_probe``: ``rho``, ``fold``, ``run_dir``); ``regime`` names it
     (``erm``, ``probe``). For each fold, with the base run's training rows:
 

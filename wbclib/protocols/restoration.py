@@ -73,7 +73,7 @@ def chapter_images(cfg, table: pd.DataFrame) -> Dict[str, pd.DataFrame]:
 
     Each is spread over the classes (:func:`round_robin`).
     """
-    from .benchmarks import phase2
+    from ..benchmarks import phase2
 
     cv = table[table["split"] == "cv"]
     heldout = round_robin(cv, cfg.restore_heldout_images)
@@ -96,7 +96,7 @@ def ensure_erm_classifier(cfg, root: Path, splits_dir: Path, results_dir: Path, 
     back when finished, trained here (resumably, same identity) otherwise."""
     from types import SimpleNamespace
 
-    from .experiments import pbc_lt_finetune
+    from .pbc_lt import pbc_lt_finetune
 
     only = SimpleNamespace(**{**vars(cfg), "finetune_rhos": [rho], "finetune_folds": [fold]})
     runs_table = pbc_lt_finetune(only, root, splits_dir, results_dir, method="erm", seed=seed)

