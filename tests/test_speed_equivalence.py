@@ -172,3 +172,29 @@ def test_bf16_autocast_embeddings_stay_close_to_float32(pbc_images):
     # worst, on 200 pbc images at 224 px (bench/agreement_precision.py).
     cosine = torch.nn.functional.cosine_similarity(reference, reduced)
     assert cosine.min() > 0.99
+
+
+# --------------------------------------------------------------------------
+# Streams
+# --------------------------------------------------------------------------
+
+
+def test_forward_in_streams_equals_one_call_and_keeps_grad_mode_and_autocast():
+    from wbclib.streams import forward_in_streams
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x = torch.randn(7, 3, 16, 16)  # not a multiple of the streams: parts of 4 and 3
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        whole = model(x)
+        split = forward_in_streams(model, x, streams=2)
+        assert not split.requires_grad
+    # Same operators on fewer images: float32 rounding at most.
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == threads
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert forward_in_streams(model, x, streams=2).dtype == torch.bfloat16
+    assert forward_in_streams(model, x, streams=2).requires_grad  # grad mode follows the caller
+    assert torch.equal(forward_in_streams(model, x[:1], streams=2), model(x[:1]))  # fewer images than streams

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import precision
+from .streams import forward_in_streams
 from .augment import dihedral
 from .data import load_image
 from .degrade import SEVERITY_PARAMS, degrade, image_rng
@@ -407,5 +408,5 @@ def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
     chunks = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
         with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
-            chunks.append(model(x.to(device)).float().cpu())
+            chunks.append(forward_in_streams(model, x.to(device)).float().cpu())  # one batch part per CPU core
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)

@@ -30,6 +30,7 @@ from . import _io
 from . import distributed
 from . import metrics as M
 from . import precision
+from .streams import forward_in_streams
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
 from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
@@ -83,7 +84,7 @@ def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
         with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
-            out.append(torch.softmax(method.predict(x.to(device)).float(), dim=1).cpu())
+            out.append(torch.softmax(forward_in_streams(method.predict, x.to(device)).float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
 
