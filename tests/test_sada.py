@@ -239,7 +239,9 @@ def test_precomputed_views_follow_the_run_seed():
 
     def views(seed, cache):
         store = SyntheticStore(SimpleNamespace(backbone="none", image_size=24, pretrained=False), ".", cache)
-        runner = crosslab._MapsRunner.__new__(crosslab._MapsRunner)
+        from wbclib.protocols import crosslab_dg
+
+        runner = crosslab_dg._MapsRunner.__new__(crosslab_dg._MapsRunner)
         runner.store, runner.train, runner._views = store, train, {}
         return runner.views(3, seed)
 
