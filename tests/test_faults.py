@@ -261,3 +261,14 @@ def test_compare_reports_runs_whose_digits_differ(tmp_path):
     run.path("metrics.json").write_text(json.dumps(dict(macro_f1=0.50000001)))
     problems = runs.compare(tmp_path / "a", tmp_path / "b")
     assert sorted(problems["problem"].str.split().str[0]) == ["metrics", "only"]
+
+
+def test_a_failing_chapter_is_one_line_naming_the_notebook(tmp_path, monkeypatch, capsys):
+    from wbclib import cli
+
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["book", "execute", "--profile", "smoke", "--only", "01", "--root", str(tmp_path / "missing"),
+                   "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("wbc: error:") and "01_data_eda.ipynb failed at cell" in err
+    assert "DataError" in err and "missing does not exist" in err

@@ -122,6 +122,14 @@ def _book_execute(args) -> int:
     except runbook.NotebooksNotFound as exc:
         print(f"wbc: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A failed cell: one line naming the chapter and the error (papermill kept the executed
+        # notebook, with the full traceback, under executed/).
+        if type(exc).__name__ != "PapermillExecutionError":
+            raise
+        print(f"wbc: error: {getattr(exc, 'notebook', 'a notebook')} failed at cell [{exc.exec_count}]: "
+              f"{exc.ename}: {exc.evalue} (the executed notebook holds the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -209,7 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "clear":
             p.add_argument("--kind", help="only entries of this kind (e.g. embeddings)")
         p.set_defaults(func=fn)
+    _add_system_commands(sub)
     return parser
+
+
+def _add_system_commands(sub) -> None:
+    """``wbc train``, ``wbc predict`` and ``wbc evaluate``: the assembled system (wbclib.apply,
+    imported only when one of them runs: it pulls in torch)."""
+    def lazy(name):
+        def run(args):
+            from . import apply
+
+            return getattr(apply, name)(args)
+        return run
+
+    train_command, predict_command, evaluate_command = (lazy("train_command"), lazy("predict_command"),
+                                                        lazy("evaluate_command"))
+    p = sub.add_parser("train", help="train the book's best pipeline for a profile and write a model bundle")
+    p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"])
+    p.add_argument("--out", required=True, type=_non_empty, help="bundle folder to write")
+    p.add_argument("--data-root", type=_non_empty, help="data root (default: $WBC_DATA_ROOT or ../shared/datasets)")
+    p.add_argument("--results", help="results folder for the run folders (default: ./results or $WBC_RESULTS_DIR)")
+    p.add_argument("--cache", help="cache folder (default: ./cache or $WBC_CACHE_DIR)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.set_defaults(func=train_command)
+    p = sub.add_parser("predict", help="classify unlabelled images with a model bundle")
+    p.add_argument("--model", required=True, type=_non_empty, help="bundle folder (from wbc train)")
+    p.add_argument("--images", required=True, type=_non_empty, help="image folder (recursive) or CSV with a path column")
+    p.add_argument("--out", required=True, type=_non_empty, help="predictions CSV to write")
+    p.add_argument("--tta", action="store_true", help="average the bundle's dihedral test-time views")
+    p.add_argument("--fields", action="store_true", help="images are whole smear fields: locate and crop the WBC")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=predict_command)
+    p = sub.add_parser("evaluate", help="score a predictions CSV against true labels")
+    p.add_argument("--pred", required=True, type=_non_empty, help="CSV written by wbc predict")
+    p.add_argument("--labels", required=True, type=_non_empty,
+                   help="labels CSV (path/image id and label columns) or a folder of <class>/<image>")
+    p.add_argument("--map", help="user=model class mapping, 'a=b,c=d', or a two-column CSV")
+    p.add_argument("--figure", help="confusion matrix image (default: <pred>_confusion.png)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+    p.set_defaults(func=evaluate_command)
 
 
 def _runs_list(args) -> int:

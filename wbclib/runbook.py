@@ -126,11 +126,16 @@ def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir
             # Each chapter gets the parameters it declares (not every chapter has, e.g., results_dir).
             declared = papermill.inspect_notebook(str(converted))
             start = time.time()
-            papermill.execute_notebook(str(converted), str(target),
-                                       parameters={k: v for k, v in params.items() if k in declared},
-                                       cwd=str(work_dir), kernel_name="python3",
-                                       progress_bar=progress and {"desc": source.stem, "unit": "cell", "leave": False},
-                                       log_output=log_output)
+            try:
+                papermill.execute_notebook(str(converted), str(target),
+                                           parameters={k: v for k, v in params.items() if k in declared},
+                                           cwd=str(work_dir), kernel_name="python3",
+                                           progress_bar=progress and {"desc": source.stem, "unit": "cell",
+                                                                      "leave": False},
+                                           log_output=log_output)
+            except papermill.PapermillExecutionError as exc:
+                exc.notebook = target  # the executed copy, with the traceback, for the caller's message
+                raise
             message = f"{source.name}: executed in {time.time() - start:.0f} s -> {target}"
             if progress:
                 bar.write(message)
