@@ -18,8 +18,9 @@ after a warm-up pass of each, it times
   through :func:`wbclib.precision.for_inference` compiled (compile time
   printed, not timed);
 * a training step (ERM: forward, cross-entropy, backward, AdamW) on the plain
-  eager float32 model and on ``Normalized`` under
-  ``precision.autocast(training=True)`` (what ``train_run`` runs).
+  eager float32 model, on ``Normalized`` in float32 (before these levers) and
+  on ``Normalized`` under ``precision.autocast(training=True)`` (what
+  ``train_run`` runs).
 
 Prints images/s and lines ``NAME ratio X.XX`` (variant / reference, > 1 is faster).
 ``WBC_PRECISION=fp32`` shows the same figures with autocast off.
@@ -155,12 +156,17 @@ def main() -> None:
                                      backbone.num_features, num_classes).to(device)
         our_method = create_method("erm", Normalized(copy.deepcopy(backbone)), backbone.num_features,
                                    num_classes).to(device)
+        today = create_method("erm", Normalized(copy.deepcopy(backbone)), backbone.num_features,
+                              num_classes).to(device)
         train_tag = precision.precision_tag(device, training=True)
         rates = images_per_second({"plain eager fp32 timm": train_steps(plain_method, "fp32"),
+                                   "channels-last fp32": train_steps(today, "fp32"),
                                    f"ours ({train_tag})": train_steps(our_method)}, train_n, args.repeats)
         for name, rate in rates.items():
             print(f"[{size} px] train step {name:32s}{rate:8.1f} images/s")
-        print(f"train_step_{size}px ratio {rates[f'ours ({train_tag})'] / rates['plain eager fp32 timm']:.2f}")
+        ours_rate = rates[f"ours ({train_tag})"]
+        print(f"train_step_{size}px ratio {ours_rate / rates['plain eager fp32 timm']:.2f}")
+        print(f"train_step_{size}px_vs_channels_last_fp32 ratio {ours_rate / rates['channels-last fp32']:.2f}")
 
 
 if __name__ == "__main__":

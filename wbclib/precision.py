@@ -5,8 +5,9 @@ a 16-bit type and keeps reductions, losses and weights in float32. Where the
 hardware has native 16-bit arithmetic that is several times faster:
 EfficientNet-Lite0 feature extraction at 224 px, batch 32, 2 CPU threads on a
 CPU with AVX512-BF16 went from 49 (float32, channels-last) to 118 images/s
-under bfloat16 autocast on an idle machine (issue 12), 2.5x plain eager
-float32 timm on a loaded one (``bench/bench_throughput.py``). On 200 pbc
+under bfloat16 autocast on an idle machine (issue 12); on a loaded one
+1.7-3x plain eager float32 timm depending on the load, 5.5x together with
+:mod:`wbclib.streams` (``bench/bench_throughput.py``). On 200 pbc
 images the embeddings keep a cosine of 0.998 to float32 (0.994 at worst) and
 a linear probe's predictions 99.5% unchanged, macro-F1 0.777 against 0.778
 (``bench/agreement_precision.py``). Without that hardware bfloat16 is slower
@@ -19,10 +20,11 @@ than float32, so the choice is made at run time:
 
 Separately, ``WBC_COMPILE=1`` compiles inference models with
 ``torch.compile`` (inductor, weights frozen into the graph; see
-:func:`for_inference`): 7x plain eager float32 where bf16 autocast alone gave
-2.1-3x on a loaded 2-core machine, but compiling takes 2-3 minutes there and
-comes again for every new model object and input shape, so it is off by
-default and pays off only for long extractions.
+:func:`for_inference`): between 2.2x and 7x plain eager float32 on a loaded
+2-core machine, depending on the load, but compiling takes 1-3 minutes there
+and comes again for every new model object and input shape, and a compiled
+model cannot use :mod:`wbclib.streams` (5.5x under the same load), so it is
+off by default.
 
 The setting ``"auto"`` (default) applies these rules; ``"fp32"`` turns autocast
 off and ``"bf16"`` / ``"fp16"`` force a type. The environment variable
