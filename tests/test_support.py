@@ -56,6 +56,7 @@ def test_profile_overrides_are_typed_and_validated(monkeypatch):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.probe_epochs = 1
     assert cfg.replace(tta_views=4).tta_views == 4 and cfg.tta_views == 8
+    assert profiles.get("smoke", "{probe_epochs: 11}").probe_epochs == 11  # a string, as papermill -p passes it
 
 
 def test_dihedral_jitter_keeps_shape_and_is_seeded():

@@ -142,7 +142,7 @@ PROFILES = {
         lt_stain_backbones=list(_LITE), lt_tta_backbones=list(_LITE),
         lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["val", "val_degraded", "test", "test_degraded"],
         decoupled_backbones=["resnet50", "resnet152", "swin_t", *_LITE],
-        decoupled_augmentation="decoupled", decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=False,
+        decoupled_augmentation="decoupled", decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=True,
         dg_regime="end_to_end", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=None,
         dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
         sada_k=None, sada_beta=None, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
@@ -320,6 +320,10 @@ def get(name: str, overrides: Optional[dict] = None, **more) -> Profile:
     adds overrides from the environment, the explicit ones win."""
     if name not in PROFILES:
         raise ProfileError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    if isinstance(overrides, str):  # e.g. papermill's `-p overrides "{probe_epochs: 60}"`
+        overrides = yaml.safe_load(overrides) or {}
+        if not isinstance(overrides, dict):
+            raise ProfileError(f"overrides must be a mapping of profile keys, got {overrides!r}")
     env = os.environ.get("WBC_SET", "").strip()
     merged = parse_overrides([p for p in env.split(";") if p.strip()]) if env else {}
     merged.update(overrides or {})
