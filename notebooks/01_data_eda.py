@@ -20,7 +20,7 @@
 # %% tags=["parameters"]
 profile = "cpu"
 data_root = None  # None: $WBC_DATA_ROOT, else ../shared/datasets beside the project
-cache_dir = None  # None: <project>/cache
+cache_dir = None  # None: ./cache (or $WBC_CACHE_DIR)
 seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
