@@ -61,7 +61,7 @@ def median3x3(image: np.ndarray) -> np.ndarray:
 
     Equal to ``scipy.ndimage.median_filter(image, size=(3, 3, 1), mode="mirror")``
     (and to the numpy sorting network this replaced, kept in
-    ``bench/reference_filters.py``) and 8.6 times faster than that network on
+    ``bench/reference_filters.py``) and 6-9 times faster than that network on
     pbc images (``bench/bench_filters.py``, one thread). ``medianBlur``
     replicates the edge pixel, so the image is mirrored by one pixel first
     and the result cropped. Takes uint8 images with 1, 3 or 4 channels (or 2-D).
@@ -87,7 +87,7 @@ def bilateral(image: np.ndarray, sigma_color: float = 30.0, sigma_spatial: float
     disc) weighted by ``exp(-d^2 / 2 sigma_spatial^2) * exp(-c^2 / 2 s^2)``,
     ``c`` the colour distance summed over the channels (grey levels) and
     ``s = 1.5 sigma_color`` so that ``sigma_color`` keeps the meaning it had
-    for Euclidean colour distances. 50 times faster than the numpy filter it
+    for Euclidean colour distances. 50-65 times faster than the numpy filter it
     replaced (square window, Euclidean distance: ``bench/reference_filters.py``;
     ``bench/bench_filters.py``, one thread); tests/test_speed_equivalence.py
     states how closely the two agree.
