@@ -292,7 +292,7 @@ class BoDA(Method):
     and the loss is the negative log-softmax of each positive (same class,
     other domain) over all seen pairs except (d_i, c_i), averaged over all
     (image, positive) pairs of the batch (as the authors' code does; eq. 3's
-    1/(|D|-1) when every class occurs in every domain). Dividing by N_{d_i,c_i}
+    ``1/(|D|-1)`` when every class occurs in every domain). Dividing by N_{d_i,c_i}
     (the "balanced distance") weakens the pull on images of large pairs.
 
     ``distance``: ``"euclidean"``, or ``"mahalanobis"`` with each pair's running

@@ -71,7 +71,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
 
     For every anchor i with at least one positive (another row of its class),
 
-        l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) )
+        ``l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) )``
 
     and the loss is the mean of l_i over those anchors (0 when there are
     none). ``z`` must be L2-normalised (N, D). Unlike the authors' code there
