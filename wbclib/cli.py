@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs_sub.add_parser("list", help="finished runs of the current code: protocol, folder, keys")
     p.add_argument("--results", type=_non_empty, help="results folder (default: ./results or $WBC_RESULTS_DIR)")
     p.add_argument("--protocol", help="only this protocol (prefix), e.g. pbc_lt")
+    p.add_argument("--all", action="store_true", help="also runs made by other versions of the code")
     p.set_defaults(func=_runs_list)
     p = runs_sub.add_parser("compare", help="check that two results folders hold the same numbers (exit 1 if not)")
     p.add_argument("first", type=_non_empty)
@@ -262,9 +263,9 @@ def _add_system_commands(sub) -> None:
 def _runs_list(args) -> int:
     from . import profiles, runs
 
-    table = runs.find(profiles.output_dir("results", args.results), args.protocol)
+    table = runs.find(profiles.output_dir("results", args.results), args.protocol, current=not args.all)
     if table.empty:
-        print("no finished runs of the current code")
+        print("no finished runs" + ("" if args.all else " of the current code (--all lists every version's)"))
         return 0
     keys = [c for c in ("rho", "fold", "seed", "setting", "method", "backbone", "variant", "recipe") if c in table]
     print(table[["protocol", *keys, "run_dir"]].to_string(index=False))
