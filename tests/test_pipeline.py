@@ -119,6 +119,49 @@ def test_bundle_round_trip_in_a_fresh_process(tiny_pipeline, root, tmp_path):
     assert done.stdout.strip() == str(list(expected["pred"]))
 
 
+def test_pix2pix_restorer_and_ensembles_survive_the_bundle(tiny_pipeline, root, tmp_path):
+    """A Pix2Pix restorer (threshold -1: every image restored) and two members:
+    the generator's weights and both members come back, and two copies of one
+    member average to that member's probabilities."""
+    import copy
+
+    from wbclib.pix2pix import UNetGenerator
+
+    torch.manual_seed(1)
+    config = dict(channels=4, depth=2, residual=True, full_res=True)
+    generator = UNetGenerator(**config).eval()
+    p = copy.copy(tiny_pipeline)
+    p.restoration = Restoration(threshold=-1.0, method="pix2pix", generator=generator, generator_config=config)
+    twin = copy.copy(p)
+    twin.members = [p.members[0], p.members[0]]
+    images = [load_image(path) for path in zheng1_paths(root, 3)]
+    one = p.without("rescue").predict_images(images)
+    two = twin.without("rescue").predict_images(images)
+    probs = [f"prob_{c}" for c in CLASSES]
+    np.testing.assert_allclose(two[probs].to_numpy(float), one[probs].to_numpy(float), atol=1e-6)
+    assert two["restored"].all()
+    loaded = bundle.load(bundle.save(twin, tmp_path / "model"))
+    assert len(loaded.members) == 2 and loaded.restoration.method == "pix2pix"
+    assert (tmp_path / "model" / "backbone_1.safetensors").is_file()
+    again = loaded.without("rescue").predict_images(images)
+    np.testing.assert_allclose(again[probs].to_numpy(float), two[probs].to_numpy(float), atol=1e-6)
+    # The restorer really runs: its output differs from the unrestored pipeline's input.
+    x_on, _ = loaded.preprocess(images[0])
+    x_off, _ = loaded.without("restore").preprocess(images[0])
+    assert not np.array_equal(x_on, x_off)
+
+
+def test_images_listed_from_a_csv(root, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes((root / "zheng1" / "images" / "001.png").read_bytes())
+    pd.DataFrame({"path": ["sub/a.png", str(root / "zheng1" / "images" / "002.png")]}).to_csv(
+        tmp_path / "list.csv", index=False)
+    assert apply.list_images(tmp_path / "list.csv") == [tmp_path / "sub" / "a.png",
+                                                       root / "zheng1" / "images" / "002.png"]
+    with pytest.raises(Exception, match="neither an image folder nor a CSV"):
+        apply.list_images(tmp_path / "missing")
+
+
 def test_predict_files_reports_each_bad_file_and_goes_on(tiny_pipeline, root, tmp_path):
     folder = tmp_path / "mine"
     (folder / "a").mkdir(parents=True)
