@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import precision
 from .augment import dihedral, dihedral_inverse
 from .models import default_workers
 
@@ -67,7 +68,7 @@ def predict_tta(method_or_fn: Union[nn.Module, Callable[[torch.Tensor], torch.Te
         x = x.to(device)
         total = 0.0
         for view in dihedral_views(x)[:k]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with precision.autocast(device):  # the same precision as every other prediction
                 logits = fn(view)
             total = total + torch.softmax(logits.float(), dim=1)
         out.append((total / k).cpu())

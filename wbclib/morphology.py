@@ -393,7 +393,7 @@ class MorphologyCache:
 
     VERSION = "v2"
     #: The modules whose code decides the measurements.
-    MODULES = ("morphology.py", "segment.py", "degrade.py", "data.py")
+    MODULES = ("morphology.py", "segment.py", "degrade.py", "data.py", "cluster.py")
 
     def __init__(self, root: Union[str, Path], path: Optional[Union[str, Path]] = None):
         self.root = Path(root)
