@@ -59,7 +59,8 @@ def test_tta_of_a_rotation_invariant_model_is_the_plain_prediction():
     np.testing.assert_allclose(tta.sum(1), 1, atol=1e-6)
 
 
-def test_tta_averages_softmax_over_views_for_any_function():
+def test_tta_averages_softmax_over_views_for_any_function(monkeypatch):
+    monkeypatch.setenv("WBC_PRECISION", "fp32")  # compared with a float32 computation of the same average
     weight = torch.randn(3 * 6 * 6, 4, generator=torch.Generator().manual_seed(1))
     fn = lambda x: x.float().flatten(1) @ weight / 500  # noqa: E731  (orientation-sensitive)
     data = ListDataset(_images())
