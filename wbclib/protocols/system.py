@@ -41,6 +41,7 @@ from ..heads import crt, single_torch_thread
 from ..pipeline import (Isolation, Member, Pipeline, RescueStage, Restoration, ScaleNormalization,
                         StainNormalization, morphology_rows)
 from ..runs import code_version, digest
+from ..models import default_device
 from ..train import TrainConfig, build_method, train_in
 
 PROTOCOL = "system"
@@ -198,6 +199,8 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
     prepared = write_preprocessed(shell, table, root, folder)
     del train_images
 
+    # smoke stays on the CPU wherever it runs (seconds, and the same numbers everywhere).
+    device = torch.device("cpu") if profile == "smoke" else default_device()
     members = []
     for backbone in choice["members"]:
         config = TrainConfig(method=choice["method"], backbone=backbone, pretrained=cfg.pretrained,
@@ -207,8 +210,7 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
         split = prepared[prepared["split"].isin(["train", "val"])][["path", "label", "split"]]
         val = split[split["split"] == "val"]
         run, _ = train_in(results, f"{PROTOCOL}/stage1", dict(backbone=backbone, seed=seed), config, split, folder,
-                          CLASSES, eval_sets={"val": val}, n_boot=0, device=torch.device("cpu")
-                          if profile == "smoke" else None)
+                          CLASSES, eval_sets={"val": val}, n_boot=0, device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             method = build_method(config, len(CLASSES), 1, [1] * len(CLASSES))
@@ -224,6 +226,7 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
               for s in ("train", "val", "test")}
     pipeline = Pipeline(classes=CLASSES, image_size=cfg.image_size, members=members, isolation=Isolation("crop"),
                         tta_views=cfg.tta_views, enabled=dict(tta=choice["tta"]), **stages)
+    pipeline.to(device)
     for i, member in enumerate(members):
         features = pipeline.features(inputs["train"], member=i)
         with single_torch_thread():
@@ -252,6 +255,7 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
     card = dict(known_failures=KNOWN_FAILURES,
                 abstain_rule=f"threshold keeps {choice['abstain_keep']:.0%} of the correct validation predictions")
     out = Path(out)
+    pipeline.to("cpu")
     bundle.save(pipeline, out, training=training, metrics=scores, card=card,
                 splits=table[["path", "lab", "label", "split"]])
     return out
