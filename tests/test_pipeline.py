@@ -158,7 +158,8 @@ def test_images_listed_from_a_csv(root, tmp_path):
         tmp_path / "list.csv", index=False)
     assert apply.list_images(tmp_path / "list.csv") == [tmp_path / "sub" / "a.png",
                                                        root / "zheng1" / "images" / "002.png"]
-    with pytest.raises(Exception, match="neither an image folder nor a CSV"):
+    assert apply.list_images(tmp_path / "sub" / "a.png") == [tmp_path / "sub" / "a.png"]
+    with pytest.raises(Exception, match="neither an image folder"):
         apply.list_images(tmp_path / "missing")
 
 

@@ -52,8 +52,8 @@ def _column(frame: pd.DataFrame, names: Sequence[str], what: str, source: PathLi
 
 def list_images(source: PathLike) -> List[Path]:
     """Image files to predict: every file with an image suffix under a folder
-    (recursively, hidden entries skipped, sorted), or the ``path`` column of a
-    CSV (relative paths are relative to the CSV's folder). Files are not opened
+    (recursively, hidden entries skipped, sorted), the ``path`` column of a
+    CSV (relative paths are relative to the CSV's folder), or one image file. Files are not opened
     here: an unreadable one becomes an error row of :func:`predict`."""
     source = Path(source).expanduser()
     if source.is_dir():
@@ -62,7 +62,9 @@ def list_images(source: PathLike) -> List[Path]:
         table = _io.read_csv(source, dtype=str, keep_default_na=False)
         column = _column(table, ("path", "image", "file", "filename"), "image path", source)
         return [(source.parent / p) if not Path(p).is_absolute() else Path(p) for p in table[column]]
-    raise DataError(f"{source}: neither an image folder nor a CSV file with a path column")
+    if source.is_file() and is_image_name(source):
+        return [source]
+    raise DataError(f"{source}: neither an image folder, an image, nor a CSV file with a path column")
 
 
 def predict(model: PathLike, images: PathLike, tta: bool = False, fields: bool = False, progress: bool = True,
