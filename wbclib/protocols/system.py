@@ -6,14 +6,19 @@ the training lab's images, fine-tunes the backbone in a run folder
 rescue and abstain thresholds on validation, measures the result on held-out
 images and writes a bundle (:mod:`wbclib.bundle`).
 
-The pipeline trained is the best the book's chapters found, written down in
-:data:`BEST_PIPELINE` rather than hidden in code: EfficientNet-Lite0
-fine-tuned with plain ERM (stage 1, chapters 03/06: the re-balanced losses did
-not beat ERM + cRT), a cRT head on its embeddings (stage 2, chapter 06: the
-best decoupled head), Macenko stain normalisation and dihedral TTA (chapter
-06's ensembles and TTA), with median restoration (chapter 08: the median
-filter restores salt-and-pepper as well as the short CPU Pix2Pix schedules)
-and Suppress-and-Rescue with its morphology filter (chapter 10) switchable.
+The pipeline trained is written down in :data:`BEST_PIPELINE` rather than
+hidden in code. It is the papers' best configuration as the book implements
+it, restricted to what runs offline: EfficientNet-Lite0 (the backbone with
+packaged ImageNet weights; the paper's ResNet/Swin ensemble needs hub
+weights, see ``hub_pretrained``) fine-tuned with plain ERM (stage 1), a cRT
+head on its embeddings (stage 2, Le et al. 2026; chapter 06 measures cRT
+against the supervised head), Macenko stain normalisation and dihedral TTA
+(chapter 06's stain and TTA rows), the 3x3 median filter for restoration
+(chapter 08: "a strong baseline for impulse noise up to 10 % density, and it
+costs nothing to train"; a trained Pix2Pix generator fits the same stage)
+and Suppress-and-Rescue with its morphology filter (chapter 10). Whether
+each stage earns its place on this system is the cumulative ablation of the
+system chapter (issue 13, item 4): change the constant when it says so.
 
 Preprocessing is the pipeline's own: each training image goes through the
 pipeline's stages (restore, isolate, scale, stain, resize) once, and the
