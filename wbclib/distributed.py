@@ -1,9 +1,9 @@
 """Data-parallel training over several processes (one GPU each), launched by torchrun.
 
 The notebooks and protocols do not change: with ``WBC_NPROC=N`` (N > 1) in
-the environment, every :func:`train.train_run` hands its arguments to
-``torchrun --standalone --nproc_per_node N -m wbclib.distributed train-run
-SPEC`` (:func:`launch_train_run`) and returns the finished run's metrics, so
+the environment, every :func:`train.train_run` hands itself and its
+arguments to ``torchrun --standalone --nproc_per_node N -m wbclib.distributed
+run SPEC`` (:func:`launch`) and returns the finished run's metrics, so
 ``WBC_NPROC=4 wbc book execute --profile gpu`` fine-tunes every run on four
 GPUs. Everything else a notebook does (embeddings, heads) stays in the
 notebook's process.
@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, List, Sequence
+from typing import Any, Callable, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,7 @@ def requested_processes() -> int:
 
 def planned_world_size() -> int:
     """The world size a run started now trains with: the process group's
-    inside one, else ``$WBC_NPROC`` (what :func:`launch_train_run` will start)."""
+    inside one, else ``$WBC_NPROC`` (what :func:`launch` will start)."""
     return world_size() if is_initialized() else requested_processes()
 
 
@@ -242,53 +242,53 @@ def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 # --------------------------------------------------------------------------
-# The launcher: one train_run over several processes
+# The launcher: one call over several processes
 # --------------------------------------------------------------------------
 
 
 def torchrun_command(nproc: int, spec: Path) -> List[str]:
-    """The command :func:`launch_train_run` runs: torchrun (as ``python -m
+    """The command :func:`launch` runs: torchrun (as ``python -m
     torch.distributed.run``, the same program) on one machine with a free
     rendezvous port, ``nproc`` processes of ``python -m wbclib.distributed
-    train-run SPEC``."""
+    run SPEC``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "wbclib.distributed", "train-run", str(spec)]
+            "-m", "wbclib.distributed", "run", str(spec)]
 
 
-def launch_train_run(arguments: dict, nproc: int = 0) -> Any:
-    """Run ``train.train_run(**arguments)`` on ``nproc`` processes (default
-    ``$WBC_NPROC``) under torchrun and return its metrics.
+def launch(function: Callable[..., Any], arguments: dict, nproc: int = 0) -> Any:
+    """``function(**arguments)`` on ``nproc`` processes (default
+    ``$WBC_NPROC``) under torchrun, each joined to the process group first;
+    returns rank 0's result. :func:`train.train_run` launches itself so.
 
-    The arguments (configuration, tables, paths) travel in a pickle in a
-    temporary folder; the run folder is the same as in one process, so a
-    finished run is skipped and an interrupted one resumes. Methods and
-    backbones must be importable from ``wbclib`` (the ranks are fresh
-    Python processes). A rank's failure raises ``CalledProcessError``.
+    The function (by its importable name) and its arguments (configuration,
+    tables, paths) travel in a pickle in a temporary folder. Methods and
+    backbones must be importable from ``wbclib`` (the ranks are fresh Python
+    processes, which import the library as it is on disk: edit it while a
+    run starts and the ranks' run identity no longer matches the folder's,
+    :class:`runs.RunMismatch`). A rank's failure raises ``CalledProcessError``.
     """
     nproc = nproc or requested_processes()
-    with tempfile.TemporaryDirectory(prefix="wbc-train-run-") as tmp:
-        spec = Path(tmp) / "train_run.pkl"
+    with tempfile.TemporaryDirectory(prefix="wbc-run-") as tmp:
+        spec = Path(tmp) / "spec.pkl"
         with open(spec, "wb") as fh:
-            pickle.dump(arguments, fh)
+            pickle.dump(dict(function=function, arguments=arguments), fh)
         env = dict(os.environ)
         # The ranks are the processes; they must not launch again.
         env.pop(NPROC_ENV, None)
         subprocess.run(torchrun_command(nproc, spec), check=True, env=env)
-        with open(Path(tmp) / "metrics.pkl", "rb") as fh:
+        with open(Path(tmp) / "result.pkl", "rb") as fh:
             return pickle.load(fh)
 
 
-def _train_run_main(spec: Path) -> None:
-    from .train import train_run
-
+def _run_spec(spec: Path) -> None:
     with open(spec, "rb") as fh:
-        arguments = pickle.load(fh)
+        call = pickle.load(fh)
     init_from_env()
     try:
-        metrics = train_run(**arguments)
+        result = call["function"](**call["arguments"])
         if is_main():
-            with open(spec.parent / "metrics.pkl", "wb") as fh:
-                pickle.dump(metrics, fh)
+            with open(spec.parent / "result.pkl", "wb") as fh:
+                pickle.dump(result, fh)
     finally:
         if is_initialized():
             dist.destroy_process_group()
@@ -296,12 +296,12 @@ def _train_run_main(spec: Path) -> None:
 
 def main(argv: Sequence[str] = ()) -> int:
     argv = list(argv) or sys.argv[1:]
-    if len(argv) != 2 or argv[0] != "train-run":
-        print("usage: torchrun --nproc_per_node N -m wbclib.distributed train-run SPEC.pkl\n"
-              "  (SPEC: the pickled keyword arguments of wbclib.train.train_run; "
+    if len(argv) != 2 or argv[0] != "run":
+        print("usage: torchrun --nproc_per_node N -m wbclib.distributed run SPEC.pkl\n"
+              "  (SPEC: a pickled dict(function=..., arguments=...), as written by wbclib.distributed.launch; "
               f"train_run writes it itself when {NPROC_ENV} > 1)", file=sys.stderr)
         return 2
-    _train_run_main(Path(argv[1]))
+    _run_spec(Path(argv[1]))
     return 0
 
 

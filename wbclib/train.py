@@ -33,7 +33,8 @@ from . import precision
 from .streams import forward_in_streams
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
-from .models import ImageTable, Normalized, create_backbone, default_device, default_workers
+from .models import (ImageTable, Normalized, create_backbone, default_device, default_workers,
+                     pretrained_weights_available)
 from .runs import Run, RunMismatch, code_version, inputs_fingerprint
 from .runs import run as runs_run  # noqa: F401 (RunMismatch re-exported)
 from .samplers import SeededDraws, make_sampler
@@ -118,6 +119,8 @@ def run_identity(config: TrainConfig, split: pd.DataFrame, root: Path, eval_sets
     left out: it changes how fast a run is, never its numbers (per-draw seeds).
     ``tags`` (e.g. ``rho``, ``fold``) are index keys the protocol adds."""
     config_dict = {k: v for k, v in asdict(config).items() if k != "num_workers"}
+    # What the backbone really starts from: hub weights fall back to random init offline.
+    config_dict["pretrained"] = bool(config.pretrained) and pretrained_weights_available(config.backbone)
     config_dict["n_boot"] = n_boot
     device = device or default_device()
     config_dict["precision"] = dict(train=precision.precision_tag(device, training=True),
@@ -154,16 +157,12 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     name changes with the identity). Returns ``{set name: scores}``.
 
     With ``$WBC_NPROC`` above 1 the run trains data-parallel on that many
-    processes under torchrun (:func:`distributed.launch_train_run`); inside
+    processes under torchrun (:func:`distributed.launch`); inside
     such a process group each rank trains on its shard of every batch and
     only rank 0 writes the run folder (see :mod:`wbclib.distributed`). Where
     training autocasts to float16 (GPUs without bfloat16) the loss is scaled
     (``torch.amp.GradScaler``, through ``Method.step``).
     """
-    if distributed.should_launch():
-        return distributed.launch_train_run(dict(
-            config=config, split=split, root=root, run_dir=run_dir, classes=classes, eval_sets=eval_sets,
-            device=device, n_boot=n_boot, swad=swad, protocol=protocol, tags=tags))
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags, device)
     run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version()))
@@ -171,6 +170,10 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         run.open()
     if run.done:
         return run.metrics()
+    if distributed.should_launch():  # the ranks open this same folder (same identity) and train it
+        return distributed.launch(train_run, dict(
+            config=config, split=split, root=root, run_dir=run_dir, classes=classes, eval_sets=eval_sets,
+            device=device, n_boot=n_boot, swad=swad, protocol=protocol, tags=tags))
 
     seed_everything(config.seed)
     device = device or default_device()
