@@ -18,7 +18,9 @@ Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune
   embeddings (stage 2), with ``decoupled_augmentation``, ``decoupled_stain``
   and TTA when ``decoupled_tta``;
 * ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
-  weights; False here (offline: random init), set True where the hub is reachable.
+  weights: True in ``gpu`` (the papers' scale), False in ``smoke`` and ``cpu``;
+  without a reachable hub the backbone falls back to random init with a
+  warning, and the run records ``pretrained: false``.
 
 Cross-lab chapter keys (``protocols.crosslab_dg.crosslab_dg``, notebook 07): ``dg_*`` set
 the regime, rows, seeds, sizes and schedule; ``sada_k`` and ``sada_beta``
