@@ -279,6 +279,13 @@ def test_command_line_train_predict_evaluate(root, tmp_path):
     done = _wbc("train", "--profile", "smoke", "--out", tmp_path / "model", "--data-root", root, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bundle written" in done.stdout
+    # Self-describing: the stain reference is matrices, and nothing points into the data root.
+    config_text = (tmp_path / "model" / "pipeline.json").read_text()
+    config = json.loads(config_text)
+    assert np.asarray(config["stages"]["stain"]["stain_matrix"]).shape == (3, 2)
+    assert str(Path(root).resolve()) not in config_text and str(tmp_path) not in config_text
+    splits = pd.read_csv(tmp_path / "model" / "training_data.csv")
+    assert set(splits["split"]) == {"train", "val", "test"} and set(splits["lab"]) == {"pbc"}
     images = tmp_path / "images"
     images.mkdir()
     for p in zheng1_paths(root, 20):

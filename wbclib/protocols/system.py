@@ -253,8 +253,9 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
         scores[f"pbc_{s}"] = dict(M.evaluate(y, p, len(CLASSES), n_boot=cfg.n_boot, seed=seed),
                                   abstained=float(pred["abstain"].mean()), images=int(len(rows)))
     counts = {s: {c: int(n) for c, n in g["label"].value_counts().items()} for s, g in table.groupby("split")}
-    training = dict(profile=profile, labs=list(TRAINING_LABS), counts=counts, seed=seed, stage1_run=str(run.dir),
-                    choice=choice, data_root_name=Path(root).name,
+    # The stage-1 run is named by its id, never by a path on this machine.
+    training = dict(profile=profile, labs=list(TRAINING_LABS), counts=counts, seed=seed,
+                    stage1_run=f"{PROTOCOL}/stage1/{run.dir.name}", choice=choice, data_root_name=Path(root).name,
                     split_digest=hashlib.sha256("\n".join(table["path"] + "|" + table["split"]).encode()
                                                 ).hexdigest()[:16])
     card = dict(known_failures=KNOWN_FAILURES,
