@@ -21,14 +21,13 @@ faster):
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 import reference_filters as ref
+from timing import seconds_per_pass  # bench/timing.py (the scripts run from bench/)
 from wbclib import cluster
 from wbclib import morphology as M
 from wbclib import restore as R
@@ -36,17 +35,6 @@ from wbclib.data import data_root, load_image
 from wbclib.segment import segment_cell
 
 
-def seconds_per_pass(runs: dict, repeats: int) -> dict:
-    """Mean seconds of one call of each named callable, timed alternately after a warm-up call each."""
-    for run in runs.values():
-        run()
-    seconds = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name] += time.perf_counter() - start
-    return {name: s / repeats for name, s in seconds.items()}
 
 
 def report(name: str, ours: float, reference: float, unit: str = "ms per pass") -> None:

@@ -21,7 +21,6 @@ lines ``NAME ratio X.XX`` (ours / torchstain, > 1 means ours is faster).
 from __future__ import annotations
 
 import argparse
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from timing import images_per_second  # bench/timing.py (the scripts run from bench/)
 from wbclib.data import data_root, load_image
 from wbclib.stain import MacenkoNormalizer, VahadaneNormalizer
 
@@ -46,19 +46,6 @@ def load_pbc_images(root: Path, n: int, size: int) -> list:
     return images
 
 
-def images_per_second(runs: dict, n_images: int, repeats: int) -> dict:
-    """Images/s of each named callable. After one warm-up call each (first-call
-    allocations, kernel selection), the timed calls alternate between the
-    callables so a change in machine load hits all of them alike."""
-    for run in runs.values():
-        run()
-    seconds = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name] += time.perf_counter() - start
-    return {name: repeats * n_images / seconds[name] for name in runs}
 
 
 def main() -> None:

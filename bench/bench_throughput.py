@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from timing import images_per_second  # bench/timing.py (the scripts run from bench/)
 from wbclib import data, precision
 from wbclib.augment import make_augmentation
 from wbclib.methods import create_method
@@ -57,18 +58,6 @@ class PlainEager(nn.Module):
         return self.model((x.float() / 255.0 - self.mean) / self.std)
 
 
-def images_per_second(runs: dict, n_images: int, repeats: int) -> dict:
-    """Images/s of each named callable (one pass over all batches each call),
-    timed alternately after one warm-up call each."""
-    for run in runs.values():
-        run()
-    seconds = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name] += time.perf_counter() - start
-    return {name: repeats * n_images / seconds[name] for name in runs}
 
 
 def main() -> None:
