@@ -104,6 +104,15 @@ def test_bundle_round_trip_in_a_fresh_process(tiny_pipeline, root, tmp_path):
     probs = [f"prob_{c}" for c in CLASSES]
     np.testing.assert_allclose(again[probs].to_numpy(float), expected[probs].to_numpy(float), atol=1e-6)
     assert loaded.rescue.rule.mahalanobis.classes_ == tiny_pipeline.rescue.rule.mahalanobis.classes_
+    # Abstain thresholds per number of TTA views come back and are used for that number.
+    import copy
+
+    per_views = copy.copy(tiny_pipeline)
+    per_views.abstain_by_views = {1: 1.01, 4: 0.0}
+    reloaded = bundle.load(bundle.save(per_views, tmp_path / "per_views"))
+    assert reloaded.abstain_by_views == {1: 1.01, 4: 0.0}
+    assert reloaded.predict_files(paths, tta=False, progress=False)["abstain"].all()
+    assert not reloaded.predict_files(paths, tta=True, progress=False)["abstain"].any()
 
     # A new interpreter with no data root: the bundle alone predicts the same.
     out = tmp_path / "fresh.npy"

@@ -160,6 +160,7 @@ def save(pipeline: Pipeline, folder: PathLike, training: Optional[dict] = None, 
                              normalisation="per member: (x / 255 - mean) / std"),
                   members=members, stages=stages, enabled=dict(pipeline.enabled),
                   abstain=dict(threshold=pipeline.abstain_threshold,
+                               by_views={str(k): v for k, v in pipeline.abstain_by_views.items()},
                                rule=(card or {}).get("abstain_rule", "")),
                   versions=versions(), training=training or {}, metrics=metrics or {}, card=card or {})
     _save_tensors(folder / TENSORS_FILE, tensors, metadata=dict(format=str(FORMAT_VERSION)))
@@ -260,7 +261,9 @@ def load(folder: PathLike) -> Pipeline:
     return Pipeline(classes=classes, image_size=int(config["image_size"]), members=members,
                     restoration=restoration, isolation=Isolation(**stages["isolate"]), scale=scale, stain=stain,
                     rescue=rescue, tta_views=int(stages["tta"]["views"]),
-                    abstain_threshold=float(config["abstain"]["threshold"]), enabled=config["enabled"])
+                    abstain_threshold=float(config["abstain"]["threshold"]),
+                    abstain_by_views={int(k): float(v) for k, v in config["abstain"].get("by_views", {}).items()},
+                    enabled=config["enabled"])
 
 
 # --------------------------------------------------------------------------
@@ -302,11 +305,13 @@ def model_card(config: dict) -> str:
               "Research on white-blood-cell classification under long tail and domain shift: benchmarking, "
               "ablations, teaching. **Not for diagnosis** or any clinical decision: it was not validated "
               "clinically, and its labels come from public research sets (zheng1's were not expert-checked).", ""]
+    by_views = config["abstain"].get("by_views", {})
+    per_views = "; ".join(f"{_fmt(t)} with {k} view(s)" for k, t in by_views.items())
     lines += ["## What it predicts", "",
               f"Classes, in output order: {', '.join(config['classes'])}.",
               f"Input: RGB images of any size, resized to {config['image_size']} px after the stages below. "
               f"A prediction whose largest probability is below {_fmt(config['abstain']['threshold'])} is flagged "
-              f"`abstain` ({config['abstain'].get('rule', '')}).", ""]
+              f"`abstain` ({config['abstain'].get('rule', '')}{'; ' + per_views if per_views else ''}).", ""]
     lines += ["## Stages", ""]
     stages = config["stages"]
     for name in ("restore", "isolate", "scale", "stain", "tta", "rescue"):

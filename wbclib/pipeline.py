@@ -342,7 +342,10 @@ class Pipeline:
     ``enabled`` switches stages (:data:`STAGES`) on and off; ``tta_views`` is
     how many dihedral views TTA averages when it is on (1: none);
     ``abstain_threshold`` is the largest probability below which a prediction
-    is flagged ``abstain``.
+    is flagged ``abstain``; ``abstain_by_views`` holds one threshold per number
+    of TTA views it was chosen for (averaging views lowers the largest
+    probability, so a threshold chosen with 8 views would flag too few single-view
+    predictions and vice versa), used when it has the number in use.
     """
 
     classes: List[str]
@@ -355,6 +358,7 @@ class Pipeline:
     rescue: Optional[RescueStage] = None
     tta_views: int = 8
     abstain_threshold: float = 0.0
+    abstain_by_views: Dict[int, float] = field(default_factory=dict)
     enabled: Dict[str, bool] = field(default_factory=lambda: {s: True for s in STAGES})
 
     def __post_init__(self):
@@ -458,8 +462,13 @@ class Pipeline:
 
     # ---- end to end -------------------------------------------------------
 
-    def decide(self, probs: np.ndarray, inputs: Sequence[np.ndarray]) -> pd.DataFrame:
-        """Predicted class, rescue and abstain decisions for probabilities (N, C)."""
+    def abstain_threshold_for(self, views: int) -> float:
+        """The abstain threshold chosen for ``views`` TTA views, else the default one."""
+        return float(self.abstain_by_views.get(views, self.abstain_threshold))
+
+    def decide(self, probs: np.ndarray, inputs: Sequence[np.ndarray], views: int = 1) -> pd.DataFrame:
+        """Predicted class, rescue and abstain decisions for probabilities (N, C)
+        averaged over ``views`` TTA views."""
         frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.classes])
         frame.insert(0, "pred", [self.classes[i] for i in probs.argmax(1)] if len(probs) else [])
         if self.is_on("rescue") and len(frame):
@@ -472,7 +481,7 @@ class Pipeline:
             frame["rescue"] = "off"
         frame["rescued"] = frame["rescue"] == "rescued"
         frame["max_prob"] = probs.max(1) if len(probs) else []
-        frame["abstain"] = frame["max_prob"] < self.abstain_threshold
+        frame["abstain"] = frame["max_prob"] < self.abstain_threshold_for(views)
         return frame
 
     def predict_images(self, images: Sequence[np.ndarray], tta: Optional[bool] = None) -> pd.DataFrame:
@@ -480,7 +489,7 @@ class Pipeline:
         prepared = [self.preprocess(im) for im in images]
         inputs = np.stack([p for p, _ in prepared]) if prepared else np.zeros((0, self.image_size,
                                                                                self.image_size, 3), np.uint8)
-        frame = self.decide(self.proba(inputs, tta), list(inputs))
+        frame = self.decide(self.proba(inputs, tta), list(inputs), self.views(tta))
         decisions = pd.DataFrame([d for _, d in prepared])
         return pd.concat([frame, decisions], axis=1)
 
@@ -501,7 +510,7 @@ class Pipeline:
             if not batch:
                 return
             inputs = np.stack([x for _, x, _ in batch])
-            frame = self.decide(self.proba(inputs, tta), list(inputs))
+            frame = self.decide(self.proba(inputs, tta), list(inputs), self.views(tta))
             frame = pd.concat([frame, pd.DataFrame([d for _, _, d in batch])], axis=1)
             frame.insert(0, "_row", [i for i, _, _ in batch])
             rows.append(frame)

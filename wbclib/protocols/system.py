@@ -241,7 +241,12 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
     val_probs = pipeline.proba(inputs["val"])
     if choice["rescue_phase"]:
         pipeline.rescue = fit_rescue(pipeline, val_probs, inputs, labels, choice["rescue_phase"], cfg)
-    pipeline.abstain_threshold = abstain_threshold(val_probs, labels["val"], choice["abstain_keep"])
+    # One abstain threshold per way `wbc predict` can run (with and without --tta).
+    for tta in (True, False):
+        probs = val_probs if tta else pipeline.proba(inputs["val"], tta=False)
+        pipeline.abstain_by_views[pipeline.views(tta)] = abstain_threshold(probs, labels["val"],
+                                                                          choice["abstain_keep"])
+    pipeline.abstain_threshold = pipeline.abstain_threshold_for(pipeline.views())
 
     # Held-out scores of the whole pipeline, from the original files.
     scores = {}
