@@ -135,20 +135,11 @@ class Isolation:
     def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, dict]:
         if not self.is_field(image):
             return image, dict(field=False, box="")
-        from .segment import background_rgb, locate_wbc
+        from .segment import locate_wbc, square_around
 
         x0, y0, x1, y1 = locate_wbc(image)
-        # A square around the cell at native resolution (crop_primary_wbc's
-        # geometry without its resize): the scale stage decides the zoom.
-        side = max(1, int(round(max(x1 - x0, y1 - y0) * (1 + 2 * self.margin))))
-        left, top = int(round((x0 + x1) / 2 - side / 2)), int(round((y0 + y1) / 2 - side / 2))
-        canvas = np.empty((side, side, 3), np.uint8)
-        canvas[:] = np.round(background_rgb(image)).astype(np.uint8)
-        h, w = image.shape[:2]
-        sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + side), min(h, top + side)
-        if sx1 > sx0 and sy1 > sy0:
-            canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
-        return canvas, dict(field=True, box=f"{x0} {y0} {x1} {y1}")
+        # At native resolution (crop_primary_wbc's geometry without its resize): the scale stage decides the zoom.
+        return square_around(image, (x0, y0, x1, y1), self.margin), dict(field=True, box=f"{x0} {y0} {x1} {y1}")
 
 
 @dataclass

@@ -494,6 +494,23 @@ def locate_wbc(field_image: np.ndarray, params: Optional[ClassicalParams] = None
     return (X0 + bx0, Y0 + by0, X0 + bx1, Y0 + by1)
 
 
+def square_around(image: np.ndarray, box: Box, margin: float = 0.1) -> np.ndarray:
+    """The square around ``box`` at native resolution: its side is the box's
+    longer side plus ``margin`` of it on each side, centred on the box; parts
+    beyond the image are filled with the background colour."""
+    x0, y0, x1, y1 = box
+    side = max(1, int(round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))))
+    left = int(round((x0 + x1) / 2 - side / 2))
+    top = int(round((y0 + y1) / 2 - side / 2))
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = np.round(background_rgb(image)).astype(np.uint8)
+    h, w = image.shape[:2]
+    sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + side), min(h, top + side)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
+    return canvas
+
+
 def crop_primary_wbc(image: np.ndarray, size: int = 224, margin: float = 0.1,
                      bbox: Optional[Box] = None) -> np.ndarray:
     """A ``size`` x ``size`` RGB crop centred on the primary WBC.
@@ -504,16 +521,7 @@ def crop_primary_wbc(image: np.ndarray, size: int = 224, margin: float = 0.1,
     ``bbox=locate_wbc(field)``.
     """
     image = _check_rgb(image)
-    x0, y0, x1, y1 = segment_cell(image).bbox if bbox is None else bbox
-    side = max(1, int(round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))))
-    left = int(round((x0 + x1) / 2 - side / 2))
-    top = int(round((y0 + y1) / 2 - side / 2))
-    canvas = np.empty((side, side, 3), np.uint8)
-    canvas[:] = np.round(background_rgb(image)).astype(np.uint8)
-    h, w = image.shape[:2]
-    sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + side), min(h, top + side)
-    if sx1 > sx0 and sy1 > sy0:
-        canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
+    canvas = square_around(image, segment_cell(image).bbox if bbox is None else bbox, margin)
     return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BILINEAR))
 
 
