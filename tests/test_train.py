@@ -33,6 +33,8 @@ def test_run_folder_contents_and_skip_when_finished(split, synthetic_root, tmp_p
     assert list(pred.columns[-2:]) == ["prob_lymphocyte", "prob_neutrophil"]
     assert pred[["prob_lymphocyte", "prob_neutrophil"]].sum(axis=1).round(4).eq(1).all()
     assert len(pd.read_csv(run / "history.csv")) == 3
+    # The folder says which class each output column is, so it can be applied on its own.
+    assert json.loads((run / "config.json").read_text())["identity"]["config"]["classes"] == CLASSES
     assert result["test"]["macro_f1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["test"]["macro_f1"])
 
     monkeypatch.setattr(train, "build_method", lambda *a, **k: pytest.fail("a finished run must not retrain"))

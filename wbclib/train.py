@@ -114,11 +114,14 @@ def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_
 
 def run_identity(config: TrainConfig, split: pd.DataFrame, root: Path, eval_sets: Dict[str, pd.DataFrame],
                  swad: Optional[dict] = None, n_boot: int = 1000, tags: Optional[dict] = None,
-                 device: Optional[torch.device] = None) -> tuple:
+                 device: Optional[torch.device] = None, classes: Optional[Sequence[str]] = None) -> tuple:
     """(configuration, inputs) that identify a training run. ``num_workers`` is
     left out: it changes how fast a run is, never its numbers (per-draw seeds).
-    ``tags`` (e.g. ``rho``, ``fold``) are index keys the protocol adds."""
+    ``tags`` (e.g. ``rho``, ``fold``) are index keys the protocol adds;
+    ``classes`` (the output order) is recorded so the folder alone can be applied."""
     config_dict = {k: v for k, v in asdict(config).items() if k != "num_workers"}
+    if classes is not None:
+        config_dict["classes"] = list(classes)
     # What the backbone really starts from: hub weights fall back to random init offline.
     config_dict["pretrained"] = bool(config.pretrained) and pretrained_weights_available(config.backbone)
     config_dict["n_boot"] = n_boot
@@ -164,7 +167,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
     (``torch.amp.GradScaler``, through ``Method.step``).
     """
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
-    config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags, device)
+    config_dict, inputs = run_identity(config, split, root, eval_sets, swad, n_boot, tags, device, classes)
     run = Run(Path(run_dir), dict(protocol=protocol, config=config_dict, inputs=inputs, code=code_version()))
     with distributed.main_first():  # rank 0 creates config.json, the others check it
         run.open()
@@ -298,7 +301,7 @@ def train_in(results_dir: Path, protocol: str, tags: dict, config: TrainConfig, 
     name and queryable with :func:`runs.find`) and identity. Returns ``(run, results)``."""
     eval_sets = eval_sets if eval_sets is not None else {"test": split[split["split"] == "test"]}
     config_dict, inputs = run_identity(config, split, root, eval_sets, kwargs.get("swad"), kwargs.get("n_boot", 1000),
-                                       tags, kwargs.get("device"))
+                                       tags, kwargs.get("device"), classes)
     run = runs_run(results_dir, protocol, config_dict, inputs, keys=list(tags))
     return run, train_run(config, split, root, run.dir, classes, eval_sets=eval_sets, protocol=protocol, tags=tags,
                           **kwargs)
