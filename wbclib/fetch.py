@@ -27,7 +27,6 @@ mirrors can serve the archives from ``file://`` URLs or local copies.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import shutil
 import sys
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .data import ENV_VAR, PROJECT_ROOT, DataError, PathLike
+from .data import ENV_VAR, PROJECT_ROOT, DataError, PathLike, sha256_file
 
 #: ``download(url, target)``: fetch ``url`` into the file ``target``.
 Downloader = Callable[[str, Path], None]
@@ -72,15 +71,6 @@ class Source:
     downloads: Tuple[Download, ...]
     prepare: Callable[[Dict[str, Path], Path], None]
     expected: Dict[str, Tuple[int, int]] = field(default_factory=dict)
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def urllib_download(url: str, target: Path) -> None:
@@ -362,8 +352,9 @@ def fetch(name_or_source, root: Optional[PathLike] = None, download: Downloader 
             path = Path(scratch) / item.filename
             log(f"{source.name}: downloading {item.url}")
             download(item.url, path)
-            if item.sha256 and sha256_file(path) != item.sha256:
-                raise FetchError(f"{item.url}: SHA-256 {sha256_file(path)} differs from the pinned {item.sha256}")
+            actual = sha256_file(path) if item.sha256 else None
+            if actual is not None and actual != item.sha256:
+                raise FetchError(f"{item.url}: SHA-256 {actual} differs from the pinned {item.sha256}")
             files[item.filename] = path
         staged = Path(scratch) / source.name
         source.prepare(files, staged)
