@@ -45,25 +45,30 @@ def single_torch_thread() -> Iterator[None]:
 HEADS = Registry("head")
 
 
-def _train(
+def train_on_embeddings(
     module: nn.Module,
     params: Sequence[nn.Parameter],
     x: torch.Tensor,
     y: torch.Tensor,
-    criterion: nn.Module,
+    criterion,
     sampler: str,
     epochs: int,
     lr: float,
     weight_decay: float,
     batch_size: int,
     seed: int,
+    min_batch: int = 1,
 ) -> None:
-    """AdamW with a cosine schedule over ``epochs`` passes of the named sampler.
+    """The one training loop for heads on fixed embeddings (linear heads here,
+    the rescue chapter's contrastive verifier): AdamW with a cosine schedule
+    over ``epochs`` passes of the named sampler.
 
     Batches are the sampler's indices in consecutive chunks of ``batch_size``
     (what a ``DataLoader`` with that sampler yields), gathered from the
     tensors directly: per-sample dataset access and collation would cost more
-    than the training steps themselves.
+    than the training steps themselves. ``criterion(outputs, labels)``;
+    batches smaller than ``min_batch`` are skipped (a contrastive loss needs
+    two rows); the schedule counts them all the same.
     """
     index_sampler = make_sampler(sampler, y.numpy(), seed=seed)
     steps_per_epoch = math.ceil(len(index_sampler) / batch_size)
@@ -76,6 +81,8 @@ def _train(
         order = torch.as_tensor(list(iter(index_sampler)), dtype=torch.long)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            if len(idx) < min_batch:
+                continue
             optimizer.zero_grad(set_to_none=True)
             criterion(module(x[idx]), y[idx]).backward()
             optimizer.step()
@@ -116,7 +123,7 @@ def fit_linear_head(
     std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
     head = StandardizedLinear(mean, std, num_classes)
     criterion = make_loss(loss, counts.tolist(), **(loss_hparams or {}))
-    _train(head, list(head.parameters()), x, y, criterion, sampler, epochs, lr, weight_decay, batch_size, seed)
+    train_on_embeddings(head, list(head.parameters()), x, y, criterion, sampler, epochs, lr, weight_decay, batch_size, seed)
     return head
 
 
@@ -223,7 +230,7 @@ def fit_lws(
     scaled = LearnableWeightScaling(copy.deepcopy(head), num_classes)
     counts = np.bincount(y.numpy(), minlength=num_classes)
     criterion = make_loss(loss, counts.tolist(), **(loss_hparams or {}))
-    _train(scaled, [scaled.scales], x, y, criterion, sampler, epochs, lr, 0.0, batch_size, seed)
+    train_on_embeddings(scaled, [scaled.scales], x, y, criterion, sampler, epochs, lr, 0.0, batch_size, seed)
     return scaled
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import single_torch_thread
+from .heads import single_torch_thread, train_on_embeddings
 from .losses import inverse_log_frequency_weights
 from .metrics import scores as _scores
 from .morphology import PAPER_FEATURES, MahalanobisFilter
@@ -160,30 +160,14 @@ def fit_contrastive_head(features: np.ndarray, labels: Sequence[int], num_classe
 
 def _fit_contrastive_head(features, labels, num_classes, hidden, out_dim, temperature, epochs, batch_size, lr,
                           weight_decay, sampler, seed, proba_temperature) -> ContrastiveVerifier:
-    from .samplers import make_sampler
-
     torch.manual_seed(seed)
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     y = torch.as_tensor(np.array(labels, dtype=np.int64))
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"need at least two rows and one label per row; got {len(x)} rows, {len(y)} labels")
     head = ProjectionHead(x.mean(0), x.std(0).clamp_min(1e-6), hidden, out_dim)
-    index_sampler = make_sampler(sampler, y.numpy(), seed=seed)
-    steps = max(1, math.ceil(len(index_sampler) / batch_size))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
-    head.train()
-    for _ in range(epochs):
-        order = torch.as_tensor(list(iter(index_sampler)), dtype=torch.long)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < 2:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            supcon_loss(head(x[idx]), y[idx], temperature).backward()
-            optimizer.step()
-            schedule.step()
-    head.eval()
+    train_on_embeddings(head, list(head.parameters()), x, y, lambda z, labels: supcon_loss(z, labels, temperature),
+                        sampler, epochs, lr, weight_decay, batch_size, seed, min_batch=2)
     with torch.no_grad():
         z = head(x)
         prototypes = torch.zeros(num_classes, z.shape[1])
