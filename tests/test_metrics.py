@@ -53,3 +53,35 @@ def test_summarize_mean_and_std_over_folds():
     assert s.loc[1, "macro_f1_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert s.loc[10, "n"] == 2
     assert metrics.format_mean_std(s).loc[1, "macro_f1"] == "60.0 ± 14.1"
+
+
+def test_paired_difference_by_hand():
+    # Four images, two classes. base says "0" everywhere: class 0 F1 = 2*2/(2+4) = 2/3, class 1 F1 = 0,
+    # macro-F1 1/3, balanced accuracy (1 + 0) / 2 = 1/2. pred is right everywhere: 1 and 1.
+    y = [0, 0, 1, 1]
+    base, pred = [0, 0, 0, 0], [0, 0, 1, 1]
+    d = metrics.paired_difference(y, pred, base, 2, n_boot=0)
+    assert d["macro_f1"] == pytest.approx(2 / 3) and d["balanced_accuracy"] == pytest.approx(1 / 2)
+    assert np.isnan(d["macro_f1_low"])
+    # The interval is the percentiles of the per-draw differences (same images for both), drawn as a loop would.
+    rng = np.random.default_rng(0)
+    y, pred, base = rng.integers(0, 4, 60), rng.integers(0, 4, 60), rng.integers(0, 4, 60)
+    pred[:40] = y[:40]
+    d = metrics.paired_difference(y, pred, base, 4, n_boot=300, seed=5)
+    draws = np.random.default_rng(5).integers(0, 60, (300, 60))
+    for m in ("macro_f1", "balanced_accuracy"):
+        loop = [metrics.scores(y[i], pred[i], 4)[m] - metrics.scores(y[i], base[i], 4)[m] for i in draws]
+        assert [d[f"{m}_low"], d[f"{m}_high"]] == pytest.approx(np.quantile(loop, [0.025, 0.975]))
+        assert d[f"{m}_p_not_better"] == pytest.approx(np.mean(np.array(loop) <= 0))
+        assert d[m] == pytest.approx(metrics.scores(y, pred, 4)[m] - metrics.scores(y, base, 4)[m])
+        assert d[f"{m}_low"] < d[m] < d[f"{m}_high"]
+    # Several runs on the same images (folds): each score is the mean over runs.
+    runs_a, runs_b = np.stack([pred, y]), np.stack([base, base])
+    d2 = metrics.paired_difference(y, runs_a, runs_b, 4, n_boot=0)
+    mean_a = np.mean([metrics.scores(y, p, 4)["macro_f1"] for p in runs_a])
+    assert d2["macro_f1"] == pytest.approx(mean_a - metrics.scores(y, base, 4)["macro_f1"])
+    # A method compared with itself differs by exactly zero on every draw.
+    same = metrics.paired_difference(y, pred, pred, 4, n_boot=50)
+    assert same["macro_f1_low"] == same["macro_f1_high"] == 0.0
+    with pytest.raises(ValueError):
+        metrics.paired_difference(y, pred[:10], base, 4)

@@ -107,3 +107,70 @@ def format_mean_std(summary: pd.DataFrame, metrics: Sequence[str] = METRICS, sca
         std = summary[f"{m}_std"].fillna(0.0) * scale
         out[m] = [f"{a:.{digits}f} ± {b:.{digits}f}" for a, b in zip(mean, std)]
     return out
+
+
+def _macro_scores_batched(cms: np.ndarray) -> Dict[str, np.ndarray]:
+    """Macro-F1 and balanced accuracy of a stack of confusion matrices (..., K, K),
+    with :func:`scores`' conventions (classes absent from truth and prediction
+    left out of macro-F1; balanced accuracy over the classes in the truth)."""
+    cms = cms.astype(float)
+    tp = np.diagonal(cms, axis1=-2, axis2=-1)
+    support, predicted = cms.sum(-1), cms.sum(-2)
+    present, in_truth = (support + predicted) > 0, support > 0
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=present)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=in_truth)
+    return {"macro_f1": f1.sum(-1) / np.maximum(present.sum(-1), 1),
+            "balanced_accuracy": recall.sum(-1) / np.maximum(in_truth.sum(-1), 1)}
+
+
+PAIRED_METRICS = ("macro_f1", "balanced_accuracy")
+
+
+def paired_difference(y_true: Sequence[int], pred: Sequence, base: Sequence, num_classes: int,
+                      metrics: Sequence[str] = PAIRED_METRICS, n_boot: int = 1000, alpha: float = 0.05,
+                      seed: int = 0) -> Dict[str, float]:
+    """``metric(pred) - metric(base)`` on the same images, with a paired
+    percentile bootstrap interval: each replicate draws the images once (with
+    replacement) and scores both on that draw, so what the two share (the
+    test images' difficulty) cancels.
+
+    ``pred`` and ``base`` are predicted class indices, (N,) or (R, N) for R
+    runs on the same images (e.g. folds): a score is then the mean over runs
+    on each draw. Returns ``<metric>`` (the difference on all images),
+    ``<metric>_low``/``<metric>_high`` (the ``1 - alpha`` interval) and
+    ``<metric>_p_not_better`` (the share of replicates with a difference <= 0)
+    for each of ``metrics`` (``macro_f1``, ``balanced_accuracy``).
+    """
+    unknown = sorted(set(metrics) - set(PAIRED_METRICS))
+    if unknown:
+        raise ValueError(f"paired_difference scores {PAIRED_METRICS}, not {unknown}")
+    y = np.asarray(y_true, dtype=int)
+    a, b = np.atleast_2d(np.asarray(pred, dtype=int)), np.atleast_2d(np.asarray(base, dtype=int))
+    if a.shape[1] != len(y) or b.shape[1] != len(y):
+        raise ValueError(f"predictions cover {a.shape[1]} and {b.shape[1]} images, the labels {len(y)}")
+    k = num_classes
+
+    def diff(idx: np.ndarray) -> Dict[str, np.ndarray]:
+        # idx (B, N): confusion counts of every run on every draw at once.
+        def score(p):
+            cells = (y[idx][:, None, :] * k + p[:, idx].transpose(1, 0, 2))  # (B, R, N)
+            offset = np.arange(cells.shape[0] * cells.shape[1]).reshape(cells.shape[:2])[..., None] * k * k
+            cms = np.bincount((cells + offset).ravel(), minlength=cells.shape[0] * cells.shape[1] * k * k)
+            return {m: v.mean(-1) for m, v in _macro_scores_batched(cms.reshape(*cells.shape[:2], k, k)).items()}
+        sa, sb = score(a), score(b)
+        return {m: sa[m] - sb[m] for m in metrics}
+
+    point = diff(np.arange(len(y))[None])
+    out = {}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(y), (n_boot, len(y))) if n_boot else np.zeros((0, len(y)), dtype=int)
+    boots = {m: np.concatenate([diff(draws[i:i + 200])[m] for i in range(0, n_boot, 200)]) if n_boot
+             else np.array([]) for m in metrics}
+    for m in metrics:
+        out[m] = float(point[m][0])
+        if n_boot:
+            out[f"{m}_low"], out[f"{m}_high"] = (float(q) for q in np.quantile(boots[m], [alpha / 2, 1 - alpha / 2]))
+            out[f"{m}_p_not_better"] = float((boots[m] <= 0).mean())
+        else:
+            out[f"{m}_low"] = out[f"{m}_high"] = out[f"{m}_p_not_better"] = float("nan")
+    return out
