@@ -49,7 +49,6 @@ from tqdm.auto import tqdm
 
 from . import _io, cache
 from . import benchmarks as B
-from . import metrics as M
 from . import scale as SC
 from .benchmarks import CROSSLAB_SETTINGS
 from .method_base import METHODS
@@ -58,7 +57,7 @@ from .models import ImageTable, Normalized, create_backbone, default_workers
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
 from .swad import SWAD, update_bn
 from .runs import files_fingerprint, inputs_fingerprint
-from .train import split_by_domain
+from .train import split_by_domain, train_epoch, validation_step
 
 CLASSES = list(B.CROSSLAB_CLASSES)
 #: Versions of the run configuration, of the cached images/maps/stain statistics, and of the cached views.
@@ -438,10 +437,6 @@ def labels_of(rows: pd.DataFrame) -> np.ndarray:
     return rows["label"].map(index).to_numpy()
 
 
-def _val_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-
-
 @torch.no_grad()
 def predict_on_maps(method, maps: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     method.eval()
@@ -493,27 +488,21 @@ def train_on_maps(method_name: str, hparams: dict, train_x: torch.Tensor, train_
     # DANN steps one of its two optimisers per update; the other's scheduler still
     # advances, which PyTorch warns about (harmless: both follow the same clock).
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+
+    def update(idx):
+        return method.update(split_by_domain(train_x[idx].float(), y_all[idx], d_all[idx], method.num_domains))
+
     for epoch in range(epochs):
         method.train()
         method.set_epoch(epoch)
         order = torch.randperm(len(train_y), generator=generator)
-        logs = []
-        for s in range(steps_per_epoch):
-            idx = order[s * batch_size: (s + 1) * batch_size]
-            x, y, d = train_x[idx].float(), y_all[idx], d_all[idx]
-            logs.append(method.update(split_by_domain(x, y, d, method.num_domains)))
-            for sch in schedulers:
-                sch.step()
-            if averager is not None:
-                averager.collect(method)
+        batches = (order[s * batch_size: (s + 1) * batch_size] for s in range(steps_per_epoch))
+        logs = train_epoch(method, batches, update, schedulers, averager)
         val_probs = predict_on_maps(method, val_x)
-        scores = M.scores(val_y, val_probs.argmax(1), len(CLASSES))
-        loss = _val_loss(val_probs, val_y)
+        scores, loss = validation_step(val_probs, val_y, len(CLASSES), averager)
         # every logged quantity (loss, and e.g. BoDA's or SADA's terms), averaged over the epoch
         means = pd.DataFrame(logs).mean().to_dict()
         history.append(dict(epoch=epoch, **means, val_loss=loss, val_macro_f1=scores["macro_f1"]))
-        if averager is not None:
-            averager.end_segment(loss)
         if scores["macro_f1"] > best:
             best, best_state = scores["macro_f1"], {k: v.clone() for k, v in method.state_dict().items()}
     if averager is not None:

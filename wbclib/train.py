@@ -73,6 +73,35 @@ def split_by_domain(x, y, d, num_domains: int) -> List[tuple]:
     return [(x[d == k], y[d == k]) for k in range(num_domains)]
 
 
+def train_epoch(method: Method, batches, update, schedulers: Sequence, averager: Optional[SWAD] = None) -> List[dict]:
+    """One epoch of the one training step every trainer shares (images here,
+    cached feature maps in ``crosslab.train_on_maps``): ``update(batch)`` (the
+    method's update on one batch; returns its logged values), then every
+    scheduler steps, then SWAD collects the weights. Returns the logs."""
+    logs = []
+    for batch in batches:
+        logs.append(update(batch))
+        for scheduler in schedulers:
+            scheduler.step()
+        if averager is not None:
+            averager.collect(method)
+    return logs
+
+
+def validation_step(val_probs: np.ndarray, val_labels: np.ndarray, num_classes: int,
+                    averager: Optional[SWAD] = None) -> tuple:
+    """The end of every epoch: validation scores and loss (mean negative log
+    probability of the true class), which closes SWAD's segment. Returns
+    ``(scores, loss)``."""
+    val_labels = np.asarray(val_labels)
+    scores = M.scores(val_labels, val_probs.argmax(1), num_classes)
+    true_prob = val_probs[np.arange(len(val_probs)), val_labels]
+    loss = float(-np.log(np.clip(true_prob, 1e-12, None)).mean())
+    if averager is not None:
+        averager.end_segment(loss)
+    return scores, loss
+
+
 @torch.no_grad()
 def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
                   device: Optional[torch.device] = None, num_workers: Optional[int] = None,
@@ -216,6 +245,13 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         if method.grad_scaler is not None and state.get("grad_scaler"):
             method.grad_scaler.load_state_dict(state["grad_scaler"])
 
+    def update(batch):
+        x, y, d = (t.to(device) for t in batch)
+        with precision.autocast(device, training=True):
+            stats = method.update(split_by_domain(x, y, d, method.num_domains))
+        distributed.broadcast_state(method, parameters=False)  # rank 0's batch-norm statistics everywhere
+        return dict(stats, loss=distributed.mean_over_ranks(stats["loss"]))
+
     for epoch in range(start_epoch, config.epochs):
         if bad_epochs >= config.patience:
             break
@@ -233,26 +269,14 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
             draws = distributed.shard_draws(draws.draws, config.batch_size, drop_last)
             batch_size = distributed.local_batch_size(config.batch_size)
         loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=draws, num_workers=workers)
-        losses = []
-        for x, y, d in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                            disable=not distributed.is_main()):
-            x, y, d = x.to(device), y.to(device), d.to(device)
-            with precision.autocast(device, training=True):
-                stats = method.update(split_by_domain(x, y, d, method.num_domains))
-            distributed.broadcast_state(method, parameters=False)  # rank 0's batch-norm statistics everywhere
-            losses.append(distributed.mean_over_ranks(stats["loss"]))
-            for sch in schedulers:
-                sch.step()
-            if averager is not None:
-                averager.collect(method)
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                       disable=not distributed.is_main())
+        losses = [log["loss"] for log in train_epoch(method, batches, update, schedulers, averager)]
         # Rank 0 validates; every rank takes the same decisions (best epoch, patience, SWAD) from its numbers.
         val_probs = distributed.broadcast_object(
             predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
             if distributed.is_main() else None)
-        val_scores = M.scores(val_set.labels, val_probs.argmax(1), len(classes))
-        if averager is not None:
-            true_prob = val_probs[np.arange(len(val_probs)), val_set.labels]
-            averager.end_segment(float(-np.log(np.clip(true_prob, 1e-12, None)).mean()))
+        val_scores, _ = validation_step(val_probs, val_set.labels, len(classes), averager)
         history.append(dict(epoch=epoch, loss=float(np.mean(losses)), **{f"val_{k}": v for k, v in val_scores.items()}))
         if val_scores["macro_f1"] > best:
             best, bad_epochs = val_scores["macro_f1"], 0
