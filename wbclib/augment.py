@@ -11,9 +11,11 @@ every non-training image so training and test see the same geometry.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from .degrade import KINDS, SEVERITIES, degrade
 from .registry import Registry
 
 AUGMENTATIONS = Registry("augmentation")
@@ -67,6 +69,43 @@ class RandomRot90:
         return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
 
 
+#: The side, in pixels, of a pbc field (360 x 363): phase-2 degradations are defined at native resolution.
+NATIVE_SIZE = 360
+
+
+class RandomDegradation:
+    """With probability ``p``, one of the benchmark's phase-2 degradations
+    (:data:`degrade.KINDS`, kind and severity 1-4 drawn uniformly) applied as
+    the benchmark applies it: near native resolution. The (already resized)
+    image is enlarged to ``native`` pixels, degraded, and resized back with
+    antialiasing, so salt-and-pepper specks are as faint after the resize as
+    on a degraded test image, not full-contrast input pixels. It is the
+    family and its severity range, not a pixel-exact copy: the benchmark
+    degrades the whole field before any cell-centred crop, so with cell
+    crops (a pbc crop spans about 235 of the field's 360 pixels) the blur
+    here is about two thirds of the test blur in native pixels and the
+    specks are finer. The draws come from torch's generator (seeded per
+    draw by the trainer)."""
+
+    def __init__(self, image_size: int, p: float = 0.5, native: int = NATIVE_SIZE):
+        self.image_size, self.p, self.native = image_size, p, native
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return x
+        kind = KINDS[int(torch.randint(len(KINDS), ()))]
+        level = SEVERITIES[int(torch.randint(len(SEVERITIES), ()))]
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+        size = max(self.native, x.shape[-1])
+        big = torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bilinear",
+                                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        out = degrade(np.ascontiguousarray(big.permute(1, 2, 0).numpy()), kind, level, rng)
+        out = torch.from_numpy(out).permute(2, 0, 1)[None].float()
+        out = torch.nn.functional.interpolate(out, size=tuple(x.shape[-2:]), mode="bilinear", antialias=True,
+                                              align_corners=False)[0]
+        return out.round().clamp(0, 255).to(torch.uint8)
+
+
 @AUGMENTATIONS.register("none")
 def no_augmentation(image_size: int):
     return None
@@ -80,6 +119,14 @@ def dihedral_jitter(image_size: int):
         RandomRot90(),
         v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
     ])
+
+
+@AUGMENTATIONS.register("dihedral_jitter_degrade")
+def dihedral_jitter_degrade(image_size: int):
+    """``dihedral_jitter`` plus, for half the draws, a random phase-2
+    degradation (:class:`RandomDegradation`): the benchmark's degradation
+    family seen in training, so the representation learns to ignore it."""
+    return v2.Compose([dihedral_jitter(image_size), RandomDegradation(image_size)])
 
 
 @AUGMENTATIONS.register("decoupled")
