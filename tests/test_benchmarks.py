@@ -5,6 +5,7 @@ import pytest
 
 from wbclib import benchmarks as B
 from wbclib import data
+from wbclib.degrade import PHASE2_MIXES
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,8 @@ def test_pbc_lt_is_seeded(manifests, pbc_lt):
     other, definition3 = B.make_pbc_lt(manifests[manifests.source == "pbc"], seed=1)
     assert not table["split"].equals(other["split"])
     assert sorted(definition.head_order) == sorted(B.PBC_LT_CLASSES)
+    available = table[table.split == "cv"].label.value_counts()
+    assert [available[c] for c in definition.head_order] == sorted(available, reverse=True)  # head = biggest class
 
 
 def test_pbc_lt_test_share_and_folds(pbc_lt):
@@ -41,6 +44,35 @@ def test_long_tail_profile():
     assert counts["a"] == 400 and counts["i"] == 4
     assert list(counts.values()) == sorted(counts.values(), reverse=True)
     assert set(B.long_tail_counts(list("abc"), 50, 1).values()) == {50}
+    limited = B.long_tail_counts(list("abc"), 50, 1, available=dict(a=80, b=30, c=60))
+    assert limited == dict(a=50, b=30, c=50)
+
+
+def test_head_keeps_its_images_and_rho_sets_the_tail(pbc_lt):
+    table, definition = pbc_lt
+    pool = table[(table.split == "cv") & (table.fold != 0)].label.value_counts()
+    head, c = definition.head_order[0], len(definition.head_order)
+    for rho in B.RHOS:
+        counts = B.train_counts(table, definition, rho, 0)
+        assert counts[head] == pool[head]  # uncapped head: every training image of the biggest class
+        for i, cls in enumerate(definition.head_order):
+            assert counts[cls] == min(pool[cls], round(pool[head] * rho ** (-i / (c - 1))))
+        split = B.pbc_lt_split(table, definition, rho, 0)
+        assert split[split.split == "train"].label.value_counts().to_dict() == counts
+    tail = B.train_counts(table, definition, 100, 0)[definition.head_order[-1]]
+    assert 10 <= tail <= 25 and pool[head] > 1500
+    rho1 = B.train_counts(table, definition, 1, 0)
+    assert rho1 == pool.to_dict()  # rho 1: the natural class mix
+
+
+def test_cpu_profile_cap_keeps_ten_tail_images(pbc_lt):
+    from wbclib import profiles
+    table, definition = pbc_lt
+    n_max = profiles.get("cpu").n_max
+    counts = B.train_count_table(table, definition, B.RHOS, 0, n_max)
+    assert counts.loc[definition.head_order[0], "rho=100"] == n_max
+    assert counts.loc[definition.head_order[-1], "rho=100"] >= 10
+    assert counts.loc["total", "rho=1"] == sum(counts.loc[definition.head_order, "rho=1"])
 
 
 @pytest.mark.parametrize("rho", B.RHOS)
@@ -61,13 +93,69 @@ def test_smaller_rho_train_contains_larger(pbc_lt):
     assert trains[100] <= trains[10] <= trains[1]
 
 
+def _assert_mix(rows, mix, tol):
+    shares = B.severity_shares(rows)
+    for level, expected in mix.shares().items():
+        assert abs(shares[level] - expected) < tol, (level, shares[level], expected)
+
+
 def test_phase2_and_severity_switches(pbc_lt):
     table, definition = pbc_lt
-    test = B.pbc_lt_split(table, definition, 1, 0).query("split == 'test'")
-    degraded = B.phase2(test)
-    assert degraded.severity.between(1, 4).all() and set(degraded.degradation) <= {"salt_pepper", "gaussian_blur", "illumination"}
+    split = B.pbc_lt_split(table, definition, 1, 0)
+    assert (split.severity == 0).all()  # pristine unless switched on
+    test = split.query("split == 'test'")
+    stressed = B.stress(test)
+    assert stressed.severity.between(1, 4).all() and set(stressed.degradation) <= {"salt_pepper", "gaussian_blur", "illumination"}
+    _assert_mix(stressed, PHASE2_MIXES["stress"], 0.03)
     fixed = B.at_severity(test, "gaussian_blur", 3)
     assert (fixed.severity == 3).all() and (fixed.degradation == "gaussian_blur").all()
+
+
+def test_phase2_gives_each_split_its_own_mix(pbc_lt):
+    table, definition = pbc_lt
+    split = B.pbc_lt_split(table, definition, 1, 0, phase2_train=True)
+    train, val, test = (split[split.split == s] for s in ("train", "val", "test"))
+    assert len(train) > 7000 and len(test) > 2500
+    _assert_mix(train, PHASE2_MIXES["train"], 0.02)  # the headline setting: training degraded by its own mix
+    assert (val.severity == 0).all() and (test.severity == 0).all()  # pristine copies kept
+    val2, test2 = B.phase2(val), B.phase2(test)
+    _assert_mix(val2, PHASE2_MIXES["val"], 0.04)
+    _assert_mix(test2, PHASE2_MIXES["test"], 0.03)
+    degraded_share = {n: (r.severity > 0).mean() for n, r in dict(train=train, val=val2, test=test2).items()}
+    mean = {n: r.severity.mean() for n, r in dict(train=train, val=val2, test=test2).items()}
+    assert degraded_share["train"] < degraded_share["val"] < degraded_share["test"] < 1
+    assert mean["train"] < mean["val"] < mean["test"]
+    harsh = lambda r: (r.severity >= 3).sum() / max(1, (r.severity > 0).sum())
+    assert harsh(test2) > harsh(train) + 0.3  # among degraded images, test is shifted to harder severities
+    assert (B.stress(test).severity > 0).all()  # the stress set: every image degraded
+    assert (B.phase2(train).severity == train.severity).all()  # the switch is idempotent on training rows
+
+
+def test_cv_images_have_a_draw_per_role(pbc_lt):
+    table, definition = pbc_lt
+    a = B.pbc_lt_split(table, definition, 1, 0, phase2_train=True)
+    b = B.pbc_lt_split(table, definition, 1, 1, phase2_train=True)
+    as_val = B.phase2(a[a.split == "val"]).set_index("path").severity  # fold 0 images serve as validation here
+    as_train = b[b.split == "train"].set_index("path").severity  # ... and as training in fold 1
+    both = as_val.index.intersection(as_train.index)
+    assert len(both) > 1000
+    assert (as_val[both] != as_train[both]).mean() > 0.3  # independent draws per role
+    shared = a[a.split == "train"].set_index("path").severity.index.intersection(as_train.index)
+    assert (a.set_index("path").severity[shared] == as_train[shared]).all()  # the same role, the same draw in every fold
+    with pytest.raises(ValueError, match="no severity draw"):
+        B.phase2(a.assign(split="elsewhere"))
+    pool = B.phase2(table[table.split == "cv"])  # the raw cross-validation pool takes its training draw
+    assert (pool.severity == pool.train_severity).all()
+
+
+def test_phase2_draws_depend_on_seed_and_path_only(manifests, pbc_lt):
+    table, _ = pbc_lt
+    pbc = manifests[manifests.source == "pbc"]
+    again, _ = B.make_pbc_lt(pbc.sample(frac=1.0, random_state=3), seed=0)  # another row order
+    cols = ["path", "degradation", "phase2_severity", "train_severity", "val_severity", "test_severity"]
+    assert again[cols].sort_values("path").reset_index(drop=True).equals(table[cols].sort_values("path").reset_index(drop=True))
+    other, _ = B.make_pbc_lt(pbc, seed=1)
+    assert (other.set_index("path").train_severity != table.set_index("path").train_severity).mean() > 0.2
 
 
 def test_crosslab_tables(manifests):

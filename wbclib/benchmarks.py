@@ -2,16 +2,26 @@
 
 * **PBC-LT** – the 9 sub-typed WBC classes of pbc; a stratified 20 % held-out
   test, 5-fold CV on the rest, and the training part sub-sampled to an
-  exponential long tail with imbalance ratio rho (head chosen by the seed).
-* **Shift** – every validation and test image gets a deterministic
-  (degradation kind, severity) for the "phase 2" evaluation (:func:`phase2`);
-  split rows are pristine (``severity`` 0) until it is switched on.
+  exponential long tail with imbalance ratio rho: classes ordered by their
+  available count (the biggest is the head, which keeps all its training
+  images), ``n_i = min(available_i, round(n_head * rho^(-i/(C-1))))``.
+* **Shift (phase 2)** – every image gets a deterministic degradation kind and,
+  per role, a severity 0-4 from that role's declared mix
+  (:data:`degrade.PHASE2_MIXES`: training mildest, test harshest; 0 keeps the
+  pristine image). A cross-validation image has one draw for when it serves as
+  training and one for when it serves as validation. :func:`phase2` switches
+  every row to its split's draw; :func:`stress` degrades every row (the
+  original phase 2, kept as a stress test). Split rows are pristine
+  (``severity`` 0) until switched on, except training rows when
+  :func:`pbc_lt_split` is asked for the phase-2 training set.
 * **Cross-lab** – the classes the labs share; train on pbc and test on zheng1
   and bccd crops, and leave-one-lab-out over the three labs.
 
 A split table has one row per image with ``path`` (relative to the data root),
 ``label`` (class name), ``split`` (train / val / test) and, for PBC-LT,
-``degradation`` and ``severity`` columns read by the image loader.
+``degradation`` and ``severity`` columns read by the image loader, and the
+per-role draws ``train_severity``, ``val_severity``, ``test_severity`` and
+``phase2_severity`` (the stress draw, 1-4).
 """
 from __future__ import annotations
 
@@ -26,12 +36,14 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from . import _io, data
 from .runs import code_version, files_fingerprint
-from .degrade import assign_degradations
+from .degrade import PHASE2_MIXES, assign_degradations, assign_phase2
 
 PBC_LT_CLASSES = ("SNE", "BNE", "MY", "MMY", "PMY", "EO", "BA", "LY", "MO")
 CROSSLAB_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
 LABS = ("pbc", "zheng1", "bccd")
 RHOS = (1, 10, 100)
+#: The roles with their own phase-2 draw in the PBC-LT table (``<role>_severity``).
+PHASE2_ROLES = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------
@@ -41,13 +53,16 @@ RHOS = (1, 10, 100)
 
 @dataclass
 class PbcLtDefinition:
-    """The recorded choices behind a PBC-LT split table."""
+    """The recorded choices behind a PBC-LT split table. ``head_order`` runs
+    from the head (most available cross-validation images) to the rarest class;
+    ``phase2_mixes`` records each role's declared severity mix."""
 
     seed: int
     test_fraction: float
     n_folds: int
     head_order: List[str]
     counts_available: Dict[str, int] = field(default_factory=dict)
+    phase2_mixes: Dict[str, dict] = field(default_factory=dict)
 
 
 def _check_class_sizes(labels: pd.Series, needed: int, what: str) -> None:
@@ -69,7 +84,10 @@ def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.
     class), ``split`` (test or cv), ``fold`` (0..n_folds-1, -1 for test) and
     ``rank`` (a seeded order within each class that decides which training
     images survive the long-tail sub-sampling), plus each image's phase-2
-    ``degradation`` kind and ``phase2_severity`` (1-4).
+    ``degradation`` kind, its severity per role (``train_severity``,
+    ``val_severity``, ``test_severity``: 0-4 from :data:`degrade.PHASE2_MIXES`)
+    and its stress severity ``phase2_severity`` (1-4). The head order is by
+    available cross-validation images, descending (ties by name).
     """
     df = manifest[manifest["fine_label"].isin(PBC_LT_CLASSES)][["path", "fine_label"]]
     df = df.rename(columns={"fine_label": "label"}).sort_values("path").reset_index(drop=True)
@@ -87,45 +105,119 @@ def make_pbc_lt(manifest: pd.DataFrame, seed: int = 0, test_fraction: float = 0.
         table.loc[idx, "rank"] = rng.permutation(len(idx))
     kinds, levels = assign_degradations(table["path"], seed)
     table["degradation"], table["phase2_severity"] = kinds, levels
-    head_order = list(np.random.default_rng(seed + 1).permutation(PBC_LT_CLASSES))
+    for role, drawn in assign_phase2(table["path"], seed, {r: PHASE2_MIXES[r] for r in PHASE2_ROLES}).items():
+        table[f"{role}_severity"] = drawn
+    available = table[table.split == "cv"]["label"].value_counts()
+    head_order = sorted(PBC_LT_CLASSES, key=lambda c: (-int(available.get(c, 0)), c))
     definition = PbcLtDefinition(
         seed=seed, test_fraction=test_fraction, n_folds=n_folds, head_order=head_order,
-        counts_available=table[table.split == "cv"]["label"].value_counts().to_dict(),
+        counts_available={c: int(available.get(c, 0)) for c in head_order},
+        phase2_mixes={r: dict(degraded=m.degraded, severities=list(m.severities)) for r, m in PHASE2_MIXES.items()},
     )
     return table, definition
 
 
-def long_tail_counts(head_order: Sequence[str], n_max: int, rho: float) -> Dict[str, int]:
-    """Exponential profile n_i = n_max * rho^(-i / (C - 1)), i = 0 for the head."""
+def long_tail_counts(head_order: Sequence[str], n_head: int, rho: float,
+                     available: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Exponential profile from the head: n_i = min(available_i, round(n_head * rho^(-i / (C - 1)))),
+    i = 0 for the head (at least 1 image). Without ``available`` no class is limited."""
     c = len(head_order)
-    return {cls: max(1, int(round(n_max * rho ** (-i / (c - 1))))) for i, cls in enumerate(head_order)}
+    counts = {cls: max(1, int(round(n_head * rho ** (-i / (c - 1))))) for i, cls in enumerate(head_order)}
+    if available is not None:
+        counts = {cls: min(n, int(available[cls])) for cls, n in counts.items()}
+    return counts
 
 
 def pbc_lt_split(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, fold: int,
                  n_max: Optional[int] = None, val_per_class: Optional[int] = None,
-                 test_per_class: Optional[int] = None) -> pd.DataFrame:
+                 test_per_class: Optional[int] = None, phase2_train: bool = False) -> pd.DataFrame:
     """Train / val / test rows for one (rho, fold).
 
-    ``n_max`` (head-class size) defaults to the smallest number of training
-    images any class has in this fold, so every class can fill its quota; a
-    smaller value caps the whole benchmark (the ``cpu`` profile). Validation
-    and test keep their natural class mix unless capped per class.
+    The head class (``definition.head_order[0]``) keeps all its training
+    images in this fold, or ``n_max`` of them when given (a cap for a CPU
+    budget); rho sets every other class from it,
+    ``n_i = min(available_i, round(n_head * rho^(-i/(C-1))))``, so at rho 1 the
+    training set is the (capped) natural class mix. Validation and test keep
+    their natural class mix unless capped per class. Every row is pristine
+    (``severity`` 0) except, with ``phase2_train``, the training rows, which
+    carry their phase-2 training draw (the headline phase-2 setting; switch
+    val and test with :func:`phase2` or :func:`stress`).
     """
     cv = table[table["split"] == "cv"]
     train_pool = cv[cv["fold"] != fold]
-    available = train_pool["label"].value_counts()
-    n_max = int(min(available.min(), n_max or available.min()))
-    quotas = long_tail_counts(definition.head_order, n_max, rho)
+    quotas = train_counts(table, definition, rho, fold, n_max)
     train = _take_quota(train_pool, quotas)
     val = _cap(cv[cv["fold"] == fold], val_per_class)
     test = _cap(table[table["split"] == "test"], test_per_class)
     out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
-    return out.assign(severity=0).reset_index(drop=True)
+    out = out.assign(severity=0).reset_index(drop=True)
+    if phase2_train:
+        is_train = out["split"] == "train"
+        out.loc[is_train, "severity"] = out.loc[is_train, "train_severity"]
+    return out
+
+
+def train_counts(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, fold: int,
+                 n_max: Optional[int] = None) -> Dict[str, int]:
+    """Per-class training images of one (rho, fold), head first (see :func:`pbc_lt_split`)."""
+    cv = table[table["split"] == "cv"]
+    available = cv[cv["fold"] != fold]["label"].value_counts()
+    head = definition.head_order[0]
+    n_head = int(available[head]) if n_max is None else int(min(available[head], n_max))
+    return long_tail_counts(definition.head_order, n_head, rho, available.to_dict())
+
+
+def train_count_table(table: pd.DataFrame, definition: PbcLtDefinition, rhos: Sequence[float], fold: int = 0,
+                      n_max: Optional[int] = None) -> pd.DataFrame:
+    """Per-class training images (rows, head first, plus ``total``) for each rho (columns)."""
+    counts = pd.DataFrame({f"rho={rho:g}": train_counts(table, definition, rho, fold, n_max) for rho in rhos})
+    counts = counts.loc[list(definition.head_order)]
+    counts.loc["total"] = counts.sum()
+    return counts.rename_axis("class")
 
 
 def phase2(rows: pd.DataFrame) -> pd.DataFrame:
-    """The same rows with their assigned phase-2 degradation switched on."""
+    """The same rows with each row's phase-2 draw for its split switched on
+    (``train`` / ``val`` / ``test``; rows of the ``cv`` pool take their
+    training draw): the split's declared mix, some rows still pristine."""
+    role = rows["split"].replace({"cv": "train"})
+    unknown = set(role) - set(PHASE2_ROLES)
+    if unknown:
+        raise ValueError(f"phase 2 has no severity draw for split(s) {sorted(unknown)}")
+    severity = np.select([role == r for r in PHASE2_ROLES], [rows[f"{r}_severity"] for r in PHASE2_ROLES])
+    return rows.assign(severity=severity.astype(int))
+
+
+def stress(rows: pd.DataFrame) -> pd.DataFrame:
+    """The same rows all degraded by their stress draw (``phase2_severity``, 1-4
+    uniform): the original phase 2, kept as a stress test."""
     return rows.assign(severity=rows["phase2_severity"])
+
+
+def severity_shares(rows: pd.DataFrame) -> pd.Series:
+    """Share of ``rows`` at each severity 0-4 (0 = pristine)."""
+    return rows["severity"].value_counts(normalize=True).reindex(range(5), fill_value=0.0).rename_axis("severity")
+
+
+def phase2_share_table(table: pd.DataFrame, definition: PbcLtDefinition, rho: float = 1, fold: int = 0,
+                       n_max: Optional[int] = None) -> pd.DataFrame:
+    """Declared and drawn severity shares of one (rho, fold)'s phase-2 sets.
+
+    One row per (``split``, ``severity`` 0-4) for the training rows (phase-2
+    training draw), the phase-2 validation and test mixes and the stress test,
+    with the ``declared`` share (:data:`degrade.PHASE2_MIXES`), the
+    ``realised`` share among the drawn images and their number ``n``."""
+    split = pbc_lt_split(table, definition, rho, fold, n_max=n_max, phase2_train=True)
+    val, test = split[split["split"] == "val"], split[split["split"] == "test"]
+    sets = {"train": (split[split["split"] == "train"], "train"), "val": (phase2(val), "val"),
+            "test": (phase2(test), "test"), "test_stress": (stress(test), "stress")}
+    rows = []
+    for name, (rows_, role) in sets.items():
+        realised = severity_shares(rows_)
+        for level, declared in PHASE2_MIXES[role].shares().items():
+            rows.append(dict(split=name, severity=level, declared=declared, realised=float(realised[level]),
+                             n=len(rows_)))
+    return pd.DataFrame(rows)
 
 
 def at_severity(rows: pd.DataFrame, kind: str, severity: int) -> pd.DataFrame:

@@ -4,11 +4,16 @@ Every function maps an RGB ``uint8`` image to a degraded ``uint8`` image of the
 same shape and is deterministic given its ``rng``. Severities 1-4 map to
 parameters in ``SEVERITY_PARAMS``; strengths are defined relative to the image
 size so that a 120 px and a 360 px image of the same cell degrade alike.
+
+Phase 2 (:data:`PHASE2_MIXES`, :func:`assign_phase2`): each image gets one
+degradation kind and, per role (train, val, test, stress), a severity 0-4
+drawn from that role's :class:`SeverityMix` (0: the pristine image).
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -104,3 +109,58 @@ def assign_degradations(keys, seed: int = 0):
         levels.append(int(rng.integers(1, len(SEVERITIES) + 1)))
     return kinds, levels
 
+
+
+@dataclass(frozen=True)
+class SeverityMix:
+    """How one role's images are degraded in phase 2: the share ``degraded`` of
+    images that carry their degradation, and the probabilities of severities
+    1-4 among those (``severities``, summing to 1)."""
+
+    degraded: float
+    severities: Tuple[float, float, float, float]
+
+    def __post_init__(self):
+        if not 0.0 <= self.degraded <= 1.0 or len(self.severities) != len(SEVERITIES) \
+                or min(self.severities) < 0 or abs(sum(self.severities) - 1.0) > 1e-9:
+            raise ValueError(f"a severity mix needs a share in [0, 1] and {len(SEVERITIES)} probabilities "
+                             f"summing to 1, got {self}")
+
+    def shares(self) -> Dict[int, float]:
+        """Severity (0 = pristine, 1-4) -> expected share of the role's images."""
+        return {0: 1.0 - self.degraded, **{s: self.degraded * p for s, p in zip(SEVERITIES, self.severities)}}
+
+    def mean_severity(self) -> float:
+        """Expected severity over all images (pristine counted as 0)."""
+        return sum(s * share for s, share in self.shares().items())
+
+
+#: Phase 2's declared severity mix per role. WBCBench's phase 2 gives train,
+#: validation and test "split-specific severity distributions" (the challenge's
+#: description); neither paper gives the shares, so these numbers are our
+#: choice: training mildest and mostly pristine, validation in between, test
+#: shifted to harder. ``stress`` is the original phase 2 kept as a named stress
+#: test: every image degraded, severities uniform (drawn by
+#: :func:`assign_degradations`, so it is the same draw as before).
+PHASE2_MIXES: Dict[str, SeverityMix] = {
+    "train": SeverityMix(degraded=0.3, severities=(0.50, 0.30, 0.15, 0.05)),
+    "val": SeverityMix(degraded=0.5, severities=(0.30, 0.30, 0.25, 0.15)),
+    "test": SeverityMix(degraded=0.6, severities=(0.15, 0.25, 0.30, 0.30)),
+    "stress": SeverityMix(degraded=1.0, severities=(0.25, 0.25, 0.25, 0.25)),
+}
+
+
+def draw_severity(key: str, role: str, mix: SeverityMix, seed: int = 0) -> int:
+    """One image's severity (0-4) in ``role``, deterministic from (seed, key, role)."""
+    u = float(image_rng(f"{key}|phase2|{role}", seed + 7919).random())
+    edges = np.cumsum([mix.shares()[s] for s in (0, *SEVERITIES)])
+    return int(min(np.searchsorted(edges, u, side="right"), len(SEVERITIES)))
+
+
+def assign_phase2(keys, seed: int = 0, mixes: Optional[Dict[str, SeverityMix]] = None) -> Dict[str, list]:
+    """Per image key, a severity for every role of ``mixes`` (default
+    :data:`PHASE2_MIXES`), each drawn independently from that role's mix and
+    deterministic from (seed, key, role). Returns role -> list of severities."""
+    mixes = PHASE2_MIXES if mixes is None else mixes
+    keys = list(keys)
+    return {role: [draw_severity(k, role, mix, seed) for k in keys] for role, mix in mixes.items()}

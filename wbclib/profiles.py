@@ -5,6 +5,20 @@
   (capped per-class counts, 128 px, one fine-tuned fold).
 * ``gpu`` – paper scale: full benchmark sizes, 224 px, every fold fine-tuned.
 
+PBC-LT benchmark keys (``benchmarks.pbc_lt_split`` via ``protocols.pbc_lt.pbc_lt_sets``):
+
+* ``n_max`` – a cap on the head class's training images (None: the head keeps
+  all of them, ~1,990 per fold); rho sets every other class from the head,
+  ``n_i = min(available_i, round(n_head * rho^(-i/(C-1))))``. The ``cpu``
+  profile caps the head at 1,000 (10 tail images at rho 100, 7,214 training
+  images at rho 1) to stay near its hour; ``gpu`` does not cap;
+* ``phase2_train`` – the headline phase-2 setting: training rows carry their
+  phase-2 training draw (``degrade.PHASE2_MIXES["train"]``); False trains on
+  pristine images (with the ``test_stress`` set, the original stress setting).
+  The ``cpu`` profile fine-tunes rho 1 and 100 only (``finetune_rhos``) for 2
+  epochs (``finetune_epochs``): the larger training sets keep chapter 03 near
+  its former time.
+
 Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune``):
 
 * ``lt_backbones`` – frozen ImageNet backbones whose embeddings every head
@@ -89,7 +103,7 @@ _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
 PROFILES = {
     "smoke": dict(
         image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True,
-        n_max=12, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
+        n_max=12, phase2_train=True, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
         rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, patience=2,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
         crosslab_seeds=[0], severity_grid_per_class=2, n_boot=50, lr=1e-3,
@@ -111,8 +125,8 @@ PROFILES = {
     ),
     "cpu": dict(
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True,
-        n_max=200, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4], finetune_folds=[0],
-        rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=40, finetune_epochs=6, patience=3,
+        n_max=1000, phase2_train=True, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4],
+        finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2, patience=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
         crosslab_seeds=[0], severity_grid_per_class=20, n_boot=1000, lr=1e-3,
         lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
@@ -135,7 +149,7 @@ PROFILES = {
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True,
-        n_max=None, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
+        n_max=None, phase2_train=True, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0, 1, 2, 3, 4], rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=60,
         finetune_epochs=30, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
         crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], severity_grid_per_class=None, n_boot=1000,
@@ -177,6 +191,7 @@ class Profile:
     backbone: str
     pretrained: bool
     n_max: Optional[int]
+    phase2_train: bool
     val_per_class: Optional[int]
     test_per_class: Optional[int]
     probe_folds: List[int]

@@ -30,10 +30,18 @@ from .common import finetune_config, finished_rows, labels_of, probe_and_score, 
 
 
 def pbc_lt_sets(cfg: SimpleNamespace, table: pd.DataFrame, definition, rho: float, fold: int) -> tuple:
+    """One (rho, fold)'s split and evaluation sets (:data:`EVAL_SETS`).
+
+    With ``cfg.phase2_train`` (the headline phase-2 setting) the training rows
+    carry their phase-2 training draw. ``val`` / ``test`` are pristine,
+    ``val_degraded`` / ``test_degraded`` the phase-2 validation and test mixes
+    (some images pristine, severities shifted harder than training), and
+    ``test_stress`` every test image degraded (the original phase 2)."""
     split = B.pbc_lt_split(table, definition, rho, fold, n_max=cfg.n_max, val_per_class=cfg.val_per_class,
-                           test_per_class=cfg.test_per_class)
+                           test_per_class=cfg.test_per_class, phase2_train=cfg.phase2_train)
     val, test = split[split["split"] == "val"], split[split["split"] == "test"]
-    eval_sets = {"val": val, "val_degraded": B.phase2(val), "test": test, "test_degraded": B.phase2(test)}
+    eval_sets = {"val": val, "val_degraded": B.phase2(val), "test": test, "test_degraded": B.phase2(test),
+                 "test_stress": B.stress(test)}
     return split, eval_sets
 
 
@@ -100,8 +108,8 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
 LT_RHOS = (10, 100)
 
 
-#: The evaluation sets every long-tail run saves predictions for.
-EVAL_SETS = ("val", "val_degraded", "test", "test_degraded")
+#: The evaluation sets every long-tail run saves predictions for (:func:`pbc_lt_sets`).
+EVAL_SETS = ("val", "val_degraded", "test", "test_degraded", "test_stress")
 
 
 #: Short display names of backbones.

@@ -20,6 +20,7 @@ from ..morphology import PAPER_FEATURES, MahalanobisFilter, MorphologyCache
 from ..rescue import (BOOST_STRENGTHS, PHASES, RescueGrid, SiglipEmbedder, class_counts, fit_contrastive_head,
                       fit_thresholds, rarest_classes)
 from ..runs import inputs_fingerprint
+from .common import cell_centred
 from .pbc_lt import pbc_lt_sets, probe_jobs
 
 
@@ -30,6 +31,7 @@ def verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], roo
     if getattr(cfg, "rescue_siglip_path", None):
         return SiglipEmbedder.from_pretrained(cfg.rescue_siglip_path, name="medsiglip").store(tables, root, cache_dir)
     table, definition = B.read_pbc_lt(Path(cfg._splits), cfg._seed)
+    table = cell_centred(table, cfg)
     superset = probe_jobs(cfg, table, definition)[2]
     stores = []
     if embeddings_cached(superset, cfg.backbone, cfg.image_size, cache_dir, root):
@@ -60,7 +62,8 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
     * the rare classes are the ``cfg.rescue_rare`` rarest in training, and
       their boosts come from the training counts;
     * the verifier (:func:`fit_contrastive_head`) is trained on the training
-      rows' embeddings, pristine and with their phase-2 degradation;
+      rows' embeddings, as trained (with their phase-2 training draw when the
+      profile's ``phase2_train`` is on) and all degraded (:func:`benchmarks.stress`);
     * the Mahalanobis filter is fitted on the same rows' K-means morphology
       (:data:`wbclib.morphology.PAPER_FEATURES`), for the rare classes;
     * every phase's parameters are chosen by :func:`fit_thresholds` on
@@ -76,6 +79,7 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
     """
 
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     folds = list(folds if folds is not None else cfg.finetune_folds)
     cfg = SimpleNamespace(**vars(cfg), _splits=str(splits_dir), _seed=seed)
@@ -90,7 +94,7 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
         run_dir = Path(hits[0])
         split, _ = pbc_lt_sets(cfg, table, definition, rho, fold)
         train = split[split["split"] == "train"]
-        views = pd.concat([train, B.phase2(train)], ignore_index=True)
+        views = pd.concat([train, B.stress(train)], ignore_index=True)
         config = dict(regime=regime, rho=rho, fold=fold, base=run_dir.name, val_set=val_set, test_set=test_set,
                       rare=cfg.rescue_rare, head_epochs=cfg.rescue_head_epochs, strengths=list(strengths),
                       siglip=getattr(cfg, "rescue_siglip_path", None), backbone=cfg.backbone,
