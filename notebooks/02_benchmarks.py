@@ -18,13 +18,19 @@
 #
 # * **PBC-LT** – pbc's nine sub-typed classes; a stratified 20 % held-out test,
 #   5-fold cross-validation on the rest, and the training part sub-sampled to
-#   an exponential long tail $n_i = n_{max}\,\rho^{-i/(C-1)}$ with
-#   $\rho \in \{1, 10, 100\}$. Which class is the head is a seeded choice,
-#   recorded with the split.
-# * **Phase 2 (shift)** – every validation and test image gets one
-#   deterministic degradation (salt-and-pepper noise, Gaussian blur, or an
-#   illumination/colour cast) at one of four severities; the pristine image is
-#   kept for comparison.
+#   an exponential long tail
+#   $n_i = \min(\text{available}_i,\ \mathrm{round}(n_{head}\,\rho^{-i/(C-1)}))$
+#   with $\rho \in \{1, 10, 100\}$. The classes are ordered by how many
+#   training images they have, so the head is pbc's biggest class and keeps all
+#   its images; rho sets the tail from it, as in WBCBench, whose head has
+#   17,354 training images and whose rarest classes 90 and 14.
+# * **Phase 2 (shift)** – as in WBCBench's phase 2, training, validation and
+#   test each carry degraded images (salt-and-pepper noise, Gaussian blur, or
+#   an illumination/colour cast at one of four severities) with their own
+#   severity mix: training mildest, test shifted to harder. The pristine copy
+#   of every image is kept. The original setting of this book, every test
+#   image degraded and training pristine, stays as a named stress test
+#   (`test_stress`).
 # * **Cross-lab** – the four classes all labs share; train on pbc and test on
 #   zheng1 and bccd, and leave-one-lab-out.
 
@@ -43,33 +49,48 @@ from IPython.display import display
 
 from wbclib import benchmarks as B
 from wbclib import data, plots, profiles
-from wbclib.degrade import SEVERITY_PARAMS, degrade, image_rng
+from wbclib.degrade import PHASE2_MIXES, SEVERITY_PARAMS, degrade, image_rng
 
 cfg = profiles.get(profile, overrides)
 root = data.data_root(data_root)
 splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed,
                              cache_dir=profiles.output_dir("cache", cache_dir))
 table, definition = B.read_pbc_lt(splits, seed)
-print("head-to-tail class order (seeded):", " > ".join(definition.head_order))
+print("head-to-tail class order (by training images available):", " > ".join(definition.head_order))
 display(table.groupby(["label", "split"]).size().unstack())
 
 # %% [markdown]
 # ## The long tail
 #
-# By default the head class has as many images as the smallest class can
-# supply in every fold ($n_{max}$ below), so each rho is an exact exponential
-# profile. The profile in use may cap $n_{max}$ further to fit a CPU budget.
+# The head class keeps every training image it has in the fold and rho sets
+# the others from it; a class that has fewer images than its quota keeps all of
+# them (at rho 1 that makes the training set pbc's natural class mix, an
+# imbalance of about 5). The profile in use may cap the head (`n_max`) to fit a
+# CPU budget: the `cpu` profile caps it at 1,000, the smallest cap that still
+# leaves 10 tail images at rho 100; the `gpu` profile does not cap. Training
+# images per class for fold 0, first with the profile's cap:
 
 # %%
-curves = {}
-for rho in cfg.rhos:
-    split = B.pbc_lt_split(table, definition, rho, 0)
-    curves[f"rho={rho} (full)"] = split[split.split == "train"].label.value_counts().to_dict()
-    if cfg.n_max:
-        capped = B.pbc_lt_split(table, definition, rho, 0, n_max=cfg.n_max)
-        curves[f"rho={rho} ({cfg.name} profile)"] = capped[capped.split == "train"].label.value_counts().to_dict()
-plots.long_tail_curves(curves);
-display(pd.DataFrame(curves).loc[definition.head_order])
+counts = B.train_count_table(table, definition, cfg.rhos, fold=0, n_max=cfg.n_max)
+display(counts)
+
+# %% [markdown]
+# Reading the table: the head is the first row and the tail the last; at
+# rho 100 the tail keeps head / 100 images. Without a cap (the `gpu`
+# profile) the same table is:
+
+# %%
+uncapped = B.train_count_table(table, definition, cfg.rhos, fold=0)
+display(uncapped)
+
+# %% [markdown]
+# Uncapped, the head has about 1,990 training images per fold and the rarest
+# class 20 at rho 100 (WBCBench's rarest: 14). On a log scale, the profile's
+# curves (solid) against the uncapped ones:
+
+# %%
+plots.long_tail_curves({**{f"{c} ({cfg.name})": counts[c].drop("total").to_dict() for c in counts},
+                        **{f"{c} (uncapped)": uncapped[c].drop("total").to_dict() for c in uncapped}});
 
 # %% [markdown]
 # ## Degradations
@@ -83,13 +104,47 @@ example = table[table.label == definition.head_order[0]].iloc[0]
 plots.degradation_grid(root / example["path"], example["path"], seed);
 
 # %% [markdown]
-# Each validation and test image is assigned one kind and severity by a hash
-# of its path and the seed; the assignment is balanced:
+# ## Phase 2: a severity mix per split
+#
+# Every image is assigned one kind by a hash of its path and the seed, and a
+# severity per role drawn from that role's declared mix (0 keeps it
+# pristine). A cross-validation image has two draws, one for the folds in
+# which it trains and one for the fold in which it validates. WBCBench's phase
+# 2 gives train, validation and test "split-specific severity distributions";
+# neither paper gives the shares, so the mix below is our choice: training
+# mostly pristine and mild, validation in between, test the harshest. The
+# stress mix is the original phase 2 of this book (every image degraded,
+# severities uniform).
+
+# %%
+display(pd.DataFrame({role: mix.shares() for role, mix in PHASE2_MIXES.items()}).T.rename_axis("role"))
+
+# %% [markdown]
+# The declared mixes (bars) and the shares actually drawn for fold 0 at
+# rho 1 (dots): `train` is the profile's training set with its phase-2 draw,
+# `val` and `test` the `val_degraded` and `test_degraded` evaluation sets,
+# `test_stress` the stress test.
+
+# %%
+shares = B.phase2_share_table(table, definition, rho=1, fold=0, n_max=cfg.n_max)
+plots.severity_mixes(shares, title="phase-2 severity mix per split (fold 0, rho 1)");
+
+# %% [markdown]
+# The drawn shares sit within a few points of the declared ones. Every chapter
+# trains on the phase-2 training set (the profile's `phase2_train`) and reports
+# the pristine test (`test`), the phase-2 test (`test_degraded`, the headline)
+# and the stress test (`test_stress`). The kinds are balanced; the stress
+# draw, by kind and severity, on the held-out test:
 
 # %%
 held_out = table[table.split == "test"]
 display(pd.crosstab(held_out["degradation"], held_out["phase2_severity"]))
-sample = B.phase2(held_out.sample(8, random_state=seed))
+
+# %% [markdown]
+# Eight held-out images, pristine and under their stress draw:
+
+# %%
+sample = B.stress(held_out.sample(8, random_state=seed))
 fig, axes = plt.subplots(2, 8, figsize=(14, 4))
 for i, (_, row) in enumerate(sample.iterrows()):
     image = data.load_image(root / row["path"])

@@ -80,6 +80,28 @@ def long_tail_curves(counts: Dict[str, Dict[str, int]]) -> plt.Figure:
     return fig
 
 
+def severity_mixes(shares: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Share of images per phase-2 severity (0 = pristine) for each split:
+    bars for the declared mix (``declared``), dots for the images drawn
+    (``realised``, when present). ``shares`` has ``split``, ``severity`` and
+    those columns (:func:`wbclib.benchmarks.phase2_share_table`)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    order = list(dict.fromkeys(shares["split"]))
+    sns.barplot(data=shares, x="severity", y="declared", hue="split", hue_order=order, ax=ax, alpha=0.85)
+    if "realised" in shares:
+        width = 0.8 / len(order)
+        for j, split in enumerate(order):
+            rows = shares[shares["split"] == split].sort_values("severity")
+            xs = rows["severity"].to_numpy() - 0.4 + width * (j + 0.5)
+            ax.plot(xs, rows["realised"], "k.", markersize=6, label="drawn" if j == 0 else None)
+    ax.set_xlabel("severity (0 = pristine)")
+    ax.set_ylabel("share of the split's images")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def confusion_matrix(cm: np.ndarray, classes: Sequence[str], normalize: bool = True, title: str = "") -> plt.Figure:
     """Heat map of a confusion matrix, rows normalised to recall by default."""
     values = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
