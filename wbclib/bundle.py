@@ -132,7 +132,7 @@ def save(pipeline: Pipeline, folder: PathLike, training: Optional[dict] = None, 
     if pipeline.scale is not None:
         s = pipeline.scale
         stages["scale"] = dict(target_fraction=s.target_fraction, min_factor=s.min_factor, max_factor=s.max_factor,
-                               crop_factors=s.crop_factors)
+                               crop_factors=s.crop_factors, cell_ratio=s.cell_ratio)
     if pipeline.stain is not None:
         stages["stain"] = dict(method="macenko", reference=pipeline.stain.reference,
                                stain_matrix=pipeline.stain.stain_matrix.tolist(),

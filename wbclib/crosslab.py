@@ -51,6 +51,7 @@ from . import _io, cache
 from . import benchmarks as B
 from . import scale as SC
 from .benchmarks import CROSSLAB_SETTINGS
+from .cellcrop import COMMON_RATIO
 from .method_base import METHODS
 from .methods import create_method
 from .models import ImageTable, Normalized, create_backbone, default_workers
@@ -160,7 +161,7 @@ def one_thread(fn):
 
 #: The modules whose code decides the cached images, trunk maps, stain statistics and views.
 DG_CACHE_MODULES = ("crosslab.py", "models.py", "data.py", "sada.py", "stain.py", "scale.py", "augment.py",
-                    "cluster.py", "precision.py")
+                    "cluster.py", "precision.py", "cellcrop.py")
 
 
 def _hash(*parts) -> str:
@@ -192,16 +193,23 @@ def scale_factors(cfg: SimpleNamespace, table: pd.DataFrame, root: Path, cache_d
     """Per-lab crop factors (:func:`scale.crop_factors` with target
     ``cfg.dg_scale``) and the nucleus fractions measured before and after them
     (column ``stage``), cached in ``cache_dir``. ``dg_scale=None`` switches
-    scale normalisation off (all factors 1)."""
+    scale normalisation off (all factors 1).
+
+    With ``cfg.cell_crop`` on, every image is already cropped around its own
+    cell at the common ratio (:mod:`cellcrop`, column ``cell_crop``), which
+    normalises scale per image; a per-lab centre crop on top would crop twice,
+    so the factors are then all 1 (the measured fractions still show each lab).
+    """
     sample = scale_sample(table, cfg.dg_scale_per_lab)
+    target = None if getattr(cfg, "cell_crop", False) else cfg.dg_scale
 
     def measure() -> pd.DataFrame:
         before = SC.measure(sample, root)
-        factors = SC.crop_factors(before, cfg.dg_scale or "max") if cfg.dg_scale else {l: 1.0 for l in B.LABS}
+        factors = SC.crop_factors(before, target) if target else {l: 1.0 for l in B.LABS}
         after = SC.measure(sample, root, factors)
         return pd.concat([before.assign(stage="before"), after.assign(stage="after")])
 
-    entry = cache.entry(cache_dir, "dg_scale", dict(target=cfg.dg_scale, version=CACHE_VERSION),
+    entry = cache.entry(cache_dir, "dg_scale", dict(target=target, version=CACHE_VERSION),
                         inputs_fingerprint(dict(sample=sample), root), modules=("scale.py", "segment.py", "data.py"))
     measured = cache.frame(entry, measure, columns=("lab", "crop", "stage"))
     after = measured[measured["stage"] == "after"]
@@ -281,6 +289,8 @@ class MapStore:
         self.cfg, self.root, self.cache_dir, self.batch_size = cfg, Path(root), Path(cache_dir), batch_size
         self.universe = None if universe is None else self._unique(universe)
         self.stain_universe = None if stain_universe is None else self._unique(stain_universe)
+        #: Cell-centred crops (``cfg.cell_crop``): one ratio for every image of the store.
+        self.cell_ratio = COMMON_RATIO if getattr(cfg, "cell_crop", False) else 0.0
         self._trunk: Optional[Normalized] = None
 
     # generic cache --------------------------------------------------------
@@ -291,6 +301,8 @@ class MapStore:
         file sizes and times; a cached entry with another row count is refused."""
         settings = dict(backbone=self.cfg.backbone, image_size=self.cfg.image_size, pretrained=self.cfg.pretrained,
                         key=key)
+        if self.cell_ratio > 0:
+            settings["cell_crop"] = self.cell_ratio
         inputs = dict(root=str(self.root.resolve()), files=files_fingerprint(self.root, rows["path"].astype(str)))
         entry = cache.entry(self.cache_dir, f"dg_{name}", settings, inputs, modules=DG_CACHE_MODULES,
                             label=f"{self.cfg.backbone}_{self.cfg.image_size}")
@@ -336,7 +348,9 @@ class MapStore:
         return np.array([lookup[(p, round(float(c), 6))] for p, c in zip(rows["path"], crops)], dtype=int)
 
     def _load(self, unique: pd.DataFrame) -> np.ndarray:
-        data = ImageTable(unique, self.root, CLASSES, self.cfg.image_size)
+        if self.cell_ratio > 0:
+            unique = unique.assign(cell_crop=self.cell_ratio)
+        data = ImageTable(unique, self.root, CLASSES, self.cfg.image_size, box_cache=self.cache_dir)
         loader = DataLoader(data, batch_size=64, num_workers=min(2, default_workers()))
         return torch.cat([x for x, _, _ in tqdm(loader, desc="images", leave=False, disable=None)]).numpy()
 

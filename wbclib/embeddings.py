@@ -1,7 +1,7 @@
 """Embeddings of every table row an experiment needs, extracted once and looked up by row.
 
 :class:`EmbeddingStore` asks :func:`models.extract_embeddings` for the
-embeddings of the unique (path, degradation, severity, view, stain) rows of
+embeddings of the unique (path, degradation, severity, view, stain, cell crop) rows of
 its tables, in one content-keyed cache entry (:func:`models.embedding_entry`),
 and returns them for any table of those rows; :class:`ChainedStore` looks rows
 up in several stores.
@@ -19,15 +19,15 @@ from .models import create_backbone, default_device, embedding_entry, extract_em
 from .precision import precision_tag
 
 
-_KEY = ["path", "degradation", "severity", "view", "stain", "stain_reference"]
+_KEY = ["path", "degradation", "severity", "view", "stain", "stain_reference", "cell_crop"]
 
 
-_DEFAULTS = {"degradation": "none", "severity": 0, "view": 0, "stain": "none", "stain_reference": ""}
+_DEFAULTS = {"degradation": "none", "severity": 0, "view": 0, "stain": "none", "stain_reference": "", "cell_crop": 0.0}
 
 
 class EmbeddingStore:
     """Embeddings of every row any experiment needs, extracted once (cached on
-    disk) and looked up by (path, degradation, severity, view, stain).
+    disk) and looked up by (path, degradation, severity, view, stain, cell crop).
 
     ``backbone`` (a :class:`models.Backbone`, e.g. a fine-tuned one) replaces
     the pretrained ``backbone_name``; it then needs a ``weights_tag``. A
@@ -61,6 +61,7 @@ class EmbeddingStore:
             if col not in out:
                 out[col] = default
         out["stain_reference"] = out["stain_reference"].fillna("")
+        out["cell_crop"] = out["cell_crop"].fillna(0.0).astype(float)
         return out
 
     def positions(self, table: pd.DataFrame) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,13 @@ class ImageTable(Dataset):
       path relative to ``root``): Macenko normalisation of the (degraded)
       image to the reference image's stain, at native resolution, as an
       acquisition pipeline would see it;
+    * ``cell_crop`` (a ratio in (0, 1]; 0 or absent: off): the square around
+      the row's leukocyte in which the cell fills that share of the side
+      (:func:`cellcrop.centre_on_cell`; the box is located once per image on
+      the pristine image, by :func:`cellcrop.cell_boxes`, cached in
+      ``box_cache``, else in ``$WBC_CACHE_DIR`` when set, else only in this
+      process), so degradation comes first and a degraded copy is cropped
+      where its pristine twin is;
     * ``crop``: a deterministic centre crop (< 1) or pad (> 1) of each side to
       that factor (:func:`scale.centre_crop_pad`; cross-lab scale normalisation);
     * then the resize to ``image_size``;
@@ -183,7 +191,7 @@ class ImageTable(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, root: Path, classes: Sequence[str], image_size: int,
-                 degrade_seed: int = 0, transform=None):
+                 degrade_seed: int = 0, transform=None, box_cache: Optional[Path] = None):
         self.paths = table["path"].tolist()
         self.root = Path(root)
         index = {c: i for i, c in enumerate(classes)}
@@ -200,6 +208,8 @@ class ImageTable(Dataset):
         n = len(table)
         self.views = table["view"].astype(int).tolist() if "view" in table else [0] * n
         self.crops = table["crop"].astype(float).tolist() if "crop" in table else [1.0] * n
+        self.cell_crops = table["cell_crop"].fillna(0).astype(float).tolist() if "cell_crop" in table else [0.0] * n
+        self.cell_boxes = self._cell_boxes(table, box_cache)
         bad_views = sorted(set(self.views) - set(range(8)))
         if bad_views:
             raise ValueError(f"view must be a dihedral view 0..7; got {bad_views}")
@@ -218,6 +228,20 @@ class ImageTable(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _cell_boxes(self, table: pd.DataFrame, box_cache: Optional[Path]) -> dict:
+        """path -> (cx, cy, cell side) of every row with a ``cell_crop``, located once here."""
+        rows = [i for i, r in enumerate(self.cell_crops) if r > 0]
+        if not rows:
+            return {}
+        from .cellcrop import cell_boxes
+
+        paths = [self.paths[i] for i in rows]
+        labs = [table["lab"].iloc[i] for i in rows] if "lab" in table else None
+        if box_cache is None and os.environ.get("WBC_CACHE_DIR", "").strip():
+            box_cache = Path(os.environ["WBC_CACHE_DIR"])  # the book's cache (``make book`` sets it)
+        boxes = cell_boxes(self.root, paths, labs, cache_dir=box_cache)
+        return {p: (cx, cy, side) for p, cx, cy, side in zip(boxes["path"], boxes["cx"], boxes["cy"], boxes["side"])}
+
     def native_image(self, i: int) -> np.ndarray:
         """Row ``i``'s image at native resolution, degraded as the row says
         (subclasses add steps here, e.g. restoration)."""
@@ -231,6 +255,10 @@ class ImageTable(Dataset):
         image = self.native_image(i)
         if self.stains[i] == "macenko":
             image = self._stain_normalize(image, self.stain_references[i], self.paths[i])
+        if self.cell_crops[i] > 0:
+            from .cellcrop import centre_on_cell
+
+            image = centre_on_cell(image, *self.cell_boxes[self.paths[i]], ratio=self.cell_crops[i])
         if self.crops[i] != 1.0:
             image = centre_crop_pad(image, self.crops[i])
         x = torch.from_numpy(image).permute(2, 0, 1)
@@ -329,11 +357,15 @@ def _row_listing(table: pd.DataFrame) -> pd.Series:
     if "crop" in table:
         crop = table["crop"].astype(float)
         listing = listing + np.where(crop != 1.0, "|crop=" + crop.round(6).astype(str), "")
+    if "cell_crop" in table:
+        cell = table["cell_crop"].fillna(0).astype(float)
+        listing = listing + np.where(cell > 0, "|cell=" + cell.round(6).astype(str), "")
     return listing
 
 
 #: The modules whose code decides an embedding (loading, degradation, stain, crop, transforms, precision).
-EMBEDDING_MODULES = ("models.py", "data.py", "degrade.py", "augment.py", "stain.py", "scale.py", "precision.py")
+EMBEDDING_MODULES = ("models.py", "data.py", "degrade.py", "augment.py", "stain.py", "scale.py", "cellcrop.py",
+                     "precision.py")
 
 
 def embedding_entry(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,
@@ -342,7 +374,8 @@ def embedding_entry(cache_dir: Path, backbone_name: str, pretrained: bool, image
     """The cache entry of the embeddings of ``table``: keyed by everything that
     changes them: the backbone and its weights, the input size, each image and
     its degradation (kind, severity, the severity parameters), stain
-    normalisation (method, settings, reference image), dihedral view and crop,
+    normalisation (method, settings, reference image), dihedral view, crop and
+    cell-centred crop (``cell_crop``),
     an evaluation transform, the numeric precision, the code of
     :data:`EMBEDDING_MODULES` and, with ``root``, the data root and the size
     and modification time of every image file read."""
@@ -404,7 +437,8 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
         raise ValueError("a transform needs a transform_tag so its cache entry is unique")
 
     def compute() -> np.ndarray:
-        return _embed(backbone, table, root, image_size, batch_size, degrade_seed, device, num_workers, desc, transform)
+        return _embed(backbone, table, root, image_size, batch_size, degrade_seed, device, num_workers, desc, transform,
+                      cache_dir)
 
     if cache_dir is None:
         return compute()
@@ -416,11 +450,12 @@ def extract_embeddings(backbone: Backbone, table: pd.DataFrame, root: Path, imag
 
 
 def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int, batch_size: int, degrade_seed: int,
-           device: Optional[torch.device], num_workers: Optional[int], desc: str, transform) -> np.ndarray:
+           device: Optional[torch.device], num_workers: Optional[int], desc: str, transform,
+           box_cache: Optional[Path] = None) -> np.ndarray:
     device = device or default_device()
     model = precision.for_inference(Normalized(backbone).to(device))  # compiled when WBC_COMPILE=1
     dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
-                         degrade_seed=degrade_seed, transform=transform)
+                         degrade_seed=degrade_seed, transform=transform, box_cache=box_cache)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         num_workers=default_workers() if num_workers is None else num_workers)
     chunks = []

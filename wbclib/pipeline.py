@@ -149,15 +149,26 @@ class ScaleNormalization:
     clipped to [``min_factor``, ``max_factor``] so one bad nucleus mask cannot
     zoom an image to nothing; an image with no measurable nucleus is kept.
     ``crop_factors`` (per training lab, :func:`scale.crop_factors`) are only
-    recorded: they describe the training data, the per-image rule is applied."""
+    recorded: they describe the training data, the per-image rule is applied.
+
+    With ``cell_ratio`` > 0 (the profile's ``cell_crop``, ratio
+    :data:`cellcrop.COMMON_RATIO`) the stage instead crops the square around
+    the located leukocyte in which the cell fills that share of the side
+    (:func:`cellcrop.locate_cell`, :func:`cellcrop.centre_on_cell`), as the
+    book's chapters do; the nucleus-fraction rule is then not applied (no
+    double crop). An image whose cell is not found is kept whole
+    (``cell_found`` False in the decisions)."""
 
     target_fraction: float = 0.0
     min_factor: float = 0.5
     max_factor: float = 2.5
     crop_factors: Dict[str, float] = field(default_factory=dict)
+    cell_ratio: float = 0.0
 
     @classmethod
     def fit(cls, images: Sequence[np.ndarray], **kwargs) -> "ScaleNormalization":
+        if kwargs.get("cell_ratio", 0.0) > 0:
+            return cls(target_fraction=0.0, **kwargs)
         fractions = np.array([nucleus_fraction(im) for im in images])
         fractions = fractions[fractions > 0]
         if not len(fractions):
@@ -171,6 +182,14 @@ class ScaleNormalization:
         return float(np.clip(math.sqrt(fraction / self.target_fraction), self.min_factor, self.max_factor))
 
     def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, dict]:
+        if self.cell_ratio > 0:
+            from .cellcrop import centre_on_cell, locate_cell
+
+            box = locate_cell(image)
+            if not box.found:
+                return image, dict(scale_factor=1.0, cell_found=False)
+            crop = centre_on_cell(image, box.cx, box.cy, box.side, self.cell_ratio)
+            return crop, dict(scale_factor=float(crop.shape[0] / min(image.shape[:2])), cell_found=True)
         f = self.factor(image)
         return centre_crop_pad(image, f), dict(scale_factor=f)
 

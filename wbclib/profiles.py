@@ -5,6 +5,13 @@
   (capped per-class counts, 128 px, one fine-tuned fold).
 * ``gpu`` – paper scale: full benchmark sizes, 224 px, every fold fine-tuned.
 
+``cell_crop`` (on in every profile, so CI exercises it): every chapter's
+images are cropped around their leukocyte so the cell fills
+``cellcrop.COMMON_RATIO`` of the input before resizing (column ``cell_crop``,
+added by ``protocols.common.cell_centred``; part of every run identity and
+embedding cache key). With it on, chapter 07's ``dg_scale`` per-lab crop
+factors are all 1 (no double crop).
+
 PBC-LT benchmark keys (``benchmarks.pbc_lt_split`` via ``protocols.pbc_lt.pbc_lt_sets``):
 
 * ``n_max`` – a cap on the head class's training images (None: the head keeps
@@ -102,7 +109,7 @@ _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
 
 PROFILES = {
     "smoke": dict(
-        image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True,
+        image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=12, phase2_train=True, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
         rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, patience=2,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
@@ -124,7 +131,7 @@ PROFILES = {
         rescue_strengths=[0.0, 1.0, 2.0], rescue_siglip_path=None,
     ),
     "cpu": dict(
-        image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True,
+        image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=1000, phase2_train=True, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2, patience=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
@@ -148,7 +155,7 @@ PROFILES = {
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
     ),
     "gpu": dict(
-        image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True,
+        image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=None, phase2_train=True, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0, 1, 2, 3, 4], rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=60,
         finetune_epochs=30, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
@@ -187,6 +194,7 @@ class Profile:
     name: str
     # Shared scale
     image_size: int
+    cell_crop: bool
     batch_size: int
     backbone: str
     pretrained: bool

@@ -37,7 +37,7 @@ from . import _io
 PRESENTATION_MODULES = {"__init__.py", "__main__.py", "cli.py", "plots.py", "runbook.py", "fetch.py"}
 #: Columns of a table row that decide what the image loader produces for it.
 ROW_COLUMNS = ("path", "label", "lab", "split", "degradation", "severity", "view", "stain", "stain_reference",
-               "crop", "domain")
+               "crop", "cell_crop", "domain")
 
 
 class RunMismatch(RuntimeError):

@@ -9,10 +9,21 @@ import numpy as np
 import pandas as pd
 
 from .. import runs
+from ..cellcrop import COMMON_RATIO
 from ..embeddings import EmbeddingStore
 from ..heads import fit_linear_head, predict_proba
 from ..runs import inputs_fingerprint
 from ..train import TrainConfig, predictions_frame, score_predictions
+
+
+def cell_centred(table: pd.DataFrame, cfg) -> pd.DataFrame:
+    """``table`` with column ``cell_crop`` = :data:`cellcrop.COMMON_RATIO` when the
+    profile's ``cell_crop`` is on (the loader then crops each image around its
+    leukocyte, and the column enters run identities and embedding cache keys);
+    unchanged when it is off, so runs from before the switch keep their identity."""
+    if not getattr(cfg, "cell_crop", False):
+        return table
+    return table.assign(cell_crop=COMMON_RATIO)
 
 
 def labels_of(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:

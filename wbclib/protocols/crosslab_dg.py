@@ -32,6 +32,7 @@ from ..methods import create_method
 from ..models import ImageTable, default_workers
 from ..runs import inputs_fingerprint
 from ..train import TrainConfig, build_method, predictions_frame, score_predictions, train_run
+from .common import cell_centred
 
 def _score_sets(run_dir: Path, eval_sets: Dict[str, pd.DataFrame], probs: Dict[str, np.ndarray], n_boot: int) -> dict:
     results = {}
@@ -167,7 +168,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
     interval and the ``run_dir`` holding its predictions.
     In the maps regime the trained head of each row for the (setting, seed)
     ``weights_for`` is kept as ``weights.pt`` (for Grad-CAM)."""
-    table = B.read_crosslab(splits_dir, split_seed)
+    table = cell_centred(B.read_crosslab(splits_dir, split_seed), cfg)
     rows = list(rows or cfg.dg_rows)
     seeds = list(cfg.dg_seeds if seeds is None else seeds)
     unknown = sorted(set(rows) - set(ROWS))
@@ -324,7 +325,7 @@ def gradcam_examples(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_d
     ``per_lab`` images of every lab (source labs: validation images; targets:
     test images), one per class in turn. Returns ``(examples, images
     (n, S, S, 3), {row: maps (n, S, S)})``; the class explained is the true one."""
-    table = B.read_crosslab(splits_dir, split_seed)
+    table = cell_centred(B.read_crosslab(splits_dir, split_seed), cfg)
     crops = scale_factors(cfg, table, root, cache_dir)[0]
     name, sources, targets = settings_named([setting])[0]
     _, eval_sets = dg_sets(cfg, table, sources, targets, crops)

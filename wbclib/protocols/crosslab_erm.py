@@ -16,7 +16,7 @@ from .. import benchmarks as B
 from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..embeddings import EmbeddingStore
 from ..train import train_in
-from .common import finetune_config, probe_and_score, probe_run
+from .common import cell_centred, finetune_config, probe_and_score, probe_run
 
 
 def crosslab_sets(cfg: SimpleNamespace, table: pd.DataFrame, sources, targets) -> tuple:
@@ -33,7 +33,7 @@ def crosslab_sets(cfg: SimpleNamespace, table: pd.DataFrame, sources, targets) -
 def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
                    seed: int = 0) -> pd.DataFrame:
     """Linear probe for every cross-lab setting and seed; one row per (setting, seed, eval set)."""
-    table = B.read_crosslab(splits_dir, seed)
+    table = cell_centred(B.read_crosslab(splits_dir, seed), cfg)
     classes = list(B.CROSSLAB_CLASSES)
     jobs = [(name, *crosslab_sets(cfg, table, src, tgt)) for name, src, tgt in CROSSLAB_SETTINGS]
     store = EmbeddingStore([s[s["split"] == "train"] for _, s, _ in jobs] + [t for _, _, e in jobs for t in e.values()],
@@ -50,7 +50,7 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
 def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
                       settings: Sequence[str] = ("pbc→others",), seed: int = 0, **train_overrides) -> pd.DataFrame:
     """End-to-end training for the named cross-lab settings and every seed of the profile."""
-    table = B.read_crosslab(splits_dir, seed)
+    table = cell_centred(B.read_crosslab(splits_dir, seed), cfg)
     classes = list(B.CROSSLAB_CLASSES)
     rows = []
     for name, src, tgt in CROSSLAB_SETTINGS:

@@ -26,7 +26,7 @@ from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
 from ..heads import make_head, predict_proba, single_torch_thread
 from ..runs import inputs_fingerprint
 from ..train import TrainConfig, score_predictions, train_in
-from .common import finetune_config, finished_rows, labels_of, probe_and_score, probe_run, save_and_score
+from .common import cell_centred, finetune_config, finished_rows, labels_of, probe_and_score, probe_run, save_and_score
 
 
 def pbc_lt_sets(cfg: SimpleNamespace, table: pd.DataFrame, definition, rho: float, fold: int) -> tuple:
@@ -75,6 +75,7 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     ``eval_set`` named ``<kind>_<severity>``.
     """
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     jobs, grid, tables = probe_jobs(cfg, table, definition)
     store = EmbeddingStore(tables, cfg.backbone, cfg.image_size, root, cache_dir, desc="PBC-LT embeddings")
@@ -91,6 +92,7 @@ def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_
                     seed: int = 0, **train_overrides) -> pd.DataFrame:
     """End-to-end fine-tuning on PBC-LT for every fine-tune rho and fold."""
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     rows = []
     for fold in cfg.finetune_folds:
@@ -291,6 +293,7 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     Returns one row per (backbone, stain, tta, rho, fold, recipe, eval set).
     """
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     recipes = {name: spec for name, spec in head_recipes(cfg.probe_epochs).items() if name in cfg.lt_recipes}
     jobs = _lt_jobs(cfg, table, definition, lt_rhos(cfg), cfg.probe_folds)
@@ -431,6 +434,7 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
     from ..models import Backbone
 
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     stain = cfg.decoupled_stain
     reference = stain_reference(table, root, Path(results_dir) / "pbc_lt" / "stain_reference.json") \

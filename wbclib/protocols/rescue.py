@@ -20,6 +20,7 @@ from ..morphology import PAPER_FEATURES, MahalanobisFilter, MorphologyCache
 from ..rescue import (BOOST_STRENGTHS, PHASES, RescueGrid, SiglipEmbedder, class_counts, fit_contrastive_head,
                       fit_thresholds, rarest_classes)
 from ..runs import inputs_fingerprint
+from .common import cell_centred
 from .pbc_lt import pbc_lt_sets, probe_jobs
 
 
@@ -30,6 +31,7 @@ def verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], roo
     if getattr(cfg, "rescue_siglip_path", None):
         return SiglipEmbedder.from_pretrained(cfg.rescue_siglip_path, name="medsiglip").store(tables, root, cache_dir)
     table, definition = B.read_pbc_lt(Path(cfg._splits), cfg._seed)
+    table = cell_centred(table, cfg)
     superset = probe_jobs(cfg, table, definition)[2]
     stores = []
     if embeddings_cached(superset, cfg.backbone, cfg.image_size, cache_dir, root):
@@ -77,6 +79,7 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
     """
 
     table, definition = B.read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     classes = list(B.PBC_LT_CLASSES)
     folds = list(folds if folds is not None else cfg.finetune_folds)
     cfg = SimpleNamespace(**vars(cfg), _splits=str(splits_dir), _seed=seed)
