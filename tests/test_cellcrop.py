@@ -87,6 +87,23 @@ def test_the_box_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path)
     assert abs(moved["cx"].iloc[0] - 236) <= 4 and abs(moved["cy"].iloc[0] - 140) <= 4
 
 
+def test_an_image_is_located_once_across_cached_sets(tmp_path, monkeypatch):
+    data_dir, cache = tmp_path / "data", tmp_path / "cache"
+    data_dir.mkdir()
+    for name, cx in [("a.png", 200), ("b.png", 220), ("c.png", 240)]:
+        Image.fromarray(cell_image(cx=cx)).save(data_dir / name)
+    calls = []
+    real = cellcrop.locate_cell
+    monkeypatch.setattr(cellcrop, "locate_cell", lambda image: calls.append(1) or real(image))
+    monkeypatch.setattr(cellcrop, "_MEMO", {})
+    first = cell_boxes(data_dir, ["a.png", "b.png"], cache_dir=cache)
+    assert len(calls) == 2
+    monkeypatch.setattr(cellcrop, "_MEMO", {})  # a new process: only the disk cache is left
+    second = cell_boxes(data_dir, ["b.png", "c.png"], cache_dir=cache)
+    assert len(calls) == 3  # only c.png was located
+    assert second.set_index("path").loc["b.png", "cx"] == first.set_index("path").loc["b.png", "cx"]
+
+
 def test_the_loader_crops_around_the_cell(tmp_path):
     Image.fromarray(cell_image()).save(tmp_path / "a.png")
     table = pd.DataFrame(dict(path=["a.png"], label=["x"]))

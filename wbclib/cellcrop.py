@@ -55,7 +55,7 @@ from .data import load_image
 #: Images are localised on a copy whose longer side is this many pixels.
 WORK_SIDE = 128
 #: Bump when the localisation rule changes (part of the box cache key).
-LOCATE_VERSION = 1
+LOCATE_VERSION = 2
 #: Nucleus components smaller than this share of the image are specks.
 MIN_NUCLEUS = 0.004
 #: The nucleus score's weights on the OD of (red, green, blue).
@@ -69,7 +69,7 @@ CELL_REACH = 1.5
 #: :func:`ratio_table` of 300 images per lab (``sample(300, random_state=0)``
 #: of each lab's manifest): lab medians pbc 0.425, zheng1 0.650, bccd 0.820.
 COMMON_RATIO = 0.65
-BOX_COLUMNS = ["path", "width", "height", "cx", "cy", "side", "found"]
+BOX_COLUMNS = ["path", "width", "height", "cx", "cy", "side", "found", "size", "mtime_ns"]
 #: Boxes located in this process, by (root, path, file size, mtime): loaders
 #: built without a cache folder (training) locate each image once per process.
 _MEMO: Dict[tuple, dict] = {}
@@ -167,14 +167,19 @@ def cell_boxes(root: Path, paths: Iterable[str], labs: Optional[Sequence[str]] =
     by path). Rows whose localisation failed (``found`` False) get the image
     centre and a side of their lab's median ``side / min(width, height)`` among
     the found rows (``labs``, aligned with ``paths``; else all rows). With
-    ``cache_dir`` the table is cached per set of paths (see the module docstring)."""
+    ``cache_dir`` the table is cached per set of paths (see the module docstring);
+    an image already located in another cached set (same root, file size and
+    modification time, same code) is not located again, so each image a
+    chapter loads is located once however the chapters subset the data."""
     root = Path(root)
     paths = [str(p) for p in paths]
     lab_of = dict(zip(paths, labs)) if labs is not None else {p: "" for p in paths}
     unique = sorted(set(paths))
 
-    def compute() -> pd.DataFrame:
+    def compute(known: Optional[Dict[tuple, dict]] = None) -> pd.DataFrame:
         rows = []
+        if known:
+            _MEMO.update(known)
         for rel in unique:
             try:
                 st = (root / rel).stat()
@@ -185,7 +190,8 @@ def cell_boxes(root: Path, paths: Iterable[str], labs: Optional[Sequence[str]] =
                 image = load_image(root / rel)
                 box = locate_cell(image)
                 row = dict(path=rel, width=image.shape[1], height=image.shape[0], cx=round(box.cx, 2),
-                           cy=round(box.cy, 2), side=round(box.side, 2), found=bool(box.found))
+                           cy=round(box.cy, 2), side=round(box.side, 2), found=bool(box.found),
+                           size=key[2] if key else -1, mtime_ns=key[3] if key else -1)
                 if key is None:
                     rows.append(row)
                     continue
@@ -205,9 +211,35 @@ def cell_boxes(root: Path, paths: Iterable[str], labs: Optional[Sequence[str]] =
         entry = cache.entry(cache_dir, "cell_boxes", dict(version=LOCATE_VERSION, work_side=WORK_SIDE),
                             dict(root=str(root.resolve()), listing=listing, files=files_fingerprint(root, unique)),
                             modules=("cellcrop.py", "data.py"), suffix=".csv")
-        table = cache.frame(entry, compute, columns=BOX_COLUMNS, dtype={"path": str}, keep_default_na=False)
+        table = cache.frame(entry, lambda: compute(_cached_boxes(entry)), columns=BOX_COLUMNS, dtype={"path": str},
+                            keep_default_na=False)
         table["found"] = table["found"].astype(str).str.lower().isin(["true", "1"])
     return _fill_fallbacks(table, lab_of)
+
+
+def _cached_boxes(entry) -> Dict[tuple, dict]:
+    """Boxes of every other ``cell_boxes`` entry beside ``entry`` written by the
+    same code and settings under the same root, by (root, path, size, mtime)."""
+    from . import _io
+
+    known: Dict[tuple, dict] = {}
+    root = entry.meta["inputs"]["root"]
+    for sidecar in sorted(entry.path.parent.glob("*.csv.json")):
+        try:
+            meta = _io.read_json(sidecar)
+            if (meta.get("code"), meta.get("settings"), (meta.get("inputs") or {}).get("root")) != \
+                    (entry.meta["code"], entry.meta["settings"], root):
+                continue
+            table = pd.read_csv(sidecar.with_name(sidecar.name[: -len(".json")]), dtype={"path": str},
+                                keep_default_na=False)
+        except (OSError, ValueError, _io.CorruptFileError):
+            continue
+        if not set(BOX_COLUMNS) <= set(table.columns):
+            continue
+        for row in table[BOX_COLUMNS].to_dict("records"):
+            row["found"] = str(row["found"]).lower() in ("true", "1")
+            known[(root, row["path"], int(row["size"]), int(row["mtime_ns"]))] = row
+    return known
 
 
 def _fill_fallbacks(table: pd.DataFrame, lab_of: Dict[str, str]) -> pd.DataFrame:
