@@ -368,3 +368,55 @@ def image_rows(rows: Dict[str, Sequence[np.ndarray]], captions: Optional[Dict[st
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def cell_crops(ratios: pd.DataFrame, root: Path, ratio: float, per_lab: int = 4, size: int = 128) -> plt.Figure:
+    """Cell-centred inputs, before and after, per lab (one row each): for
+    ``per_lab`` located images of :func:`cellcrop.ratio_table`'s ``ratios``,
+    the native image with the crop square drawn (the view widened where the
+    square leaves the image and is padded by reflection), then the crop
+    resized to ``size``. Each row's caption gives the lab's median
+    cell-to-input ratio before and after the crop."""
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    from .cellcrop import centre_on_cell
+
+    labs = sorted(ratios["lab"].unique())
+    fig, axes = plt.subplots(len(labs), 2 * per_lab, figsize=(1.6 * 2 * per_lab, 1.95 * len(labs)), squeeze=False)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.02, top=0.9, wspace=0.06, hspace=0.42)
+    for r, lab in enumerate(labs):
+        found = ratios[(ratios["lab"] == lab) & ratios["found"]]
+        rows = found.head(per_lab)
+        for c in range(per_lab):
+            before, after = axes[r, 2 * c], axes[r, 2 * c + 1]
+            for ax in (before, after):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+            if c >= len(rows):
+                before.axis("off")
+                after.axis("off")
+                continue
+            row = rows.iloc[c]
+            image = load_image(Path(root) / row["path"])
+            side = row["side"] / ratio
+            x0, y0 = row["cx"] - side / 2, row["cy"] - side / 2
+            before.imshow(image)
+            before.add_patch(Rectangle((x0, y0), side, side, fill=False, edgecolor="yellow", linewidth=1.2))
+            before.set_xlim(min(-0.5, x0 - 1), max(image.shape[1] - 0.5, x0 + side + 1))
+            before.set_ylim(max(image.shape[0] - 0.5, y0 + side + 1), min(-0.5, y0 - 1))
+            crop = centre_on_cell(image, row["cx"], row["cy"], row["side"], ratio)
+            after.imshow(np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR)))
+            if r == 0:
+                before.set_title("before", fontsize=8)
+                after.set_title("after", fontsize=8)
+        axes[r, 0].text(0, 1.2 if r == 0 else 1.05, f"{lab}: median cell/input {found['before'].median():.2f} before, "
+                        f"{found['after'].median():.2f} after (target {ratio:.2f})",
+                        transform=axes[r, 0].transAxes, fontsize=9, ha="left", va="bottom")
+    return fig
+
+
+# --------------------------------------------------------------------------
+# Chapter 09: segmentation and morphology
+# --------------------------------------------------------------------------

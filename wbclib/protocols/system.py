@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .. import _io, bundle, data, profiles
 from .. import metrics as M
+from ..cellcrop import COMMON_RATIO
 from ..data import load_image
 from ..heads import crt, single_torch_thread
 from ..pipeline import (Isolation, Member, Pipeline, RescueStage, Restoration, ScaleNormalization,
@@ -122,13 +123,16 @@ def _load_all(root: Path, paths: Sequence[str], desc: str) -> list:
     return [load_image(Path(root) / p) for p in tqdm(paths, desc=desc, leave=False)]
 
 
-def fit_preprocessing(images: Sequence[np.ndarray], names: Sequence[str], choice: dict, seed: int = 0) -> dict:
+def fit_preprocessing(images: Sequence[np.ndarray], names: Sequence[str], choice: dict, seed: int = 0,
+                      cell_ratio: float = 0.0) -> dict:
     """Fit restoration, scale and stain stages on training images, each on the
-    output of the stages before it (the order the pipeline runs them)."""
+    output of the stages before it (the order the pipeline runs them). With
+    ``cell_ratio`` > 0 (the profile's ``cell_crop``) the scale stage crops
+    around each image's cell at that ratio (:class:`pipeline.ScaleNormalization`)."""
     restoration = Restoration.fit(images, method=choice["restore"], seed=seed) if choice["restore"] else None
     if restoration is not None:
         images = [restoration(im)[0] for im in images]
-    scale = ScaleNormalization.fit(images) if choice["scale"] else None
+    scale = ScaleNormalization.fit(images, cell_ratio=cell_ratio) if choice["scale"] else None
     if scale is not None:
         images = [scale(im)[0] for im in images]
     stain = StainNormalization.fit(images, names) if choice["stain"] else None
@@ -138,9 +142,11 @@ def fit_preprocessing(images: Sequence[np.ndarray], names: Sequence[str], choice
 def _preprocessed_folder(cache_dir: Path, stages: dict, image_size: int, root: Path) -> Path:
     key = dict(size=image_size, root=str(Path(root).resolve()), code=code_version(("pipeline.py", "scale.py",
                                                                                     "stain.py", "restore.py",
-                                                                                    "segment.py", "data.py")),
+                                                                                    "segment.py", "data.py", "cellcrop.py")),
                restore=None if stages["restoration"] is None else stages["restoration"].threshold,
                scale=None if stages["scale"] is None else stages["scale"].target_fraction,
+               **({} if stages["scale"] is None or not stages["scale"].cell_ratio
+                  else dict(cell_crop=stages["scale"].cell_ratio)),
                stain=None if stages["stain"] is None else stages["stain"].stain_matrix.round(6).tolist())
     return Path(cache_dir) / "system_inputs" / digest(key, 12)
 
@@ -193,7 +199,8 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
 
     # Stages before the network, fitted on the training images.
     train_images = _load_all(root, train_rows["path"], "load training images")
-    stages = fit_preprocessing(train_images, list(train_rows["path"]), choice, seed)
+    stages = fit_preprocessing(train_images, list(train_rows["path"]), choice, seed,
+                               cell_ratio=COMMON_RATIO if cfg.cell_crop else 0.0)
     crop_factors = {lab: 1.0 for lab in TRAINING_LABS}  # one lab: the per-image rule sets the scale
     if stages["scale"] is not None:
         stages["scale"].crop_factors = crop_factors
