@@ -23,9 +23,10 @@
 # probability-averaging ensembles, on a 20 % held-out test with 5-fold
 # cross-validation, with four metrics.
 #
-# This chapter rebuilds Table 1 on PBC-LT at $\rho = 100$, on the phase-2
-# degraded test (the challenge's test is degraded too), mean $\pm$ std over
-# folds, in two regimes:
+# This chapter rebuilds Table 1 on PBC-LT at $\rho = 100$, trained on the
+# phase-2 training set and scored on the phase-2 test (`test_degraded`: each
+# split with its own severity mix, the test's the harshest, as in the
+# challenge; chapter 02), mean $\pm$ std over folds, in two regimes:
 #
 # 1. **Frozen ImageNet features** (every profile): "Supervised" is the
 #    instance-balanced linear probe, "Decoupled" is cRT (class-balanced

@@ -29,8 +29,9 @@
 # noisy from clean images at known noise rates, how close the restored images
 # come to the clean ones (PSNR, SSIM) next to a 3x3 median filter and a
 # bilateral filter, and whether restoration changes the macro-F1 of a fixed
-# classifier (the fine-tuned ERM model of the baseline chapter) on the
-# phase-2 degraded PBC-LT test.
+# classifier (the fine-tuned ERM model of the baseline chapter) on the PBC-LT
+# stress test (`test_stress`: every test image degraded, so each degradation
+# kind has enough images to score; chapter 02).
 
 # %% tags=["parameters"]
 profile = "cpu"
@@ -112,8 +113,8 @@ R.score_histograms(versions, rate=0.3, seed=seed);
 #
 # ## Partitioning a raw set
 #
-# The raw set plays the challenge's training data: cross-validation images
-# with their phase-2 degradation switched on. A third of them carry
+# The raw set plays the challenge's training data: cross-validation images,
+# every one degraded by its stress draw (chapter 02). A third of them carry
 # salt-and-pepper noise, a third blur and a third an illumination shift, each
 # at one of four severities. The detector is fitted on this set alone.
 
@@ -198,8 +199,8 @@ R.image_grid(rows, titles, zoom=120);
 # ## Effect on a fixed classifier
 #
 # The classifier is the fine-tuned ERM model of the baseline chapter at
-# $\rho = 100$ (first fold), unchanged. It is evaluated on the phase-2
-# degraded PBC-LT test in three ways:
+# $\rho = 100$ (first fold), unchanged. It is evaluated on the PBC-LT stress
+# test (every test image degraded by its stress draw) in three ways:
 #
 # * as is;
 # * with the noise detector, fitted on the raw set above, choosing which
@@ -216,12 +217,12 @@ run_dir = protocol.ensure_erm_classifier(cfg, root, splits, results, rho=rho, fo
 classes = list(B.PBC_LT_CLASSES)
 method, train_config = R.load_classifier(run_dir, len(classes))
 _, sets = pbc_lt.pbc_lt_sets(cfg, table, definition, rho, fold)
-test = sets["test_degraded"].reset_index(drop=True)
+test = sets["test_stress"].reset_index(drop=True)
 test_scores = protocol.cached_frame(out / "test_scores.csv", lambda: R.table_scores(test, root).reset_index(drop=True))
 flags = detector.predict(test_scores["impulse"])
 truth = test["degradation"].eq("salt_pepper")
 test_detection = R.detection_scores(truth, flags)
-print("noisy call vs truth on the degraded test:",
+print("noisy call vs truth on the stress test:",
       {k: round(v, 3) if isinstance(v, float) else v for k, v in test_detection.items()})
 display(test.assign(flagged=flags).groupby(["degradation", "severity"])["flagged"].mean().unstack().round(2))
 
@@ -229,22 +230,22 @@ display(test.assign(flagged=flags).groupby(["degradation", "severity"])["flagged
 preds, effect = protocol.restoration_effect(method, train_config, test, root, classes, flags,
                                      {"Pix2Pix": restorer, "median 3x3": R.median3x3}, out / "classify",
                                      n_boot=cfg.n_boot)
-saved = pd.read_csv(run_dir / "predictions_test_degraded.csv")
+saved = pd.read_csv(run_dir / "predictions_test_stress.csv")
 agree = (saved["pred"].to_numpy() == preds["as is"]["pred"].to_numpy()).mean()
 reference = json.loads((run_dir / "metrics.json").read_text())
 print(f"'as is' reproduces chapter 03's predictions on {100 * agree:.1f} % of images; "
-      f"macro-F1 on the pristine test {reference['test']['macro_f1']:.3f}, degraded {reference['test_degraded']['macro_f1']:.3f}")
+      f"macro-F1 on the pristine test {reference['test']['macro_f1']:.3f}, stress {reference['test_stress']['macro_f1']:.3f}")
 effect["interval"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
                       zip(effect.macro_f1, effect.macro_f1_low, effect.macro_f1_high)]
 display(effect.pivot(index="kind", columns="condition", values="interval")[list(preds)])
 plots.metric_bars(effect, x="kind", y="macro_f1", hue="condition", low="macro_f1_low", high="macro_f1_high",
-                  title=f"fine-tuned ERM, rho={rho}, phase-2 degraded test", ylabel="macro-F1");
+                  title=f"fine-tuned ERM, rho={rho}, stress test (all degraded)", ylabel="macro-F1");
 
 # %% [markdown]
 # Per degradation kind, only the salt-and-pepper images change. Blurred and
 # re-lit images are almost never flagged, so their predictions stay the same
 # in all three conditions. The question is how much of the gap between the
-# pristine and the degraded test that one third of the test accounts for,
+# pristine and the stress test that one third of the test accounts for,
 # and how much of it restoration wins back.
 
 # %%

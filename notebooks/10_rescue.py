@@ -36,7 +36,8 @@
 #
 # This chapter applies a generalised Algorithm 1 (`wbclib.rescue`) to the
 # saved predictions of the baseline chapter on the public PBC-LT benchmark at
-# $\rho = 100$, phase-2 degraded test: the fine-tuned ERM model and the
+# $\rho = 100$, phase-2 test (its own, harsher severity mix; the models are
+# trained on the phase-2 training set, chapter 02): the fine-tuned ERM model and the
 # linear probe. The paper's classes (prolymphocytes, plasma cells) do not
 # exist in pbc; the rescued classes are instead the rarest *training* classes
 # of each run, each with its own morphology rule chosen among none,
@@ -44,8 +45,8 @@
 # {cite}`khosla2020supcon` projection head on the book's frozen
 # EfficientNet-Lite0 features (MedSigLIP weights are not redistributable; the
 # `rescue_siglip_path` profile key switches to a local SigLIP/MedSigLIP tower).
-# Every threshold is chosen on the validation fold's degraded predictions and
-# then applied unchanged to the test set.
+# Every threshold is chosen on the validation fold's phase-2 predictions
+# (`val_degraded`) and then applied unchanged to the phase-2 test set.
 
 # %% tags=["parameters"]
 profile = "cpu"
@@ -110,7 +111,8 @@ display(boosts.round(2))
 # ## Algorithm 1, phase by phase
 #
 # For every run: the verifier is trained on the run's own training images
-# (pristine and with their phase-2 degradation, as two views), the
+# (as the run saw them, with their phase-2 training draw, and all degraded by
+# their stress draw, as two views), the
 # Mahalanobis filter on the rare classes' training images (K-means
 # morphology, as in the paper), and the parameters of each cumulative phase
 # are chosen on the validation fold by maximising macro-F1 (coordinate ascent

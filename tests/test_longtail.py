@@ -148,7 +148,7 @@ def test_heads_cover_every_recipe_rho_fold_variant_and_eval_set(tiny, heads):
     plain = heads[~heads.tta]
     assert set(plain.recipe) == set(cfg.lt_recipes) and set(plain.rho) == {10, 100} and set(plain.fold) == {0, 1}
     assert set(plain.eval_set) == set(pbc_lt.EVAL_SETS) and set(plain.stain) == {"none", "macenko"}
-    assert len(plain) == 6 * 2 * 2 * 4 * 2
+    assert len(plain) == 6 * 2 * 2 * len(pbc_lt.EVAL_SETS) * 2
     tta = heads[heads.tta]
     assert set(tta.eval_set) == {"test_degraded"} and set(tta.stain) == {"none"} and len(tta) == 6 * 2 * 2
     run = _run(tiny, "heads", variant="macenko", rho=100, fold=1, recipe="crt")
@@ -181,7 +181,7 @@ def test_ensembles_average_saved_predictions(tiny, heads):
     by_backbone = ens[ens.kind == "backbones"]
     assert set(by_backbone.fold) == {0, 1} and set(by_backbone.eval_set) == set(pbc_lt.EVAL_SETS)
     folds = ens[ens.kind == "folds"]
-    assert set(folds.eval_set) == {"test", "test_degraded"} and set(folds.ensemble) == {"Lite0", "all"}
+    assert set(folds.eval_set) == {"test", "test_degraded", "test_stress"} and set(folds.ensemble) == {"Lite0", "all"}
     assert (folds[folds.ensemble == "Lite0"].members == 2).all() and (folds[folds.ensemble == "all"].members == 4).all()
     runs = [_run(tiny, "heads", variant="macenko", rho=100, fold=f, recipe="crt") for f in (0, 1)]
     manual = infer.average_predictions([pd.read_csv(r / "predictions_test.csv") for r in runs])
@@ -206,7 +206,9 @@ def test_decoupled_finetune_reuses_stage1_and_retrains_heads(tiny, monkeypatch):
     own = pd.read_csv(stage1 / "predictions_test.csv")
     supervised = pd.read_csv(_run(tiny, "decoupled", backbone="resnet18", variant="none", rho=100, fold=0,
                                   recipe="supervised") / "predictions_test.csv")
-    assert (own.pred == supervised.pred).all()
+    top2 = np.sort(own.filter(like="prob_").to_numpy(), axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3  # a one-epoch model has exact ties, which float noise may break either way
+    assert clear.mean() > 0.5 and (own.pred == supervised.pred)[clear].all()
     np.testing.assert_allclose(own.filter(like="prob_"), supervised.filter(like="prob_"), atol=1e-4)
     assert any("resnet18" in p.name for p in tiny.cache.rglob("embeddings_*.npy"))
     from wbclib import train
