@@ -30,46 +30,39 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-from pathlib import Path
-
-import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
-from wbclib import metrics, plots, profiles
+from wbclib import plots, profiles
 from wbclib.protocols import crosslab_erm
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-cross = B.read_crosslab(splits, seed)
-display(cross.pivot_table(index="label", columns="lab", values="path", aggfunc="size", fill_value=0))
+display(crosslab_erm.images_per_lab(splits, seed))
 
 # %% [markdown]
 # ## Linear probe on frozen features, every setting
 
 # %%
 probe = crosslab_erm.crosslab_probe(cfg, root, splits, cache, results, seed=seed)
-probe = probe.rename(columns={"accuracy": "micro_f1"})
-targets = probe[probe.eval_set != "val"]
-cols = ["setting", "eval_set", "macro_f1", "macro_f1_low", "macro_f1_high", "micro_f1"]
-display(targets.groupby(["setting", "eval_set"])[["macro_f1", "macro_f1_low", "macro_f1_high", "micro_f1"]]
-        .mean().round(3))
-print("in-domain validation macro-F1:", probe[probe.eval_set == "val"].groupby("setting").macro_f1.mean().round(3).to_dict())
+display(crosslab_erm.target_means(probe))
+print(crosslab_erm.validation_note(probe))
 
 # %% [markdown]
 # ## Fine-tuning on pbc, testing on zheng1 and bccd
 
 # %%
 finetune = crosslab_erm.crosslab_finetune(cfg, root, splits, results, method="erm", seed=seed)
-finetune = finetune.rename(columns={"accuracy": "micro_f1"})
-display(finetune[cols].round(3))
+display(crosslab_erm.score_table(finetune))
+
+# %% [markdown]
+# Both regimes side by side on the two target labs (mean over seeds, with
+# the bootstrap interval):
 
 # %%
-both = pd.concat([targets.assign(regime="linear probe"), finetune[finetune.eval_set != "val"].assign(regime="fine-tuned")])
-both = both[both.setting == "pbc→others"].groupby(["regime", "eval_set"], as_index=False)[
-    ["macro_f1", "macro_f1_low", "macro_f1_high"]].mean()
-plots.metric_bars(both, x="eval_set", y="macro_f1", hue="regime", low="macro_f1_low", high="macro_f1_high",
-                  title="trained on pbc", ylabel="macro-F1 on the target lab");
+plots.metric_bars(crosslab_erm.regime_bars(probe, finetune), x="eval_set", y="macro_f1", hue="regime",
+                  low="macro_f1_low", high="macro_f1_high", title="trained on pbc",
+                  ylabel="macro-F1 on the target lab");
 
 # %% [markdown]
 # ## Where the errors go
@@ -77,13 +70,9 @@ plots.metric_bars(both, x="eval_set", y="macro_f1", hue="regime", low="macro_f1_
 # Confusion matrices of the fine-tuned model on each target lab.
 
 # %%
-classes = list(B.CROSSLAB_CLASSES)
-index = {c: i for i, c in enumerate(classes)}
-run = Path(finetune[(finetune.setting == "pbc→others") & (finetune.seed == cfg.crosslab_seeds[0])].run_dir.iloc[0])
-for lab in ["zheng1", "bccd"]:
-    pred = pd.read_csv(run / f"predictions_{lab}.csv")
-    cm = metrics.confusion(pred.label.map(index), pred.pred.map(index), len(classes))
-    plots.confusion_matrix(cm, classes, title=f"ERM trained on pbc, tested on {lab}");
+plots.confusion_matrices({f"tested on {lab}": cm for lab, cm in
+                          crosslab_erm.confusions(finetune, cfg.crosslab_seeds[0]).items()},
+                         list(B.CROSSLAB_CLASSES), title="ERM trained on pbc");
 
 # %% [markdown]
 # ## In the papers' terms
@@ -95,7 +84,4 @@ for lab in ["zheng1", "bccd"]:
 # (linear probe) in the same shape.
 
 # %%
-lolo = targets[targets.setting.str.startswith("LOLO")]
-row = lolo.groupby("eval_set")[["micro_f1", "macro_f1"]].mean()
-row.loc["average"] = row.mean()
-display((100 * row.T).round(1))
+display(crosslab_erm.lolo_row(probe))

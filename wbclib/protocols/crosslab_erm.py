@@ -12,9 +12,11 @@ from typing import Sequence
 
 import pandas as pd
 
+from .. import _io
 from .. import benchmarks as B
 from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..embeddings import EmbeddingStore
+from ..metrics import confusion
 from ..train import train_in
 from .common import cell_centred, finetune_config, probe_and_score, probe_run
 
@@ -64,3 +66,77 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
             for set_name in eval_sets:
                 rows.append(dict(setting=name, seed=s, eval_set=set_name, run_dir=str(run.dir), **result[set_name]))
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# The chapter's tables, one per notebook step (notebook 04)
+# --------------------------------------------------------------------------
+
+#: The score columns the chapter shows (``micro_f1`` is the accuracy).
+SCORES = ["macro_f1", "macro_f1_low", "macro_f1_high", "micro_f1"]
+
+
+def images_per_lab(splits_dir: Path, seed: int = 0) -> pd.DataFrame:
+    """Images of the cross-lab benchmark per class (rows) and lab (columns)."""
+    cross = B.read_crosslab(splits_dir, seed)
+    return cross.pivot_table(index="label", columns="lab", values="path", aggfunc="size", fill_value=0)
+
+
+def with_micro_f1(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with ``accuracy`` renamed ``micro_f1`` (F1-micro, as the DG papers name it)."""
+    return results.rename(columns={"accuracy": "micro_f1"})
+
+
+def target_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows scored on a target lab (every eval set but ``val``), accuracy as ``micro_f1``."""
+    results = with_micro_f1(results)
+    return results[results["eval_set"] != "val"]
+
+
+def target_means(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of macro-F1 (with its interval) and micro-F1 per (setting, target lab), 3 digits."""
+    return target_scores(results).groupby(["setting", "eval_set"])[SCORES].mean().round(3)
+
+
+def validation_note(results: pd.DataFrame) -> str:
+    """Mean in-domain validation macro-F1 per setting, as one line."""
+    val = results[results["eval_set"] == "val"]
+    return f"in-domain validation macro-F1: {val.groupby('setting').macro_f1.mean().round(3).to_dict()}"
+
+
+def score_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, eval set) with macro-F1, its interval and micro-F1, 3 digits."""
+    return with_micro_f1(results)[["setting", "eval_set"] + SCORES].round(3)
+
+
+def regime_bars(probe: pd.DataFrame, finetune: pd.DataFrame, setting: str = "pbc→others") -> pd.DataFrame:
+    """Target-lab macro-F1 (mean over seeds, with its interval) of ``setting`` for
+    the linear probe and the fine-tuned model, one row per (regime, eval set)."""
+    both = pd.concat([target_scores(probe).assign(regime="linear probe"),
+                      target_scores(finetune).assign(regime="fine-tuned")])
+    return both[both["setting"] == setting].groupby(["regime", "eval_set"], as_index=False)[
+        ["macro_f1", "macro_f1_low", "macro_f1_high"]].mean()
+
+
+def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
+               labs: Sequence[str] = ("zheng1", "bccd")) -> dict:
+    """Confusion counts (:func:`wbclib.metrics.confusion`, classes in
+    :data:`benchmarks.CROSSLAB_CLASSES` order) of the fine-tuned ``setting`` run
+    with ``seed`` on each target lab, from its saved predictions: ``{lab: matrix}``."""
+    classes = list(B.CROSSLAB_CLASSES)
+    index = {c: i for i, c in enumerate(classes)}
+    run = Path(finetune[(finetune["setting"] == setting) & (finetune["seed"] == seed)]["run_dir"].iloc[0])
+    out = {}
+    for lab in labs:
+        pred = _io.read_csv(run / f"predictions_{lab}.csv")
+        out[lab] = confusion(pred["label"].map(index), pred["pred"].map(index), len(classes))
+    return out
+
+
+def lolo_row(results: pd.DataFrame) -> pd.DataFrame:
+    """The leave-one-lab-out row in the shape of SADA's Table I: F1-micro and
+    F1-macro (rows, percent, 1 digit) per held-out lab and their ``average`` (columns)."""
+    targets = target_scores(results)
+    row = targets[targets["setting"].str.startswith("LOLO")].groupby("eval_set")[["micro_f1", "macro_f1"]].mean()
+    row.loc["average"] = row.mean()
+    return (100 * row.T).round(1)
