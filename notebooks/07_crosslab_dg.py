@@ -103,7 +103,12 @@ print(f"zheng1, {len(agreement)} images: nucleus IoU median {agreement.iou.media
 # Each lab's median nucleus fraction then gives a centre crop factor per lab
 # that brings every median to the largest one (so images are only cropped,
 # never padded); the image loader applies it before resizing (the `crop`
-# column of the split). The ratios are measured again after cropping.
+# column of the split). The ratios are measured again after cropping. With the
+# profile's `cell_crop` on (every profile), each image is instead cropped
+# around its own leukocyte at one common cell-to-input ratio (chapter 01,
+# `wbclib.cellcrop`), which normalises scale per image; a per-lab crop on top
+# would crop twice, so the factors are then all 1 and the two measurements
+# below coincide.
 
 # %%
 crops, measured = crosslab.scale_factors(cfg, table, root, cache)
