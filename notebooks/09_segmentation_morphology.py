@@ -41,23 +41,16 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-import numpy as np
-import pandas as pd
-import seaborn as sns
 from IPython.display import Markdown, display
-from matplotlib import pyplot as plt
 
 from wbclib import benchmarks as B
-from wbclib import data, plots, profiles
-from wbclib import morphology as MO
+from wbclib import plots, profiles
 from wbclib import segment as S
 from wbclib.protocols import segmentation
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-print(f"profile {cfg.name}: zheng1 images {cfg.seg_zheng1_images or 'all'}, bccd fields {cfg.seg_bccd_fields or 'all'}, "
-      f"{cfg.morph_per_class} pbc cells per fine class; cellpose: {cfg.cellpose_images or 'all'} images, "
-      f"{cfg.cellpose_folds} folds, {cfg.cellpose_epochs} epochs")
+print(segmentation.profile_summary(cfg))
 
 # %% [markdown]
 # ## The classical segmenter against zheng1's expert masks
@@ -73,27 +66,18 @@ print(f"profile {cfg.name}: zheng1 images {cfg.seg_zheng1_images or 'all'}, bccd
 # %%
 classical = S.evaluate_zheng1(root, backend="classical", limit=cfg.seg_zheng1_images)
 display(S.summarize_dice(classical))
-held_out = classical[classical["image_id"] > 100]
-if len(held_out):
-    print(f"images 101-300 (not used for tuning, n={len(held_out)}): nucleus Dice "
-          f"{held_out.nucleus_dice.mean():.3f}, cell Dice {held_out.cell_dice.mean():.3f}")
+print(segmentation.held_out_note(classical))
+
+# %% [markdown]
+# The three worst, three median and three best cells by cell Dice, with the
+# expert outlines (green) and the classical ones (orange):
 
 # %%
-masks = S.load_zheng1_masks(root, cfg.seg_zheng1_images)
-order = classical.sort_values("cell_dice")
-shown = pd.concat([order.head(3), order.iloc[len(order) // 2: len(order) // 2 + 3], order.tail(3)])
-images, outlines, captions = [], [], []
-for image_id, label, nd, cd in shown[["image_id", "label", "nucleus_dice", "cell_dice"]].itertuples(index=False):
-    image = data.load_image(root / "zheng1" / "images" / f"{image_id:03d}.png")
-    result = S.segment_cell(image)
-    images.append(image)
-    outlines.append({"expert cell": masks[image_id][1], "expert nucleus": masks[image_id][0],
-                     "classical cell": result.cell, "classical nucleus": result.nucleus})
-    captions.append(f"{image_id:03d} {label}\nDice N {nd:.2f} C {cd:.2f}")
-fig = plots.mask_overlays(images, outlines, captions, ncols=len(images),
-                          colors={"expert cell": "#1b9e77", "expert nucleus": "#1b9e77",
-                                  "classical cell": "#d95f02", "classical nucleus": "#d95f02"},
-                          title="zheng1: the three worst, three median and three best cells (classical back-end)")
+images, outlines, captions = segmentation.extreme_cells(root, classical, cfg.seg_zheng1_images)
+plots.mask_overlays(images, outlines, captions, ncols=len(images),
+                    colors={"expert cell": "#1b9e77", "expert nucleus": "#1b9e77",
+                            "classical cell": "#d95f02", "classical nucleus": "#d95f02"},
+                    title="zheng1: the three worst, three median and three best cells (classical back-end)");
 
 # %% [markdown]
 # ## Cellpose trained from scratch, cross-validated
@@ -110,29 +94,11 @@ fig = plots.mask_overlays(images, outlines, captions, ncols=len(images),
 # The `gpu` profile trains 300 epochs, 5 folds, on all 300 images.
 
 # %%
-try:
-    S.require_cellpose()
-    have_cellpose = True
-except S.SegmentationError as exc:
-    have_cellpose = False
-    print(f"cellpose back-end skipped: {exc}")
-if have_cellpose:
-    cellpose = segmentation.cellpose_kfold(results, root, n_folds=cfg.cellpose_folds, epochs=cfg.cellpose_epochs,
-                                           limit=cfg.cellpose_images, seed=seed, batch_size=cfg.cellpose_batch_size)
-    same = classical[classical["image_id"].isin(cellpose["image_id"])]
-    backends = pd.concat([same.assign(backend="classical"), cellpose.assign(backend="cellpose (k-fold)")])
-    dice_table = backends.groupby("backend")[["nucleus_dice", "cell_dice"]].agg(["mean", "std"]).round(3)
-    dice_table.columns = [f"{region} {stat}" for region, stat in dice_table.columns]
-    dice_table["images"] = backends.groupby("backend").size()
-    display(Markdown(f"Both back-ends on the same {len(cellpose)} zheng1 images "
-                     f"({cfg.cellpose_folds}-fold, {cfg.cellpose_epochs} epochs, "
-                     f"{cellpose.groupby('fold').train_seconds.first().sum():.0f} s of training):"))
-    display(dice_table)
-    long = backends.melt(id_vars=["backend", "image_id"], value_vars=["nucleus_dice", "cell_dice"],
-                         var_name="region", value_name="Dice")
-    ax = sns.boxplot(data=long, x="region", y="Dice", hue="backend")
-    ax.set_title("zheng1 Dice per back-end")
-    plt.show()
+backends = segmentation.compare_backends(results, root, cfg, classical, seed=seed)
+display(Markdown(backends.note))
+if backends.available:
+    display(backends.table)
+    plots.dice_by_backend(backends.scores);
 
 # %% [markdown]
 # ## Finding the WBC in a whole smear field (BCCD)
@@ -143,29 +109,13 @@ if have_cellpose:
 # centred on it. The score is the IoU with the best-matching annotated WBC box.
 
 # %%
-loc = S.evaluate_bccd_localisation(root, limit=cfg.seg_bccd_fields)
-scored = loc.dropna(subset=["iou"])
-print(f"{len(scored)} fields with a WBC box: mean IoU {scored.iou.mean():.3f}, median {scored.iou.median():.3f}; "
-      f"IoU >= 0.5 on {100 * (scored.iou >= 0.5).mean():.1f}% of fields")
-fig, ax = plt.subplots(figsize=(5, 3))
-sns.histplot(scored["iou"], bins=20, ax=ax)
-ax.set_xlabel("IoU with the annotated WBC box")
-ax.set_title("BCCD localisation")
-plt.show()
+scored = segmentation.localisation(root, limit=cfg.seg_bccd_fields)
+print(segmentation.localisation_summary(scored))
+plots.iou_histogram(scored);
 
 # %%
-examples = pd.concat([scored.sort_values("iou").head(2), scored.sort_values("iou").tail(3)])
-fields, predicted, annotated, crops, captions = [], [], [], [], []
-for row in examples.itertuples(index=False):
-    field = data.load_image(root / "bccd" / "fields" / f"{row.field}.jpg")
-    box = (row.x0, row.y0, row.x1, row.y1)
-    fields.append(field)
-    predicted.append(box)
-    annotated.append(S.read_voc_boxes(root / "bccd" / "annotations" / f"{row.field}.xml"))
-    crops.append(S.crop_primary_wbc(field, size=160, bbox=box))
-    captions.append(f"{row.field.split('_')[-1]}: IoU {row.iou:.2f}")
-fig = plots.boxes_and_crops(fields, predicted, annotated, crops, captions,
-                            title="BCCD fields: the two worst and three best boxes, and the centred crops")
+plots.boxes_and_crops(*segmentation.localisation_examples(root, scored),
+                      title="BCCD fields: the two worst and three best boxes, and the centred crops");
 
 # %% [markdown]
 # ## Morphology per class
@@ -185,28 +135,14 @@ fig = plots.boxes_and_crops(fields, predicted, annotated, crops, captions,
 # not driven by pixel staircase noise.
 
 # %%
-table = B.read_pbc_lt(splits, seed)[0]
-pool = table[table["split"] == "cv"]
-sample = (pool.sample(frac=1, random_state=seed).groupby("label").head(cfg.morph_per_class)
-          [["path", "label"]].sort_values(["label", "path"]).reset_index(drop=True))
-morph = MO.MorphologyCache.in_cache(root, cache)
-features = pd.concat([sample, morph(sample)], axis=1)
-features["label"] = pd.Categorical(features["label"], categories=list(B.PBC_LT_CLASSES))
-means = features.groupby("label", observed=True)[list(MO.FEATURES)].median().round(3)
-means["cells"] = features.groupby("label", observed=True).size()
+features = segmentation.pbc_morphology(cfg, root, splits, cache, seed=seed)
 display(Markdown("Median of each feature per pbc fine class (segmentation masks):"))
-display(means)
+display(segmentation.class_medians(features))
 
 # %%
-shown_features = ["nucleus_fraction", "spikiness", "staining_intensity", "nucleus_offset", "lobe_count",
-                  "cell_area"]
-long = features.melt(id_vars="label", value_vars=shown_features, var_name="feature")
-grid = sns.catplot(data=long, x="label", y="value", col="feature", col_wrap=3, kind="box", sharey=False,
-                   height=2.6, aspect=1.5, fliersize=1.5)
-grid.set_titles("{col_name}")
-grid.set_xticklabels(rotation=45)
-grid.figure.suptitle("pbc morphology per fine class (segmentation masks)", y=1.02)
-plt.show()
+plots.feature_boxes(features, ["nucleus_fraction", "spikiness", "staining_intensity", "nucleus_offset", "lobe_count",
+                               "cell_area"], col_wrap=3, rotate=True,
+                    title="pbc morphology per fine class (segmentation masks)");
 
 # %% [markdown]
 # How well does each feature tell one class from the rest? The table gives the
@@ -216,19 +152,9 @@ plt.show()
 # both).
 
 # %%
-separation = []
-for source, prefix in (("masks", ""), ("k-means nucleus", "km_")):
-    for feature in ("nucleus_fraction", "spikiness", "staining_intensity", "nucleus_offset", "lobe_count"):
-        if prefix and feature == "spikiness":
-            continue
-        part = MO.class_separation(features.astype({"label": str}), feature=prefix + feature)
-        separation.append(part["auc"].rename(f"{feature} ({source})"))
-auc = pd.concat(separation, axis=1).T.round(2)
+auc = segmentation.feature_separation(features)
 display(auc)
-fig, ax = plt.subplots(figsize=(9, 4.5))
-sns.heatmap(auc, annot=True, fmt=".2f", cmap="vlag", center=0.5, vmin=0, vmax=1, ax=ax, cbar=False)
-ax.set_title("one feature, one class against the rest: ROC AUC")
-plt.show()
+plots.auc_heatmap(auc);
 
 # %% [markdown]
 # The same features on zheng1, where the expert masks let us see how much of
@@ -236,23 +162,10 @@ plt.show()
 # and the K-means nucleus inside the classical cell.
 
 # %%
-ids = sorted(masks)
-zheng_images = [data.load_image(root / "zheng1" / "images" / f"{i:03d}.png") for i in ids]
-zheng_labels = classical.set_index("image_id").loc[ids, "label"].tolist()
-sources = {
-    "expert masks": MO.features_table(zheng_images, zheng_labels, masks=[masks[i] for i in ids]),
-    "classical masks": MO.features_table(zheng_images, zheng_labels),
-    "k-means nucleus": MO.features_table(zheng_images, zheng_labels, source="kmeans"),
-}
-zheng_features = pd.concat([t.assign(source=s) for s, t in sources.items()], ignore_index=True)
-summary = zheng_features.groupby(["source", "label"])[["nucleus_fraction", "spikiness", "lobe_count"]].median()
-display(summary.unstack("source").round(3))
-long = zheng_features.melt(id_vars=["label", "source"], value_vars=["nucleus_fraction", "lobe_count"],
-                           var_name="feature")
-grid = sns.catplot(data=long, x="label", y="value", hue="source", col="feature", kind="box", sharey=False,
-                   height=3, aspect=1.4, fliersize=1.5)
-grid.figure.suptitle("zheng1: features from expert masks, classical masks and the K-means nucleus", y=1.03)
-plt.show()
+zheng_features = segmentation.zheng1_features(root, classical, cfg.seg_zheng1_images)
+display(segmentation.source_medians(zheng_features))
+plots.feature_boxes(zheng_features, ["nucleus_fraction", "lobe_count"], hue="source", height=3, aspect=1.4,
+                    title="zheng1: features from expert masks, classical masks and the K-means nucleus");
 
 # %% [markdown]
 # ## The Mahalanobis filter
@@ -268,50 +181,12 @@ plt.show()
 # rejects is what the rescue can no longer get wrong).
 
 # %%
-rng = np.random.default_rng(seed)
-half = rng.permutation(len(features)) % 2 == 0
-vectors = features[list(MO.PAPER_FEATURES)].to_numpy(float)
-labels = features["label"].astype(str).to_numpy()
-filt = MO.MahalanobisFilter().fit(vectors[half], labels[half])
-acceptance = {}
-for cls in filt.classes_:
-    if (labels[~half] == cls).sum() == 0:
-        continue
-    filt.choose_threshold(vectors[~half], labels[~half], cls, target_recall=0.95)
-    accepted = filt.accepts(vectors[~half], cls)
-    acceptance[cls] = pd.Series(accepted).groupby(labels[~half]).mean()
-acceptance = pd.DataFrame(acceptance).T.reindex(columns=list(B.PBC_LT_CLASSES)) * 100
-acceptance.index.name = "filter of class"
-fig, ax = plt.subplots(figsize=(7, 5))
-sns.heatmap(acceptance, annot=True, fmt=".0f", cmap="rocket_r", vmin=0, vmax=100, ax=ax, cbar=False)
-ax.set_xlabel("true class of the cell")
-ax.set_title("% of held-out cells each class's Mahalanobis filter accepts")
-plt.show()
-off_diagonal = acceptance.where(~np.eye(*acceptance.shape, dtype=bool)).stack().mean()
-print(f"mean acceptance of other classes' cells: {off_diagonal:.1f}% (own class: target 95%)")
+acceptance = segmentation.mahalanobis_acceptance(features, B.PBC_LT_CLASSES, seed=seed)
+plots.acceptance_heatmap(acceptance);
+print(f"mean acceptance of other classes' cells: {segmentation.off_diagonal(acceptance):.1f}% (own class: target 95%)")
 
 # %% [markdown]
 # ## What this chapter shows
 
 # %%
-lines = [f"* Classical back-end on all {len(classical)} zheng1 images: nucleus Dice {classical.nucleus_dice.mean():.3f}, "
-         f"cell Dice {classical.cell_dice.mean():.3f}"
-         + (f" ({held_out.nucleus_dice.mean():.3f} / {held_out.cell_dice.mean():.3f} on the {len(held_out)} images "
-            "it was not tuned on)." if len(held_out) else ".")]
-if have_cellpose:
-    lines.append(f"* Cellpose from scratch ({cfg.cellpose_folds}-fold, {cfg.cellpose_epochs} epochs, "
-                 f"{len(cellpose)} images): nucleus Dice {cellpose.nucleus_dice.mean():.3f}, cell Dice "
-                 f"{cellpose.cell_dice.mean():.3f}, against {same.nucleus_dice.mean():.3f} / "
-                 f"{same.cell_dice.mean():.3f} for the classical back-end on the same images.")
-lines.append(f"* BCCD localisation: mean IoU {scored.iou.mean():.3f} over {len(scored)} fields, "
-             f"{100 * (scored.iou >= 0.5).mean():.0f}% of boxes at IoU >= 0.5.")
-mask_auc = auc[~auc.index.str.contains("k-means")]
-strength = (mask_auc - 0.5).abs()
-for cls in mask_auc.columns:
-    best = strength[cls].idxmax()
-    lines.append(f"* {cls}: the most telling single feature is {best.split(' (')[0]} "
-                 f"(AUC {mask_auc.loc[best, cls]:.2f}; 0.5 is chance, below 0.5 means lower than the rest).")
-lines.append(f"* The Mahalanobis filter on the paper's three features lets through {off_diagonal:.0f}% of other "
-             "classes' cells at a 95% recall target: on pbc's nine classes it removes only a minority of wrong "
-             "candidates, which bounds what the rescue chapter's biological filter can do.")
-display(Markdown("\n".join(lines)))
+display(Markdown(segmentation.chapter_summary(cfg, classical, backends, scored, auc, acceptance)))

@@ -420,3 +420,61 @@ def cell_crops(ratios: pd.DataFrame, root: Path, ratio: float, per_lab: int = 4,
 # --------------------------------------------------------------------------
 # Chapter 09: segmentation and morphology
 # --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# Chapter 09: segmentation and morphology
+# --------------------------------------------------------------------------
+
+
+def dice_by_backend(scores: pd.DataFrame, title: str = "zheng1 Dice per back-end") -> plt.Figure:
+    """Box plots of nucleus and cell Dice per back-end (``scores``: one row per
+    image and back-end, columns ``backend``, ``image_id``, ``nucleus_dice``, ``cell_dice``)."""
+    long = scores.melt(id_vars=["backend", "image_id"], value_vars=["nucleus_dice", "cell_dice"],
+                       var_name="region", value_name="Dice")
+    fig, ax = plt.subplots()
+    sns.boxplot(data=long, x="region", y="Dice", hue="backend", ax=ax)
+    ax.set_title(title)
+    return fig
+
+
+def iou_histogram(scored: pd.DataFrame, title: str = "BCCD localisation") -> plt.Figure:
+    """Histogram of the per-field IoU with the annotated WBC box."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    sns.histplot(scored["iou"], bins=20, ax=ax)
+    ax.set_xlabel("IoU with the annotated WBC box")
+    ax.set_title(title)
+    return fig
+
+
+def feature_boxes(features: pd.DataFrame, names: Sequence[str], hue: Optional[str] = None, col_wrap: Optional[int] = None,
+                  height: float = 2.6, aspect: float = 1.5, rotate: bool = False, title: str = "") -> plt.Figure:
+    """One box plot per feature in ``names`` (a column each), the values per
+    ``label`` (and ``hue``), each panel with its own y axis."""
+    long = features.melt(id_vars=["label"] + ([hue] if hue else []), value_vars=list(names), var_name="feature")
+    grid = sns.catplot(data=long, x="label", y="value", hue=hue, col="feature", col_wrap=col_wrap, kind="box",
+                       sharey=False, height=height, aspect=aspect, fliersize=1.5)
+    if not hue:
+        grid.set_titles("{col_name}")
+    if rotate:
+        grid.set_xticklabels(rotation=45)
+    grid.figure.suptitle(title, y=1.02 if not hue else 1.03)
+    return grid.figure
+
+
+def auc_heatmap(auc: pd.DataFrame, title: str = "one feature, one class against the rest: ROC AUC") -> plt.Figure:
+    """Heat map of per-feature, per-class ROC AUC (0.5 white)."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    sns.heatmap(auc, annot=True, fmt=".2f", cmap="vlag", center=0.5, vmin=0, vmax=1, ax=ax, cbar=False)
+    ax.set_title(title)
+    return fig
+
+
+def acceptance_heatmap(acceptance: pd.DataFrame,
+                       title: str = "% of held-out cells each class's Mahalanobis filter accepts") -> plt.Figure:
+    """Heat map of the percent of cells (columns: true class) each class's filter (rows) accepts."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sns.heatmap(acceptance, annot=True, fmt=".0f", cmap="rocket_r", vmin=0, vmax=100, ax=ax, cbar=False)
+    ax.set_xlabel("true class of the cell")
+    ax.set_title(title)
+    return fig
