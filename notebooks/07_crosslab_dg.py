@@ -58,23 +58,18 @@ overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated
 
 # %%
 import time
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import crosslab, plots, profiles, scale, verdicts
+from wbclib import crosslab, plots, profiles
 from wbclib.protocols import crosslab_dg as dg
 
 started = time.time()
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 table = B.read_crosslab(splits, seed)
-print(f"profile {cfg.name}: regime {cfg.dg_regime}, {cfg.image_size} px, seeds {cfg.dg_seeds}, "
-      f"{cfg.dg_train_per_class or 'all'} training images per lab and class, "
-      f"{cfg.dg_test_per_class or 'all'} test images per target lab and class")
+print(dg.profile_summary(cfg))
 
 # %% [markdown]
 # ## Cell scale across labs
@@ -90,14 +85,8 @@ print(f"profile {cfg.name}: regime {cfg.dg_regime}, {cfg.image_size} px, seeds {
 # zheng1 comes with expert masks.
 
 # %%
-zheng = table[table["lab"] == "zheng1"].sort_values("path")
-if cfg.dg_scale_per_lab:
-    zheng = zheng.head(cfg.dg_scale_per_lab)
-paths = [root / p for p in zheng["path"]]
-agreement = scale.mask_agreement(paths, [p.parent.parent / "masks" / p.name for p in paths])
-print(f"zheng1, {len(agreement)} images: nucleus IoU median {agreement.iou.median():.2f} "
-      f"(mean {agreement.iou.mean():.2f}); median nucleus fraction {agreement.fraction.median():.3f} "
-      f"measured vs {agreement.true_fraction.median():.3f} from the expert masks")
+agreement = dg.nucleus_agreement(cfg, table, root)
+print(dg.agreement_summary(agreement))
 
 # %% [markdown]
 # Each lab's median nucleus fraction then gives a centre crop factor per lab
@@ -112,9 +101,7 @@ print(f"zheng1, {len(agreement)} images: nucleus IoU median {agreement.iou.media
 
 # %%
 crops, measured = crosslab.scale_factors(cfg, table, root, cache)
-summary = measured.groupby(["stage", "lab"])["nucleus_fraction"].describe()[["count", "25%", "50%", "75%"]]
-summary["crop factor"] = measured.groupby(["stage", "lab"])["crop"].first()
-display(summary.round(3))
+display(dg.scale_summary(measured))
 plots.scale_ratios(measured, title="nucleus-to-image area ratio per lab");
 
 # %% [markdown]
@@ -126,14 +113,10 @@ plots.scale_ratios(measured, title="nucleus-to-image area ratio per lab");
 # within labs too.
 
 # %%
-name, sources, targets = crosslab.settings_named(["LOLO:zheng1"])[0]
-split, eval_sets = crosslab.dg_sets(cfg, table, sources, targets, crops)
-train = split[split["split"] == "train"]
-store = crosslab.store_for(cfg, root, cache, table, crops)
-clusters = store.stain_clusters(train, crosslab.stain_clusters_k(cfg))[store.index(train, train)]
-display(pd.crosstab(train["lab"].to_numpy(), clusters, rownames=["lab"], colnames=["stain cluster"]))
-raw, views = store.view_images(train, crosslab.stain_clusters_k(cfg), n=4)
-plots.restained_grid(raw, views, title=f"SADA re-staining (k = {crosslab.stain_clusters_k(cfg)}): copies take other clusters' stains");
+stains = dg.stain_cluster_views(cfg, root, cache, table, crops, setting="LOLO:zheng1")
+display(stains.labs)
+plots.restained_grid(stains.raw, stains.views,
+                     title=f"SADA re-staining (k = {stains.k}): copies take other clusters' stains");
 
 # %% [markdown]
 # ## The cross-lab table
@@ -145,24 +128,21 @@ plots.restained_grid(raw, views, title=f"SADA re-staining (k = {crosslab.stain_c
 # clusters of the pbc images (SADA's pseudo-domains) instead of labs.
 
 # %%
-runs = dg.crosslab_dg(cfg, root, splits, cache, results, split_seed=seed,
-                            weights_for=("pbc→others", cfg.dg_seeds[0]))
-order = list(cfg.dg_rows)
-print(f"{len(runs)} scores from {runs.groupby(['method', 'setting', 'seed']).ngroups} runs; "
-      f"in-domain validation macro-F1 {runs[runs.eval_set == 'val'].macro_f1.mean():.3f} on average")
+runs = dg.crosslab_dg(cfg, root, splits, cache, results, split_seed=seed, weights_for=("pbc→others", cfg.dg_seeds[0]))
+print(dg.runs_summary(runs))
 
 # %% [markdown]
 # Leave-one-lab-out, in the shape of SADA's Table I (percent, mean ± std over
 # seeds; the average is over the three held-out labs):
 
 # %%
-display(dg.table_one(runs, lolo=True, order=order))
+display(dg.table_one(runs, lolo=True, order=cfg.dg_rows))
 
 # %% [markdown]
 # Trained on pbc alone, tested on the two other labs:
 
 # %%
-display(dg.table_one(runs, lolo=False, order=order))
+display(dg.table_one(runs, lolo=False, order=cfg.dg_rows))
 
 # %% [markdown]
 # For reference, SADA's reported Table I (ResNet-50 fine-tuned end to end,
@@ -170,32 +150,21 @@ display(dg.table_one(runs, lolo=False, order=order))
 # Acevedo-20 = our pbc and Zheng-18 = our zheng1):
 
 # %%
-reference = crosslab.SADA_TABLE_I.copy()
-reference.columns = pd.MultiIndex.from_tuples([tuple(c.split("|")) for c in reference.columns])
-display(reference)
+display(dg.sada_reference())
 
 # %% [markdown]
 # Bootstrap 95 % intervals of macro-F1 per target lab (first seed), from the
 # test images:
 
 # %%
-first = runs[(runs.seed == cfg.dg_seeds[0]) & (runs.eval_set != "val")].copy()
-first["interval"] = [f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-                     for a, lo, hi in zip(first.macro_f1, first.macro_f1_low, first.macro_f1_high)]
-display(first.pivot_table(index="method", columns=["setting", "eval_set"], values="interval", aggfunc="first")
-        .loc[order])
-lolo = dg.target_rows(runs, lolo=True)
-bars = lolo.groupby(["method", "eval_set"], as_index=False)[["macro_f1"]].mean()
-first_lolo = dg.target_rows(first, lolo=True)
-bars = bars.merge(first_lolo[["method", "eval_set", "macro_f1_low", "macro_f1_high"]], on=["method", "eval_set"])
-bars = bars.sort_values(["method", "eval_set"], key=lambda c: c.map(order.index) if c.name == "method" else c)
-fig = plots.metric_bars(bars.reset_index(drop=True), x="eval_set", y="macro_f1", hue="method",
-                        low="macro_f1_low", high="macro_f1_high", title="leave-one-lab-out",
-                        ylabel="macro-F1 (mean over seeds;\ninterval: first seed)")
-fig.axes[0].legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-fig.axes[0].set_xlabel("held-out lab")
-fig.set_size_inches(10, 3.8)
-fig.tight_layout()
+display(dg.interval_table(runs, cfg.dg_seeds[0], cfg.dg_rows))
+
+# %% [markdown]
+# The same leave-one-lab-out scores as bars (mean over seeds; interval of the
+# first seed):
+
+# %%
+plots.lolo_bars(dg.lolo_bars(runs, cfg.dg_seeds[0], cfg.dg_rows));
 
 # %% [markdown]
 # ## Do BoDA and SADA beat ERM?
@@ -206,25 +175,9 @@ fig.tight_layout()
 # whole 95 % interval of its gain lies above zero.
 
 # %%
-gains = []
-for lolo_flag, label in ((True, "LOLO"), (False, "pbc→others")):
-    for method in ("BoDA", "BoDA decoupled", "SADA"):
-        g = dg.paired_gain(runs, method, "ERM", seeds=cfg.dg_seeds, lolo=lolo_flag, n_boot=cfg.n_boot)
-        gains.append(dict(protocol=label, **g))
-gains = pd.DataFrame(gains)
-display((gains.set_index(["protocol", "method"]).drop(columns="baseline") * 100).round(1)
-        .rename(columns={"p_not_better": "% replicates with gain <= 0"}))
-
-
-judged = verdicts.interval  # better / worse only when the whole interval excludes zero
-lines = [f"- {r.protocol}, {r.method}: F1-macro "
-         f"{judged(r.macro_f1_gain, r.macro_f1_gain_low, r.macro_f1_gain_high)}; F1-micro "
-         f"{judged(r.micro_f1_gain, r.micro_f1_gain_low, r.micro_f1_gain_high)}" for r in gains.itertuples()]
-display(Markdown(
-    "Compared with ERM on the average over the target labs (gain in points with its 95 % paired-bootstrap "
-    f"interval; profile `{cfg.name}`, {len(cfg.dg_seeds)} seed(s)):\n\n" + "\n".join(lines) +
-    "\n\nSADA's paper reports +5.4 points average F1-macro (68.6 vs 63.2) and +4.8 F1-micro over ERM, "
-    "and BoDA +1.5 F1-macro."))
+gains = dg.gains_over_erm(runs, cfg.dg_seeds, cfg.n_boot)
+display(dg.gains_table(gains))
+display(Markdown(dg.gains_report(gains, cfg.name, len(cfg.dg_seeds))))
 
 # %% [markdown]
 # ## Ablation (SADA's Table III)
@@ -237,15 +190,8 @@ display(Markdown(
 # average is over the three LOLO held-out labs, as in SADA's table.
 
 # %%
-lolo_settings = [n for n in runs.setting.unique() if n.startswith("LOLO")]
-ablation = dg.crosslab_dg(cfg, root, splits, cache, results, rows=cfg.dg_ablation_rows,
-                                settings=lolo_settings, seeds=cfg.dg_seeds[:1], split_seed=seed)
-base = runs[runs.method.isin(["ERM", "SADA"]) & runs.seed.isin(cfg.dg_seeds[:1]) & runs.setting.isin(lolo_settings)]
-both = pd.concat([base.replace({"method": {"ERM": "M1: ERM"}}), ablation])
-avg = (100 * dg.target_rows(both).groupby("method")[["micro_f1", "macro_f1"]].mean()).round(1)
-avg = avg.loc[[m for m in ["M1: ERM", *cfg.dg_ablation_rows[:2], "SADA", *cfg.dg_ablation_rows[2:]] if m in avg.index]]
-avg.columns = ["F1-micro", "F1-macro"]
-display(avg)
+ablation = dg.ablation(cfg, root, splits, cache, results, runs, split_seed=seed)
+display(ablation)
 print("SADA's Table III for comparison:")
 display(crosslab.SADA_TABLE_III)
 
@@ -258,19 +204,7 @@ display(crosslab.SADA_TABLE_III)
 # training, averaged over the LOLO runs:
 
 # %%
-boda_terms = []
-for setting in lolo_settings:
-    for s in cfg.dg_seeds:
-        run_dir = runs[(runs.method == "BoDA") & (runs.setting == setting) & (runs.seed == s)].run_dir.iloc[0]
-        history = pd.read_csv(Path(run_dir) / "history.csv")
-        if "boda" in history:
-            boda_terms.append(history["boda"].iloc[-1])
-pairs = 2 * len(crosslab.CLASSES)  # two source labs
-if boda_terms:
-    print(f"BoDA term, last epoch: {np.mean(boda_terms):.3f} "
-          f"(uniform logits: log({pairs - 1}) = {np.log(pairs - 1):.3f})")
-else:
-    print("BoDA's term did not start within these few updates (warm-up)")
+print(dg.boda_term_report(runs, cfg.dg_seeds))
 
 # %% [markdown]
 # ## Number of clusters and alignment weight (SADA's Fig. 7)
@@ -281,17 +215,7 @@ else:
 # beta = 0.1) is the main run.
 
 # %%
-sweep = []
-sada_defaults = crosslab.resolved_hparams(cfg, "SADA")  # the main run's k and beta
-for k in cfg.sada_sweep_k:
-    for beta in cfg.sada_sweep_beta:
-        default = (k, beta) == (sada_defaults["k"], sada_defaults["beta"])
-        part = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["SADA"],
-                                    settings=cfg.sada_sweep_settings, seeds=cfg.dg_seeds[:1], split_seed=seed,
-                                    overrides=None if default else {"SADA": {"k": k, "beta": beta}},
-                                    variant="main" if default else f"sweep_k{k}_beta{beta}", progress=False)
-        sweep.append(dg.target_rows(part).assign(k=k, beta=beta))
-sweep = pd.concat(sweep)
+sweep = dg.sada_sweep(cfg, root, splits, cache, results, split_seed=seed)
 plots.sweep_heatmaps(sweep, row="k", column="beta",
                      title=f"SADA, average over {', '.join(cfg.sada_sweep_settings)} (held-out labs)");
 
@@ -305,12 +229,9 @@ plots.sweep_heatmaps(sweep, row="k", column="beta",
 # are coarse; in the `gpu` regime from the backbone's last convolution.
 
 # %%
-cam_rows = [r for r in ["ERM", "CORAL", "Mixup", "SelfReg", "BoDA", "SADA"] if r in cfg.dg_rows]
-examples, images, cams = dg.gradcam_examples(cfg, root, splits, cache, results, rows=cam_rows,
-                                                   per_lab=cfg.dg_gradcam_per_lab, seed=cfg.dg_seeds[0],
-                                                   split_seed=seed)
-captions = [f"{lab}\n{label}" for lab, label in zip(examples["lab"], examples["label"])]
-plots.gradcam_grid(images, cams, captions, title="Grad-CAM of the true class (trained on pbc)");
+examples, images, cams = dg.gradcam_examples(cfg, root, splits, cache, results, rows=dg.gradcam_rows(cfg),
+                                             per_lab=cfg.dg_gradcam_per_lab, seed=cfg.dg_seeds[0], split_seed=seed)
+plots.gradcam_grid(images, cams, dg.gradcam_captions(examples), title="Grad-CAM of the true class (trained on pbc)");
 
 # %% [markdown]
 # ## Scale normalisation matters: ERM with and without it
@@ -318,12 +239,8 @@ plots.gradcam_grid(images, cams, captions, title="Grad-CAM of the true class (tr
 # The same ERM runs (first seed) on images resized without the per-lab crop.
 
 # %%
-noscale = dg.crosslab_dg(cfg, root, splits, cache, results, rows=["ERM"], seeds=cfg.dg_seeds[:1],
-                               variant="noscale", scale=False, split_seed=seed, progress=False)
-with_scale = runs[(runs.method == "ERM") & (runs.seed == cfg.dg_seeds[0])]
-compare = pd.concat([with_scale.assign(scale="cropped per lab"), noscale.assign(scale="resized only")])
-compare = compare[compare.eval_set != "val"]
-display((100 * compare.pivot_table(index=["setting", "eval_set"], columns="scale", values="macro_f1")).round(1))
+compare = dg.scale_comparison(cfg, root, splits, cache, results, runs, split_seed=seed)
+display(dg.scale_table(compare))
 
 # %% [markdown]
 # ## Summary
@@ -331,29 +248,7 @@ display((100 * compare.pivot_table(index=["setting", "eval_set"], columns="scale
 # Computed from this run:
 
 # %%
-average = dg.average_over_targets(runs, lolo=True)
-abl = avg["F1-macro"]
-scale_gain = (compare[compare.scale == "cropped per lab"].macro_f1.mean()
-              - compare[compare.scale == "resized only"].macro_f1.mean())
-sada_gain = gains[(gains.protocol == "LOLO") & (gains.method == "SADA")].iloc[0]
-points = [
-    f"scale normalisation changes ERM's macro-F1 on the target labs by {100 * scale_gain:+.1f} points on average;",
-    f"leave-one-lab-out, the best average F1-macro is {average.macro_f1_mean.idxmax()} "
-    f"({100 * average.macro_f1_mean.max():.1f}); ERM {100 * average.macro_f1_mean['ERM']:.1f}, "
-    f"SADA {100 * average.macro_f1_mean['SADA']:.1f}, BoDA {100 * average.macro_f1_mean['BoDA']:.1f};",
-    "SADA against ERM (LOLO average): F1-macro "
-    f"{judged(sada_gain.macro_f1_gain, sada_gain.macro_f1_gain_low, sada_gain.macro_f1_gain_high)}, F1-micro "
-    f"{judged(sada_gain.micro_f1_gain, sada_gain.micro_f1_gain_low, sada_gain.micro_f1_gain_high)} "
-    "(the paper: +5.4 and +4.8);",
-]
-if "ERM + re-stained views" in abl.index and "SADA" in abl.index:
-    points.append(f"in the ablation (first seed), ERM trained on the same re-stained copies reaches "
-                  f"{abl['ERM + re-stained views']:.1f} F1-macro against SADA's {abl['SADA']:.1f} and ERM's "
-                  f"{abl['M1: ERM']:.1f}: most of what SADA adds here comes with its re-stained views rather "
-                  "than its losses." if abl["ERM + re-stained views"] >= abl["SADA"] - 1.0 else
-                  f"in the ablation (first seed), ERM on the re-stained copies reaches "
-                  f"{abl['ERM + re-stained views']:.1f} F1-macro, SADA {abl['SADA']:.1f}, ERM {abl['M1: ERM']:.1f}.")
-display(Markdown("\n".join(f"- {p}" for p in points)))
+display(Markdown(dg.chapter_summary(runs, ablation, compare, gains)))
 
 # %% [markdown]
 # Two caveats when reading these numbers against the paper: with the `cpu`

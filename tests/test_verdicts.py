@@ -19,3 +19,10 @@ def test_reproduction_needs_significance_and_half_the_papers_gain():
     assert verdicts.reproduction(gain=1.0, low=0.5, paper_gain=3.0).startswith("same direction")
     assert verdicts.reproduction(gain=2.0, low=-0.5, paper_gain=3.0).startswith("same direction")
     assert verdicts.reproduction(gain=0.0, low=-0.5, paper_gain=3.0) == "not reproduced"
+
+
+def test_views_carry_gain_within_tolerance_or_above():
+    assert verdicts.views_carry_gain(60.0, 61.0)  # one point short: still carries it
+    assert verdicts.views_carry_gain(62.0, 61.0)
+    assert not verdicts.views_carry_gain(59.9, 61.0)
+    assert not verdicts.views_carry_gain(60.5, 61.0, tolerance=0.4)

@@ -39,3 +39,11 @@ def reproduction(gain: float, low: float, paper_gain: float) -> str:
     if gain > 0:
         return "same direction, smaller or not significant"
     return "not reproduced"
+
+
+def views_carry_gain(views_score: float, full_score: float, tolerance: float = 1.0) -> bool:
+    """Whether a method's augmentation alone carries its result: the baseline
+    trained on the same augmented views (``views_score``) comes within
+    ``tolerance`` (same units, points by default) of the full method
+    (``full_score``) or above it."""
+    return views_score >= full_score - tolerance
