@@ -93,15 +93,19 @@ def test_mahalanobis_acceptance_keeps_own_class_and_rejects_far_ones():
     acceptance = seg.mahalanobis_acceptance(morphology_frame(n=40), ["neutrophil", "lymphocyte", "monocyte", "basophil"])
     assert acceptance.index.name == "filter of class"
     assert list(acceptance.columns) == ["neutrophil", "lymphocyte", "monocyte", "basophil"]
+    assert list(acceptance.index) == ["neutrophil", "lymphocyte", "monocyte"]  # own class on the diagonal
     assert acceptance["basophil"].isna().all()  # no basophil cell
     for cls in acceptance.index:
         assert acceptance.loc[cls, cls] >= 90
         assert acceptance.loc[cls].drop([cls, "basophil"]).eq(0).all()
+    assert seg.off_diagonal(acceptance) == 0.0
 
 
 def test_off_diagonal_averages_other_classes_only():
     acceptance = pd.DataFrame([[95.0, 10.0, np.nan], [30.0, 90.0, 20.0]], index=["a", "b"], columns=["a", "b", "c"])
     assert seg.off_diagonal(acceptance) == pytest.approx(20.0)
+    # matched by label: rows in another order than the columns give the same mean
+    assert seg.off_diagonal(acceptance.loc[["b", "a"]]) == pytest.approx(20.0)
 
 
 def test_most_telling_feature_is_furthest_from_chance_either_way():

@@ -243,7 +243,8 @@ def mahalanobis_acceptance(features: pd.DataFrame, classes, seed: int = 0,
     :data:`~wbclib.morphology.PAPER_FEATURES`) is fitted on a random half of the
     cells; each class's threshold is chosen on the other half to accept
     ``target_recall`` of its own cells, and acceptance is measured on that half.
-    Classes without a cell in that half get no row."""
+    Rows follow ``classes`` too (a class's own cells on the diagonal); classes
+    without a cell in that half get no row."""
     rng = np.random.default_rng(seed)
     half = rng.permutation(len(features)) % 2 == 0
     vectors = features[list(MO.PAPER_FEATURES)].to_numpy(float)
@@ -257,13 +258,16 @@ def mahalanobis_acceptance(features: pd.DataFrame, classes, seed: int = 0,
         accepted = filt.accepts(vectors[~half], cls)
         acceptance[cls] = pd.Series(accepted).groupby(labels[~half]).mean()
     acceptance = pd.DataFrame(acceptance).T.reindex(columns=list(classes)) * 100
+    acceptance = acceptance.reindex(index=[c for c in classes if c in acceptance.index])
     acceptance.index.name = "filter of class"
     return acceptance
 
 
 def off_diagonal(acceptance: pd.DataFrame) -> float:
-    """Mean acceptance of the cells of other classes (the off-diagonal cells; NaN skipped)."""
-    return acceptance.where(~np.eye(*acceptance.shape, dtype=bool)).stack().mean()
+    """Mean acceptance of the cells of other classes: every cell whose filter
+    (row) and true class (column) differ, matched by label, not position (NaN skipped)."""
+    own = np.equal.outer(acceptance.index.to_numpy(dtype=object), acceptance.columns.to_numpy(dtype=object))
+    return acceptance.where(~own).stack().mean()
 
 
 def most_telling_features(auc: pd.DataFrame) -> pd.DataFrame:
