@@ -43,26 +43,17 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-import json
-
-import pandas as pd
 from IPython.display import display
 
-from wbclib import benchmarks as B
-from wbclib import models, plots, profiles
-from wbclib import pix2pix as P2P
+from wbclib import plots, profiles
 from wbclib import restore as R
-from wbclib.protocols import pbc_lt
 from wbclib.protocols import restoration as protocol
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, splits, results = ctx.cfg, ctx.root, ctx.splits, ctx.results
-table, definition = B.read_pbc_lt(splits, seed)
-images = protocol.chapter_images(cfg, table)
-out = protocol.chapter_run(results, cfg, root, images, seed).dir
-print(f"profile {cfg.name}: {len(images['detector'])} images for the detector, a raw set of "
-      f"{len(images['pool'])}, {len(images['heldout'])} held-out images for PSNR/SSIM; "
-      f"Pix2Pix on {cfg.p2p_crop} px crops, {cfg.p2p_epochs} epochs")
+chapter = protocol.chapter_setup(cfg, root, splits, results, seed)
+images, out = chapter.images, chapter.out
+print(chapter.summary)
 
 # %% [markdown]
 # ## Detecting noisy images
@@ -92,11 +83,8 @@ print(f"profile {cfg.name}: {len(images['detector'])} images for the detector, a
 # the clean population is no longer pristine.
 
 # %%
-versions = protocol.cached_frame(out / "detector_versions.csv",
-                          lambda: R.detector_versions(images["detector"], root, seed=seed))
-rates = protocol.cached_frame(out / "detector_rates.csv", lambda: R.detector_rates(versions, cfg.restore_rates, seed=seed))
-display(rates.pivot_table(index=["background", "noise", "rate"], columns="score",
-                          values=["precision", "recall"]).round(3))
+versions, rates = protocol.detector_study(out, images["detector"], root, cfg.restore_rates, seed=seed)
+display(protocol.rates_table(rates))
 
 # %%
 R.score_histograms(versions, rate=0.3, seed=seed);
@@ -119,15 +107,9 @@ R.score_histograms(versions, rate=0.3, seed=seed);
 # at one of four severities. The detector is fitted on this set alone.
 
 # %%
-pool_scores = protocol.cached_frame(out / "pool_scores.csv", lambda: R.table_scores(images["pool"], root).reset_index(drop=True))
-detector = R.NoiseDetector.fit(pool_scores["impulse"], score="impulse", seed=seed)
-pool = images["pool"].reset_index(drop=True).assign(impulse=pool_scores["impulse"],
-                                                    noisy=detector.predict(pool_scores["impulse"]))
-print(f"threshold: impulse share > {detector.threshold:.2e} ({detector.components} mixture components)")
-pool_detection = R.detection_scores(pool["degradation"] == "salt_pepper", pool["noisy"])
-print("noisy call vs truth (salt-and-pepper) on the raw set:",
-      {k: round(v, 3) if isinstance(v, float) else v for k, v in pool_detection.items()})
-display(pd.crosstab([pool["degradation"], pool["severity"]], pool["noisy"].map({True: "noisy", False: "clean"})))
+raw = protocol.partition_raw_set(out, images["pool"], root, seed=seed)
+print(raw.report)
+display(raw.calls)
 
 # %% [markdown]
 # ## Pix2Pix on synthetic pairs
@@ -147,16 +129,9 @@ display(pd.crosstab([pool["degradation"], pool["severity"]], pool["noisy"].map({
 # is fully convolutional, so it restores whole images.
 
 # %%
-p2p_config = protocol.pix2pix_config(cfg, seed)
-p2p_run = out / "pix2pix"
-generator = P2P.train_pix2pix(p2p_config, pool[~pool["noisy"]], root, p2p_run, val_table=images["heldout"])
-p2p_summary = json.loads((p2p_run / "summary.json").read_text())
-history = pd.read_csv(p2p_run / "history.csv")
-print(f"Pix2Pix: {p2p_summary['train_images']} clean images, {p2p_summary['epochs']} epochs x "
-      f"{p2p_summary['steps_per_epoch']} steps, trained in {p2p_summary['seconds'] / 60:.1f} min; generator "
-      f"{p2p_summary['generator_parameters'] / 1e6:.2f} M parameters, discriminator "
-      f"{p2p_summary['discriminator_parameters'] / 1e6:.2f} M ({p2p_summary['discriminator_receptive_field']} px patches)")
-display(history.round(3))
+p2p = protocol.train_restorer(cfg, raw.pool[~raw.pool["noisy"]], root, out, images["heldout"], seed=seed)
+print(p2p.report)
+display(p2p.history.round(3))
 
 # %% [markdown]
 # ## Held-out synthetic pairs: PSNR and SSIM
@@ -168,10 +143,7 @@ display(history.round(3))
 # "noisy input" is the degraded image itself.
 
 # %%
-restorer = P2P.Pix2PixRestorer(generator)
-restorers = {**R.BASELINES, "Pix2Pix": restorer}
-quality = protocol.cached_frame(out / "restoration_scores.csv",
-                         lambda: R.evaluate_restorers(images["heldout"], root, restorers, seed=seed))
+quality = protocol.restoration_quality(out, images["heldout"], root, p2p.restorers, seed=seed)
 display(R.restoration_table(quality).round(3))
 display(R.restoration_table(quality, by=["kind"]).round(3))
 
@@ -182,17 +154,7 @@ display(R.restoration_table(quality, by=["kind"]).round(3))
 # file they were made from:
 
 # %%
-sp3 = [c for c, (kind, label, _) in enumerate(R.EVAL_CONDITIONS) if kind == "salt_pepper"][2]
-rows, titles = [], []
-for i, path in enumerate(images["heldout"]["path"][:2]):
-    clean, noisy = R.degraded_example(root, path, i, sp3, seed=seed)
-    rows.append({"noisy": noisy, **{k: f(noisy) for k, f in restorers.items()}, "clean": clean})
-    titles.append(f"held out: {R.EVAL_CONDITIONS[sp3][1]}")
-for _, row in pool[pool["noisy"]].head(2).iterrows():
-    noisy = models.load_table_image(root, row["path"], row["degradation"], row["severity"])
-    rows.append({"noisy": noisy, **{k: f(noisy) for k, f in restorers.items()},
-                 "clean": models.load_table_image(root, row["path"])})
-    titles.append(f"raw set: {row['degradation']} {row['severity']}")
+rows, titles = protocol.before_after_examples(root, images["heldout"], raw.pool, p2p.restorers, seed=seed)
 R.image_grid(rows, titles, zoom=120);
 
 # %% [markdown]
@@ -212,34 +174,25 @@ R.image_grid(rows, titles, zoom=120);
 # for the whole test and for each degradation kind.
 
 # %%
-fold, rho = cfg.finetune_folds[0], 100
-run_dir = protocol.ensure_erm_classifier(cfg, root, splits, results, rho=rho, fold=fold, seed=seed)
-classes = list(B.PBC_LT_CLASSES)
-method, train_config = R.load_classifier(run_dir, len(classes))
-_, sets = pbc_lt.pbc_lt_sets(cfg, table, definition, rho, fold)
-test = sets["test_stress"].reset_index(drop=True)
-test_scores = protocol.cached_frame(out / "test_scores.csv", lambda: R.table_scores(test, root).reset_index(drop=True))
-flags = detector.predict(test_scores["impulse"])
-truth = test["degradation"].eq("salt_pepper")
-test_detection = R.detection_scores(truth, flags)
-print("noisy call vs truth on the stress test:",
-      {k: round(v, 3) if isinstance(v, float) else v for k, v in test_detection.items()})
-display(test.assign(flagged=flags).groupby(["degradation", "severity"])["flagged"].mean().unstack().round(2))
+rho = 100
+test = protocol.degraded_test(cfg, root, splits, results, chapter.table, chapter.definition, out, raw.detector,
+                              rho=rho, fold=cfg.finetune_folds[0], seed=seed, eval_set="test_stress")
+print(test.report)
+display(test.flagged)
+
+# %% [markdown]
+# The same classifier in the three conditions. The first line checks that
+# "as is" repeats the predictions chapter 03's run saved on the same test
+# images; the table gives macro-F1 with its interval per degradation kind.
 
 # %%
-preds, effect = protocol.restoration_effect(method, train_config, test, root, classes, flags,
-                                     {"Pix2Pix": restorer, "median 3x3": R.median3x3}, out / "classify",
-                                     n_boot=cfg.n_boot)
-saved = pd.read_csv(run_dir / "predictions_test_stress.csv")
-agree = (saved["pred"].to_numpy() == preds["as is"]["pred"].to_numpy()).mean()
-reference = json.loads((run_dir / "metrics.json").read_text())
-print(f"'as is' reproduces chapter 03's predictions on {100 * agree:.1f} % of images; "
-      f"macro-F1 on the pristine test {reference['test']['macro_f1']:.3f}, stress {reference['test_stress']['macro_f1']:.3f}")
-effect["interval"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
-                      zip(effect.macro_f1, effect.macro_f1_low, effect.macro_f1_high)]
-display(effect.pivot(index="kind", columns="condition", values="interval")[list(preds)])
-plots.metric_bars(effect, x="kind", y="macro_f1", hue="condition", low="macro_f1_low", high="macro_f1_high",
-                  title=f"fine-tuned ERM, rho={rho}, stress test (all degraded)", ylabel="macro-F1");
+classified = protocol.effect_on_classifier(test, {"Pix2Pix": p2p.restorers["Pix2Pix"], "median 3x3": R.median3x3},
+                                           root, out, n_boot=cfg.n_boot)
+print(classified.report)
+display(classified.intervals)
+plots.metric_bars(classified.effect, x="kind", y="macro_f1", hue="condition", low="macro_f1_low",
+                  high="macro_f1_high", title=f"fine-tuned ERM, rho={rho}, stress test (all degraded)",
+                  ylabel="macro-F1");
 
 # %% [markdown]
 # Per degradation kind, only the salt-and-pepper images change. Blurred and
@@ -249,12 +202,7 @@ plots.metric_bars(effect, x="kind", y="macro_f1", hue="condition", low="macro_f1
 # and how much of it restoration wins back.
 
 # %%
-sp = effect[effect.kind == "salt_pepper"].set_index("condition")["macro_f1"]
-print(f"salt-and-pepper test images: macro-F1 {sp['as is']:.3f} as is, {sp['Pix2Pix']:.3f} after Pix2Pix, "
-      f"{sp['median 3x3']:.3f} after the median filter")
-mean_q = quality[quality.kind == "salt_pepper"].groupby("method")[["psnr", "ssim"]].mean()
-print("held-out salt-and-pepper pairs, mean PSNR (dB) / SSIM: " + ", ".join(
-    f"{m} {r.psnr:.1f} / {r.ssim:.3f}" for m, r in mean_q.iterrows()))
+print(protocol.salt_pepper_report(classified.effect, quality))
 
 # %% [markdown]
 # ## What carries over
