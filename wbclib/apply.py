@@ -1,5 +1,6 @@
 """Applying a trained bundle to a user's images, and scoring the result:
-what ``wbc train``, ``wbc predict`` and ``wbc evaluate`` run.
+what ``wbc predict`` and ``wbc evaluate`` run (``wbc train`` is
+:func:`protocols.system.train_command`).
 
 * :func:`list_images` – the images of a folder (recursive) or of a CSV's
   ``path`` column; any class names, any layout;
@@ -76,7 +77,13 @@ def predict(model: PathLike, images: PathLike, tta: bool = False, fields: bool =
     is reported on stderr and gets an ``error`` row; the others go on."""
     from . import bundle
 
-    pipeline = bundle.load(model)
+    return predict_with(bundle.load(model), images, tta=tta, fields=fields, progress=progress, batch_size=batch_size)
+
+
+def predict_with(pipeline, images: PathLike, tta: bool = False, fields: bool = False, progress: bool = True,
+                 batch_size: int = 32) -> pd.DataFrame:
+    """:func:`predict` with a loaded :class:`pipeline.Pipeline` (for instance one
+    with stages switched off, as the system chapter's ablation runs it)."""
     if fields:
         pipeline = pipeline.with_isolation("field")
     paths = list_images(images)
@@ -275,20 +282,6 @@ def confusion_figure(result: dict, path: PathLike) -> Path:
 # --------------------------------------------------------------------------
 # Command-line entry points (wired in cli.py)
 # --------------------------------------------------------------------------
-
-
-def train_command(args) -> int:
-    from .protocols.system import train_system
-
-    out = train_system(args.profile, Path(args.out), data_root=args.data_root, results_dir=args.results,
-                       cache_dir=args.cache, seed=args.seed)
-    from . import bundle
-
-    config = bundle.read_config(out)
-    for name, scores in config["metrics"].items():
-        print(f"{name}: macro_f1 {scores['macro_f1']:.3f} ({scores['images']} images)")
-    print(f"bundle written to {out} (model card: {out / bundle.CARD_FILE})")
-    return 0
 
 
 def predict_command(args) -> int:

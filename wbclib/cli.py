@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_system_commands(sub) -> None:
-    """``wbc train``, ``wbc predict`` and ``wbc evaluate``: the assembled system (wbclib.apply,
-    imported only when one of them runs: it pulls in torch)."""
+    """``wbc train``, ``wbc predict`` and ``wbc evaluate``: the assembled system (wbclib.apply and
+    wbclib.protocols.system, imported only when one of them runs: they pull in torch)."""
     def lazy(name):
         def run(args):
             from . import apply
@@ -232,8 +232,12 @@ def _add_system_commands(sub) -> None:
             return getattr(apply, name)(args)
         return run
 
-    train_command, predict_command, evaluate_command = (lazy("train_command"), lazy("predict_command"),
-                                                        lazy("evaluate_command"))
+    def train_command(args):
+        from .protocols.system import train_command as train
+
+        return train(args)
+
+    predict_command, evaluate_command = lazy("predict_command"), lazy("evaluate_command")
     p = sub.add_parser("train", help="train the book's best pipeline for a profile and write a model bundle")
     p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"])
     p.add_argument("--out", required=True, type=_non_empty, help="bundle folder to write")

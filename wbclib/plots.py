@@ -370,6 +370,49 @@ def image_rows(rows: Dict[str, Sequence[np.ndarray]], captions: Optional[Dict[st
     return fig
 
 
+def prediction_examples(images: Sequence[np.ndarray], captions: Sequence[str], ncols: int = 6,
+                        title: str = "") -> plt.Figure:
+    """Images in a grid, each with a multi-line caption (e.g. the true and
+    predicted class and the pipeline's stage decisions: restored, located,
+    rescued, abstained); a red caption marks a wrong prediction when it starts
+    with ``"✗"``."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.35 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if k >= n:
+            ax.axis("off")
+            continue
+        ax.imshow(images[k])
+        caption = captions[k] if k < len(captions) else ""
+        ax.set_title(caption, fontsize=6.5, color="firebrick" if caption.startswith("✗") else "black")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(matrices: Dict[str, np.ndarray], classes: Sequence[str], title: str = "") -> plt.Figure:
+    """One confusion matrix per key (e.g. per lab) side by side, rows
+    normalised to recall; a class with no true image is an empty row."""
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(0.5 * len(classes) * n + 1.6 * n, 0.5 * len(classes) + 1.9),
+                             squeeze=False)
+    for ax, (name, cm) in zip(axes[0], matrices.items()):
+        cm = np.asarray(cm)
+        values = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        sns.heatmap(values, annot=True, fmt=".2f", cmap="Blues", cbar=False, xticklabels=classes,
+                    yticklabels=classes if ax is axes[0][0] else False, ax=ax, vmin=0, vmax=1,
+                    annot_kws={"fontsize": 7})
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{name} ({int(cm.sum())} images)", fontsize=9)
+    axes[0][0].set_ylabel("true")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def cell_crops(ratios: pd.DataFrame, root: Path, ratio: float, per_lab: int = 4, size: int = 128) -> plt.Figure:
     """Cell-centred inputs, before and after, per lab (one row each): for
     ``per_lab`` located images of :func:`cellcrop.ratio_table`'s ``ratios``,

@@ -279,6 +279,18 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
     return out
 
 
+def train_command(args) -> int:
+    """``wbc train``: :func:`train_system` with the command line's arguments,
+    then the bundle's held-out scores."""
+    out = train_system(args.profile, Path(args.out), data_root=args.data_root, results_dir=args.results,
+                       cache_dir=args.cache, seed=args.seed)
+    config = bundle.read_config(out)
+    for name, scores in config["metrics"].items():
+        print(f"{name}: macro_f1 {scores['macro_f1']:.3f} ({scores['images']} images)")
+    print(f"bundle written to {out} (model card: {out / bundle.CARD_FILE})")
+    return 0
+
+
 def fit_rescue(pipeline: Pipeline, val_probs: np.ndarray, inputs: Dict[str, np.ndarray],
                labels: Dict[str, np.ndarray], phase: str, cfg) -> RescueStage:
     """Suppress-and-Rescue's parameters on the validation predictions: the
@@ -306,3 +318,391 @@ def fit_rescue(pipeline: Pipeline, val_probs: np.ndarray, inputs: Dict[str, np.n
         rule = fit_thresholds(val_frame, counts, rare, verify_probs=ones, morph_features=morph, phase=phase,
                               mahalanobis=filt)
     return RescueStage(rule)
+
+
+# --------------------------------------------------------------------------
+# The cumulative ablation (the system chapter, issue 13 item 4)
+# --------------------------------------------------------------------------
+
+#: The cumulative ablation in the shape of the hybrid paper's Table 2: each row
+#: switches on what its name says on top of the row above. Value: the pipeline
+#: stages on (:data:`pipeline.STAGES`) and the heads used ("stage1": each
+#: fine-tuned network's own linear classifier; "decoupled": the bundle's cRT
+#: heads). Every row runs the bundle's fine-tuned weights: restoration,
+#: isolation, scale, stain, TTA and rescue act at inference only, and the
+#: decoupled head is re-trained on frozen features, so nothing is trained per row.
+ABLATION_ROWS = {
+    "base": ((), "stage1"),
+    "+ restoration": (("restore",), "stage1"),
+    "+ isolation/scale": (("restore", "isolate", "scale"), "stage1"),
+    "+ stain": (("restore", "isolate", "scale", "stain"), "stage1"),
+    "+ decoupled heads": (("restore", "isolate", "scale", "stain"), "decoupled"),
+    "+ ensemble + TTA": (("restore", "isolate", "scale", "stain", "tta"), "decoupled"),
+    "+ rescue": (("restore", "isolate", "scale", "stain", "tta", "rescue"), "decoupled"),
+}
+#: The evaluation sets of the ablation: the training lab's held-out test with
+#: its phase-2 degradations, and the two unseen labs (bccd as crops and as
+#: whole fields). Value: whether the images are whole fields.
+ABLATION_SETS = {"pbc phase-2 test": False, "zheng1": False, "bccd crops": False, "bccd fields": True}
+
+
+def system_bundle(profile: str, data_root=None, results_dir=None, cache_dir=None, seed: int = 0,
+                  overrides: Optional[dict] = None, progress: bool = True) -> Path:
+    """The profile's bundle (:func:`train_system`) in a run folder
+    ``<results>/<profile>/system/bundle/...`` (with its ``config.json``), made
+    once: a finished run is read back. Returns the bundle folder."""
+    from dataclasses import asdict
+
+    from .. import runs
+
+    cfg = profiles.get(profile, overrides)
+    results = profiles.output_dir("results", results_dir) / profile
+    config = dict(profile=profile, seed=seed, settings=asdict(cfg), choice=BEST_PIPELINE[profile],
+                  classes=CLASSES, labs=list(TRAINING_LABS))
+    run = runs.run(results, f"{PROTOCOL}/bundle", config, keys=("profile", "seed"))
+    folder = run.path("bundle")
+    if not run.done:
+        train_system(profile, folder, data_root=data_root, results_dir=results_dir, cache_dir=cache_dir, seed=seed,
+                     overrides=overrides, progress=progress)
+        run.finish(bundle.read_config(folder)["metrics"])
+    return folder
+
+
+def stage1_heads(pipeline: Pipeline, training: dict, results: Path) -> list:
+    """Each member's stage-1 linear classifier (the fine-tuned network's own
+    head, before the decoupled re-training), read from the stage-1 run folders
+    under ``results`` (the profile's results folder the bundle was trained in)."""
+    from torch import nn
+
+    from .. import runs
+
+    heads = []
+    for member in pipeline.members:
+        if len(pipeline.members) == 1:
+            run_dir = Path(results) / training["stage1_run"]
+        else:
+            found = runs.find(results, f"{PROTOCOL}/stage1", current=False, backbone=member.backbone,
+                              seed=training.get("seed", 0))
+            if not len(found):
+                raise LookupError(f"no stage-1 run of {member.backbone} under {results}")
+            run_dir = Path(found["run_dir"].iloc[-1])
+        state = _io.torch_load(run_dir / "best.pt", map_location="cpu")
+        weight, bias = state["classifier.weight"], state["classifier.bias"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict(dict(weight=weight, bias=bias))
+        heads.append(head.eval())
+    return heads
+
+
+def ablation_pipelines(pipeline: Pipeline, heads: Sequence) -> Dict[str, Pipeline]:
+    """One pipeline per :data:`ABLATION_ROWS` row, all sharing ``pipeline``'s
+    fitted stages and networks; ``heads`` are the stage-1 heads (one per member)."""
+    import copy
+    from dataclasses import replace
+
+    from ..pipeline import STAGES
+
+    stage1 = [replace(m, head=h) for m, h in zip(pipeline.members, heads)]
+    out = {}
+    for row, (on, head) in ABLATION_ROWS.items():
+        p = copy.copy(pipeline)
+        p.enabled = {s: s in on for s in STAGES}
+        p.members = stage1 if head == "stage1" else list(pipeline.members)
+        out[row] = p
+    return out
+
+
+class _SharedPreprocessing(Pipeline):
+    """A pipeline whose ``preprocess`` remembers its result per (image bytes,
+    switched-on pre-network stages, isolation mode), and whose ``proba``
+    remembers its result per (input bytes, heads, TTA views), in a memo shared
+    by its copies (:meth:`Pipeline.without`, :meth:`Pipeline.with_isolation`
+    copy the instance, memo included). Both are deterministic, so the results
+    are the same; ablation rows that differ only after the network (heads,
+    TTA, rescue) then restore, locate and normalise each image once, and the
+    rescue row reuses the TTA row's probabilities."""
+
+    _memo: dict
+
+    @staticmethod
+    def _hash(array: np.ndarray) -> str:
+        return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+    def preprocess(self, image):
+        image = np.asarray(image)
+        key = ("pre", self._hash(image), image.shape,
+               tuple(self.is_on(s) for s in ("restore", "isolate", "scale", "stain")), self.isolation.mode)
+        if key not in self._memo:
+            self._memo[key] = super().preprocess(image)
+        x, decisions = self._memo[key]
+        return x, dict(decisions)
+
+    def proba(self, inputs, tta=None, batch_size: int = 64):
+        inputs = np.asarray(inputs)
+        key = ("proba", self._hash(inputs), inputs.shape, tuple(id(m.head) for m in self.members), self.views(tta))
+        if key not in self._memo:
+            self._memo[key] = super().proba(inputs, tta, batch_size)
+        return self._memo[key].copy()
+
+
+def _share_preprocessing(pipelines: Sequence[Pipeline]) -> None:
+    memo: dict = {}
+    for p in pipelines:
+        p.__class__ = _SharedPreprocessing
+        p._memo = memo
+
+
+def phase2_images(table: pd.DataFrame, root: Path, cache: Path, seed: int = 0) -> pd.DataFrame:
+    """The rows' images with their phase-2 degradation (the PBC-LT benchmark's
+    deterministic per-image kind and severity, :func:`degrade.assign_degradations`),
+    written once as PNG files under ``cache``; returns ``path`` (absolute),
+    ``label``, ``degradation`` and ``severity``."""
+    from ..degrade import assign_degradations
+    from ..models import load_table_image
+
+    kinds, levels = assign_degradations(table["path"], seed)
+    folder = Path(cache) / "system_phase2" / digest(dict(paths=sorted(table["path"]), seed=seed,
+                                                         code=code_version(("degrade.py", "models.py", "data.py"))), 12)
+    paths = []
+    for rel, kind, level in zip(table["path"], kinds, levels):
+        target = folder / (rel + ".png")
+        if not target.is_file():
+            image = load_table_image(Path(root), rel, kind, level, seed)
+            with _io.atomic_path(target) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
+        paths.append(str(target))
+    return pd.DataFrame(dict(path=paths, label=table["label"].to_numpy(), degradation=kinds, severity=levels))
+
+
+def _per_class_cap(frame: pd.DataFrame, n: Optional[int], seed: int) -> pd.DataFrame:
+    if n is None:
+        return frame.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    parts = [g.iloc[np.sort(rng.permutation(len(g))[:n])] for _, g in frame.groupby("label", sort=True)]
+    return pd.concat(parts).sort_values("path").reset_index(drop=True)
+
+
+def bccd_field_labels(root: Path) -> pd.DataFrame:
+    """bccd whole fields with one leukocyte class: a field's label is the class
+    of its labelled crops (``crops/<Class>/<field>_<k>.jpg``); a field whose
+    crops disagree is left out. Returns ``path`` (absolute) and ``label``."""
+    crops = Path(root) / "bccd" / "crops"
+    classes: Dict[str, set] = {}
+    for path in data.walk_files(crops):
+        if data.is_image_name(path) and path.parent != crops:
+            field_name = path.stem.rsplit("_", 1)[0]
+            classes.setdefault(field_name, set()).add(data.to_common("bccd", path.parent.name, str(path)))
+    rows = []
+    for name, labels in sorted(classes.items()):
+        field_path = Path(root) / "bccd" / "fields" / f"{name}.jpg"
+        if len(labels) == 1 and field_path.is_file():
+            rows.append(dict(path=str(field_path), label=next(iter(labels))))
+    return pd.DataFrame(rows)
+
+
+def ablation_sets(root: Path, cfg, cache: Path, seed: int = 0) -> Dict[str, pd.DataFrame]:
+    """The labelled images of each :data:`ABLATION_SETS` set (``path`` absolute,
+    ``label`` a model class): the system's held-out pbc test (the split of
+    :func:`training_table`, never trained on) with phase-2 degradations,
+    zheng1, bccd crops and bccd fields; the external sets capped, like the
+    pbc test, at the profile's ``test_per_class`` images per class (None: all)."""
+    root = Path(root)
+    table = training_table(root, cfg, seed)
+    test = table[table["split"] == "test"]
+    zheng = data.zheng1_labels(root)
+    zheng = pd.DataFrame(dict(path=[str(root / "zheng1" / "images" / f"{int(i):03d}.png") for i in zheng["image_id"]],
+                              label=zheng["label"].to_numpy()))
+    crops = root / "bccd" / "crops"
+    bccd = pd.DataFrame([dict(path=str(p), label=data.to_common("bccd", p.parent.name, str(p)))
+                         for p in data.walk_files(crops) if data.is_image_name(p) and p.parent != crops])
+    n = cfg.test_per_class
+    return {"pbc phase-2 test": phase2_images(test, root, cache, seed)[["path", "label"]],
+            "zheng1": _per_class_cap(zheng, n, seed), "bccd crops": _per_class_cap(bccd, n, seed),
+            "bccd fields": _per_class_cap(bccd_field_labels(root), n, seed)}
+
+
+def _slug(row: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
+
+
+def ablation_predictions(pipeline: Pipeline, heads: Sequence, images: pd.DataFrame, fields: bool,
+                         folder: Path, progress: bool = False) -> Dict[str, pd.DataFrame]:
+    """Every ablation row's predictions on ``images`` (``path``, ``label``),
+    through :func:`apply.predict_with` (the code ``wbc predict`` runs) on a CSV
+    list of the images written to ``folder``; TTA is on where the row has it.
+    Rows share preprocessing (:class:`_SharedPreprocessing`)."""
+    from .. import apply
+
+    rows = ablation_pipelines(pipeline, heads)
+    _share_preprocessing(list(rows.values()))
+    listing = _io.write_csv(Path(folder) / "images.csv", images[["path", "label"]])
+    out = {}
+    for name, p in rows.items():
+        pred = apply.predict_with(p, listing, tta=p.enabled["tta"], fields=fields, progress=progress)
+        out[name] = pred.assign(label=images["label"].to_numpy())
+    return out
+
+
+def score_ablation(predictions: Dict[str, pd.DataFrame], classes: Sequence[str], n_boot: int = 1000,
+                   seed: int = 0) -> pd.DataFrame:
+    """The tidy ablation table of one set: per row (in order) macro-F1 with its
+    bootstrap 95 % interval, the paired bootstrap gain in macro-F1 and balanced
+    accuracy over the row above (:func:`metrics.paired_difference`: the same
+    resampled images score both rows) with its interval, the predictions
+    changed, and the share of images restored, located in a field, rescued
+    and abstained."""
+    index = {c: i for i, c in enumerate(classes)}
+    out, previous = [], None
+    for step, (row, pred) in enumerate(predictions.items()):
+        ok = pred["error"].fillna("").astype(str) == ""
+        y = pred.loc[ok, "label"].map(index).to_numpy(int)
+        p = pred.loc[ok, "pred"].map(index).to_numpy(int)
+        record = dict(step=step, row=row, images=int(ok.sum()), errors=int((~ok).sum()),
+                      **{k: v for k, v in M.evaluate(y, p, len(classes), n_boot=n_boot, seed=seed).items()})
+        if previous is None:
+            record.update({f"gain{suffix}": np.nan for suffix in ("", "_low", "_high", "_p_not_better")},
+                          gain_balanced_accuracy=np.nan, changed=0)
+        else:
+            both = ok & (previous["error"].fillna("").astype(str) == "")
+            d = M.paired_difference(pred.loc[both, "label"].map(index).to_numpy(int),
+                                    pred.loc[both, "pred"].map(index).to_numpy(int),
+                                    previous.loc[both, "pred"].map(index).to_numpy(int), len(classes),
+                                    n_boot=n_boot, seed=seed)
+            record.update(gain=d["macro_f1"], gain_low=d["macro_f1_low"], gain_high=d["macro_f1_high"],
+                          gain_p_not_better=d["macro_f1_p_not_better"],
+                          gain_balanced_accuracy=d["balanced_accuracy"],
+                          changed=int((pred.loc[both, "pred"] != previous.loc[both, "pred"]).sum()))
+        for column in ("restored", "field", "rescued", "abstain"):
+            record[column] = float(pred.loc[ok, column].astype(bool).mean()) if ok.any() else np.nan
+        out.append(record)
+        previous = pred
+    return pd.DataFrame(out)
+
+
+def system_ablation(profile: str, data_root=None, results_dir=None, cache_dir=None, seed: int = 0,
+                    overrides: Optional[dict] = None, sets: Optional[Sequence[str]] = None,
+                    progress: bool = False) -> pd.DataFrame:
+    """The cumulative ablation of the profile's bundle (:func:`system_bundle`)
+    on every set of :data:`ABLATION_SETS` (or ``sets``): one run folder per set
+    (``<results>/<profile>/system/ablation/set-...``) holding each row's
+    predictions (``predictions_<row>.csv``) and the table in ``metrics.json``;
+    a finished run is read back. Returns the tidy table (``set``, ``row``,
+    ``step``, the metrics, ``gain`` with ``gain_low``/``gain_high``, ...)."""
+    from .. import runs
+
+    cfg = profiles.get(profile, overrides)
+    root = data.data_root(data_root)
+    results = profiles.output_dir("results", results_dir) / profile
+    cache = profiles.output_dir("cache", cache_dir)
+    folder = system_bundle(profile, data_root, results_dir, cache_dir, seed, overrides, progress)
+    config = bundle.read_config(folder)
+    pipeline, heads = None, None
+    every_set = ablation_sets(root, cfg, cache, seed)
+    tables = []
+    for name in sets or ABLATION_SETS:
+        images = every_set[name].assign(path=every_set[name]["path"].astype(str))
+        inputs = dict(images=runs.files_fingerprint(Path("/"), [p.lstrip("/") for p in images["path"]]),
+                      labels=digest(images["label"].tolist()))
+        run = runs.run(results, f"{PROTOCOL}/ablation",
+                       dict(set=name, fields=ABLATION_SETS[name], rows=list(ABLATION_ROWS), seed=seed,
+                            n_boot=cfg.n_boot, bundle=digest(config.get("training", {})),
+                            bundle_metrics=digest(config.get("metrics", {}))),
+                       inputs, keys=("set",))
+        if not run.done:
+            if pipeline is None:
+                pipeline = bundle.load(folder)
+                heads = stage1_heads(pipeline, config["training"], results)
+            preds = ablation_predictions(pipeline, heads, images, ABLATION_SETS[name], run.dir, progress)
+            for row, pred in preds.items():
+                run.write_csv(f"predictions_{_slug(row)}.csv", pred)
+            table = score_ablation(preds, pipeline.classes, n_boot=cfg.n_boot, seed=seed)
+            run.finish(table.to_dict(orient="records"))
+        tables.append(pd.DataFrame(run.metrics()).assign(set=name, run_dir=str(run.dir)))
+    out = pd.concat(tables, ignore_index=True)
+    return out[["set", "row", *[c for c in out.columns if c not in ("set", "row")]]]
+
+
+def ablation_predictions_of(ablation: pd.DataFrame, set_name: str, row: str) -> pd.DataFrame:
+    """One row's saved predictions on one set (from the run folder)."""
+    run_dir = ablation.loc[(ablation["set"] == set_name) & (ablation["row"] == row), "run_dir"].iloc[0]
+    return _io.read_csv(Path(run_dir) / f"predictions_{_slug(row)}.csv", keep_default_na=True,
+                        dtype={"path": str, "pred": str, "label": str, "error": str})
+
+
+def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
+    """The ablation in the shape of the paper's Table 2: one line per row (in
+    order), per set the macro-F1 (%) with its bootstrap interval, the paired
+    gain over the row above with its interval, and the predictions changed."""
+    def cell(value, low, high):
+        return "" if pd.isna(value) else f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+    shown = ablation.assign(
+        **{"macro-F1": [cell(*v) for v in ablation[["macro_f1", "macro_f1_low", "macro_f1_high"]].to_numpy()],
+           "gain vs row above": [cell(*v) for v in ablation[["gain", "gain_low", "gain_high"]].to_numpy()]})
+    sets = [s for s in ABLATION_SETS if s in set(ablation["set"])]
+    wide = shown.pivot(index="row", columns="set", values=["macro-F1", "gain vs row above", "changed"])
+    wide = wide.reindex(list(ABLATION_ROWS)).swaplevel(axis=1)
+    return wide[[(s, c) for s in sets for c in ("macro-F1", "gain vs row above", "changed")]]
+
+
+def ablation_verdicts(ablation: pd.DataFrame) -> str:
+    """Markdown bullets: each (set, row) whose paired interval excludes zero."""
+    lines = []
+    for set_name, part in ablation.groupby("set", sort=False):
+        for r in part.dropna(subset=["gain"]).itertuples():
+            if r.gain_low > 0:
+                lines.append(f"- **{set_name}**, {r.row}: helps ({100 * r.gain:+.1f} points)")
+            elif r.gain_high < 0:
+                lines.append(f"- **{set_name}**, {r.row}: hurts ({100 * r.gain:+.1f} points)")
+    return "\n".join(lines) or "No row's paired interval excludes zero on any set."
+
+
+def stage_decisions(ablation: pd.DataFrame) -> pd.DataFrame:
+    """Per set, the full system's images and the share restored, located in a
+    field, rescued and abstained."""
+    last = ablation[ablation["row"] == list(ABLATION_ROWS)[-1]].set_index("set")
+    return last[["images", "restored", "field", "rescued", "abstain"]]
+
+
+def example_predictions(ablation: pd.DataFrame, per_set: int = 3) -> tuple:
+    """``(images, captions)`` of ``per_set`` images per set as given to the
+    full system, those where a stage acted (restored, rescued, abstained)
+    first; each caption names the set, the true and predicted class (``✓`` /
+    ``✗``) and the stage decisions."""
+    images, captions = [], []
+    for set_name in ablation["set"].unique():
+        pred = ablation_predictions_of(ablation, set_name, list(ABLATION_ROWS)[-1])
+        pred = pred[pred["error"].fillna("") == ""]
+        acted = pred["restored"].astype(bool) | pred["rescued"].astype(bool) | pred["abstain"].astype(bool)
+        picked = pd.concat([pred[acted].head(min(2, per_set)), pred[~acted].head(per_set)]).head(per_set)
+        for r in picked.itertuples():
+            flags = [name for name, on in (("restored", r.restored), ("field", r.field), ("rescued", r.rescued),
+                                           ("abstain", r.abstain)) if bool(on)]
+            images.append(load_image(r.path))
+            captions.append(f"{'✓' if r.pred == r.label else '✗'} {set_name}\ntrue {r.label}, pred {r.pred}\n"
+                            f"{', '.join(flags) or 'no stage acted'}")
+    return images, captions
+
+
+def confusion_by_set(ablation: pd.DataFrame) -> Dict[str, np.ndarray]:
+    """The full system's confusion matrix (rows true, :data:`CLASSES` order) per set."""
+    index = {c: i for i, c in enumerate(CLASSES)}
+    out = {}
+    for set_name in ablation["set"].unique():
+        pred = ablation_predictions_of(ablation, set_name, list(ABLATION_ROWS)[-1])
+        pred = pred[pred["error"].fillna("") == ""]
+        out[set_name] = M.confusion(pred["label"].map(index), pred["pred"].map(index), len(CLASSES))
+    return out
+
+
+def paper_table2() -> pd.Series:
+    """The hybrid paper's Table 2 (macro-F1, %), read from its text beside the
+    project when present, else :data:`rescue.PAPER_TABLE2`."""
+    from ..data import PROJECT_ROOT
+    from ..rescue import PAPER_TABLE2, read_paper_table2
+
+    paper_file = PROJECT_ROOT.parent / "shared" / "papers" / "hybrid-rescue-wbcbench2026.md"
+    paper = read_paper_table2(paper_file) if paper_file.is_file() else dict(PAPER_TABLE2)
+    return pd.Series(paper, name="macro-F1 (LB, %)").mul(100).round(2)

@@ -1,0 +1,144 @@
+"""The system chapter's cumulative ablation: rows in order with paired
+intervals, each stage switched on changes what it should (and only that),
+shared preprocessing gives the same predictions as ``wbc predict``, and the
+chapter executes under the smoke profile."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from wbclib import apply, bundle, runbook
+from wbclib.data import load_image
+from wbclib.protocols import system
+
+from test_pipeline import CLASSES, tiny_pipeline, zheng1_paths  # noqa: F401 - the fixture is reused
+
+ROWS = list(system.ABLATION_ROWS)
+
+
+@pytest.fixture(scope="module")
+def stage1_heads(tiny_pipeline):  # noqa: F811
+    torch.manual_seed(1)
+    return [nn.Linear(tiny_pipeline.members[0].model.num_features, len(CLASSES)).eval()]
+
+
+def test_rows_switch_on_one_stage_group_at_a_time(tiny_pipeline, stage1_heads):  # noqa: F811
+    rows = system.ablation_pipelines(tiny_pipeline, stage1_heads)
+    assert list(rows) == ROWS
+    on = {name: {s for s, v in p.enabled.items() if v} for name, p in rows.items()}
+    assert on["base"] == set()
+    # Cumulative: each row keeps everything the row above had.
+    for above, below in zip(ROWS, ROWS[1:]):
+        assert on[above] <= on[below], (above, below)
+    assert on["+ ensemble + TTA"] - on["+ decoupled heads"] == {"tta"}
+    assert on["+ rescue"] - on["+ ensemble + TTA"] == {"rescue"}
+    # Heads: the stage-1 classifier up to "+ stain", the bundle's decoupled heads after; networks shared.
+    assert rows["+ stain"].members[0].head is stage1_heads[0]
+    assert rows["+ decoupled heads"].members[0].head is tiny_pipeline.members[0].head
+    assert all(p.members[0].model is tiny_pipeline.members[0].model for p in rows.values())
+    assert tiny_pipeline.enabled == {s: True for s in tiny_pipeline.enabled}  # the bundle's pipeline is untouched
+
+
+def test_a_stage_switched_on_changes_predictions_where_it_should(tiny_pipeline, stage1_heads, root):  # noqa: F811
+    rows = system.ablation_pipelines(tiny_pipeline, stage1_heads)
+    clean = load_image(zheng1_paths(root, 1)[0])
+    noisy = clean.copy()
+    noisy.reshape(-1, 3)[::20] = 255
+    field = load_image(root / "bccd" / "fields" / "BloodImage_00001.jpg")
+    # Restoration acts on a noisy image and leaves a clean one as it was.
+    assert not np.array_equal(rows["base"].preprocess(noisy)[0], rows["+ restoration"].preprocess(noisy)[0])
+    assert np.array_equal(rows["base"].preprocess(clean)[0], rows["+ restoration"].preprocess(clean)[0])
+    # Isolation crops a whole field (once the images are called fields); scale and stain change the pixels.
+    as_fields = {k: p.with_isolation("field") for k, p in rows.items()}
+    x_before, d_before = as_fields["+ restoration"].preprocess(field)
+    x_after, d_after = as_fields["+ isolation/scale"].preprocess(field)
+    assert not d_before["field"] and d_after["field"] and not np.array_equal(x_before, x_after)
+    assert not np.array_equal(rows["+ isolation/scale"].preprocess(clean)[0], rows["+ stain"].preprocess(clean)[0])
+    # The head swap and TTA change probabilities, not the network's input.
+    x = np.stack([rows["+ stain"].preprocess(clean)[0]])
+    assert np.array_equal(x[0], rows["+ decoupled heads"].preprocess(clean)[0])
+    p_stain, p_heads = rows["+ stain"].proba(x), rows["+ decoupled heads"].proba(x)
+    p_tta = rows["+ ensemble + TTA"].proba(x, tta=True)
+    assert not np.allclose(p_stain, p_heads) and not np.allclose(p_heads, p_tta)
+    assert np.allclose(rows["+ ensemble + TTA"].proba(x, tta=False), p_heads)
+    # Rescue changes decisions only: same probabilities, and the rows it did not rescue keep their class.
+    images = [load_image(p) for p in zheng1_paths(root, 8)]
+    before = rows["+ ensemble + TTA"].predict_images(images, tta=True)
+    after = rows["+ rescue"].predict_images(images, tta=True)
+    probs = [f"prob_{c}" for c in CLASSES]
+    np.testing.assert_allclose(before[probs].to_numpy(float), after[probs].to_numpy(float))
+    assert (before["rescue"] == "off").all() and (after["rescue"] != "off").all()
+    kept = ~after["rescued"].astype(bool)
+    assert (after.loc[kept, "pred"] == before.loc[kept, "pred"]).all()
+    assert (after.loc[~kept, "pred"] == "eosinophil").all()  # the tiny rule's one rare class
+
+
+def test_shared_preprocessing_predicts_exactly_as_wbc_predict(tiny_pipeline, stage1_heads, root, tmp_path):  # noqa: F811
+    """The ablation's rows (preprocessing shared between them) give, row for
+    row, the predictions of the same pipeline without sharing; the full row is
+    what ``wbc predict --tta`` gives on the saved bundle."""
+    images = pd.DataFrame(dict(path=[str(p) for p in zheng1_paths(root, 6)],
+                               label=["neutrophil", "lymphocyte", "neutrophil", "monocyte", "eosinophil",
+                                      "neutrophil"]))
+    preds = system.ablation_predictions(tiny_pipeline, stage1_heads, images, False, tmp_path)
+    assert list(preds) == ROWS
+    plain = system.ablation_pipelines(tiny_pipeline, stage1_heads)
+    for name in ("base", "+ stain", "+ rescue"):
+        p = plain[name]
+        direct = p.predict_files(images["path"].tolist(), tta=p.enabled["tta"], progress=False)
+        cols = ["pred", *[f"prob_{c}" for c in CLASSES], "restored", "scale_factor", "rescue"]
+        pd.testing.assert_frame_equal(preds[name][cols].reset_index(drop=True), direct[cols].reset_index(drop=True))
+    assert type(tiny_pipeline).__name__ == "Pipeline"  # sharing never leaks into the bundle's pipeline
+    bundle.save(tiny_pipeline, tmp_path / "model")
+    cli = apply.predict(tmp_path / "model", tmp_path / "images.csv", tta=True, progress=False)
+    np.testing.assert_allclose(cli[[f"prob_{c}" for c in CLASSES]].to_numpy(float),
+                               preds["+ rescue"][[f"prob_{c}" for c in CLASSES]].to_numpy(float), atol=1e-6)
+    assert (cli["pred"] == preds["+ rescue"]["pred"]).all()
+
+
+def test_score_ablation_pairs_each_row_with_the_one_above():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(CLASSES, 200)
+    preds, current = {}, rng.choice(CLASSES, 200)
+    for k, row in enumerate(ROWS):
+        fix = rng.random(200) < 0.12 * k
+        current = np.where(fix, labels, current)
+        preds[row] = pd.DataFrame(dict(path=[f"{i}.png" for i in range(200)], label=labels, pred=current,
+                                       error="", restored=False, field=False, rescued=False, abstain=False))
+    table = system.score_ablation(preds, CLASSES, n_boot=200)
+    assert table["row"].tolist() == ROWS and table["step"].tolist() == list(range(len(ROWS)))
+    assert table.loc[0, ["gain", "gain_low", "gain_high"]].isna().all()
+    assert (table["macro_f1_low"] <= table["macro_f1"]).all() and (table["macro_f1"] <= table["macro_f1_high"]).all()
+    later = table.iloc[1:]
+    np.testing.assert_allclose(later["gain"].to_numpy(), np.diff(table["macro_f1"].to_numpy()), atol=1e-12)
+    assert ((later["gain_low"] <= later["gain"]) & (later["gain"] <= later["gain_high"])).all()
+    assert (later["changed"] > 0).all()
+
+
+@pytest.mark.slow
+def test_chapter_runs_under_smoke_and_its_ablation_reads_back(root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("system")
+    params = {"data_root": str(root), "results_dir": str(work / "results"), "cache_dir": str(work / "cache")}
+    done = runbook.execute("smoke", names=["11"], out_dir=work / "executed", parameters=params, progress=False,
+                           log=lambda _: None)
+    assert [p.name for p in done] == ["11_system.ipynb"]
+    cells = json.loads(done[0].read_text())["cells"]
+    assert sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", [])) >= 2
+    # The protocol's table, read back from the run folders the chapter wrote.
+    table = system.system_ablation("smoke", root, work / "results", work / "cache")
+    assert set(table["set"]) == set(system.ABLATION_SETS)
+    for _, part in table.groupby("set"):
+        assert part["row"].tolist() == ROWS
+        assert part[["macro_f1", "macro_f1_low", "macro_f1_high"]].notna().all().all()
+        assert part.iloc[1:][["gain", "gain_low", "gain_high"]].notna().all().all()
+    for run_dir in table["run_dir"].unique():
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        assert config["identity"]["protocol"] == "system/ablation"
+    fields = table[table["set"] == "bccd fields"].set_index("row")
+    assert fields.loc["base", "field"] == 0 and fields.loc["+ isolation/scale", "field"] == 1
