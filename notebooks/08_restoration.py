@@ -187,7 +187,7 @@ display(test.flagged)
 
 # %%
 classified = protocol.effect_on_classifier(test, {"Pix2Pix": p2p.restorers["Pix2Pix"], "median 3x3": R.median3x3},
-                                           root, out, n_boot=cfg.n_boot)
+                                           root, n_boot=cfg.n_boot)
 print(classified.report)
 display(classified.intervals)
 plots.metric_bars(classified.effect, x="kind", y="macro_f1", hue="condition", low="macro_f1_low",

@@ -1,6 +1,7 @@
 """Chapter 08's steps in :mod:`wbclib.protocols.restoration`: the tables and
 reports the notebook displays, on tiny synthetic frames (no images decoded)."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -96,3 +97,39 @@ def test_salt_pepper_report_reads_both_tables():
     assert first == ("salt-and-pepper test images: macro-F1 0.300 as is, 0.450 after Pix2Pix, "
                      "0.500 after the median filter")
     assert second == "held-out salt-and-pepper pairs, mean PSNR (dB) / SSIM: Pix2Pix 28.0 / 0.700, median 3x3 31.0 / 0.850"
+
+
+def test_degraded_test_caches_per_test_set_and_classifier(tmp_path, monkeypatch):
+    """The chapter's run identity covers neither the test set nor the classifier:
+    their cached scores live in a folder named by both, so a change of either
+    never reads a stale file."""
+    from wbclib.protocols import pbc_lt
+
+    test = pd.DataFrame(dict(path=["a.jpg", "b.jpg", "c.jpg"], degradation=["salt_pepper", "blur", "salt_pepper"],
+                             severity=[1, 2, 3]))
+    scored = []
+
+    def fake_scores(table, root):
+        scored.append(len(table))
+        return pd.DataFrame(dict(impulse=[0.5, 0.0, 0.4]))
+
+    runs = {"A": tmp_path / "runs" / "rho-100_fold-0_aaaa", "B": tmp_path / "runs" / "rho-100_fold-0_bbbb"}
+    current = {"run": runs["A"]}
+    monkeypatch.setattr(protocol, "ensure_erm_classifier", lambda *a, **k: current["run"])
+    monkeypatch.setattr(protocol, "load_classifier", lambda run_dir, n: ("method", "config"))
+    monkeypatch.setattr(pbc_lt, "pbc_lt_sets", lambda *a: (None, {"test_stress": test, "test_degraded": test}))
+    monkeypatch.setattr(protocol, "table_scores", fake_scores)
+    detector = SimpleNamespace(predict=lambda s: np.asarray(s) > 0.1)
+    out = tmp_path / "chapter"
+
+    def run(eval_set):
+        return protocol.degraded_test(None, None, None, None, None, None, out, detector, eval_set=eval_set)
+
+    first = run("test_stress")
+    assert first.folder == out / "test_stress-rho-100_fold-0_aaaa" and (first.folder / "test_scores.csv").is_file()
+    assert first.flags.tolist() == [True, False, True] and first.detection["recall"] == 1.0
+    assert first.report.startswith("noisy call vs truth on the stress test: {'precision': 1.0")
+    assert run("test_stress").folder == first.folder and scored == [3]  # read back
+    assert run("test_degraded").folder != first.folder and scored == [3, 3]  # another test set: scored again
+    current["run"] = runs["B"]
+    assert run("test_stress").folder.name == "test_stress-rho-100_fold-0_bbbb" and scored == [3, 3, 3]

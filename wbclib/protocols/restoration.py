@@ -256,9 +256,14 @@ def degraded_test(cfg, root: Path, splits_dir: Path, results_dir: Path, table: p
     (a key of :func:`pbc_lt.pbc_lt_sets`), with the ``detector``'s noisy ``flags``
     on it.
 
+    The test's noise scores, and the predictions :func:`effect_on_classifier`
+    caches, live in ``out/<eval_set>-<classifier run folder>`` (``folder``): the
+    chapter's run identity does not cover the test set or the classifier, so a
+    change of either reads nothing stale.
+
     Returns ``run_dir``, ``method``, ``train_config``, ``classes``, ``eval_set``,
-    ``test``, ``flags``, ``detection`` (flags against the salt-and-pepper truth),
-    ``flagged`` (:func:`flagged_share`) and a one-line ``report``.
+    ``folder``, ``test``, ``flags``, ``detection`` (flags against the
+    salt-and-pepper truth), ``flagged`` (:func:`flagged_share`) and a one-line ``report``.
     """
     from .pbc_lt import pbc_lt_sets
 
@@ -267,12 +272,13 @@ def degraded_test(cfg, root: Path, splits_dir: Path, results_dir: Path, table: p
     method, train_config = load_classifier(run_dir, len(classes))
     _, sets = pbc_lt_sets(cfg, table, definition, rho, fold)
     test = sets[eval_set].reset_index(drop=True)
-    scores = cached_frame(out / "test_scores.csv", lambda: table_scores(test, root).reset_index(drop=True))
+    folder = Path(out) / f"{eval_set}-{Path(run_dir).name}"
+    scores = cached_frame(folder / "test_scores.csv", lambda: table_scores(test, root).reset_index(drop=True))
     flags = detector.predict(scores["impulse"])
     detection = detection_scores(test["degradation"].eq("salt_pepper"), flags)
     name = eval_set.replace("test_", "")
     return SimpleNamespace(run_dir=run_dir, method=method, train_config=train_config, classes=classes,
-                           eval_set=eval_set, test=test, flags=flags, detection=detection,
+                           eval_set=eval_set, folder=folder, test=test, flags=flags, detection=detection,
                            flagged=flagged_share(test, flags),
                            report=f"noisy call vs truth on the {name} test: {_rounded(detection)}")
 
@@ -296,15 +302,16 @@ def agreement_report(run_dir: Path, as_is: pd.DataFrame, eval_set: str) -> str:
 
 
 def effect_on_classifier(test: SimpleNamespace, restorers: Dict[str, Callable[[np.ndarray], np.ndarray]],
-                         root: Path, out: Path, n_boot: int = 1000) -> SimpleNamespace:
+                         root: Path, n_boot: int = 1000) -> SimpleNamespace:
     """:func:`restoration_effect` for the fixed classifier of :func:`degraded_test`
-    (``test``) with ``restorers`` applied to its flagged images, in ``out/classify``.
+    (``test``) with ``restorers`` applied to its flagged images, cached in
+    ``test.folder/classify``.
 
     Returns ``preds`` (by condition), ``effect`` (macro-F1 by condition and kind),
     ``intervals`` (:func:`interval_table`) and ``report`` (:func:`agreement_report`).
     """
     preds, effect = restoration_effect(test.method, test.train_config, test.test, root, test.classes, test.flags,
-                                       restorers, Path(out) / "classify", n_boot=n_boot)
+                                       restorers, Path(test.folder) / "classify", n_boot=n_boot)
     return SimpleNamespace(preds=preds, effect=effect, intervals=interval_table(effect, list(preds)),
                            report=agreement_report(test.run_dir, preds["as is"], test.eval_set))
 
