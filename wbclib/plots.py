@@ -465,11 +465,6 @@ def cell_crops(ratios: pd.DataFrame, root: Path, ratio: float, per_lab: int = 4,
 # --------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------
-# Chapter 09: segmentation and morphology
-# --------------------------------------------------------------------------
-
-
 def dice_by_backend(scores: pd.DataFrame, title: str = "zheng1 Dice per back-end") -> plt.Figure:
     """Box plots of nucleus and cell Dice per back-end (``scores``: one row per
     image and back-end, columns ``backend``, ``image_id``, ``nucleus_dice``, ``cell_dice``)."""
