@@ -236,7 +236,8 @@ plots.gradcam_grid(images, cams, dg.gradcam_captions(examples), title="Grad-CAM 
 # %% [markdown]
 # ## Scale normalisation matters: ERM with and without it
 #
-# The same ERM runs (first seed) on images resized without the per-lab crop.
+# The same ERM runs (first seed) on whole images resized without any scale
+# normalisation (neither the cell-centred crop nor the per-lab crop).
 
 # %%
 compare = dg.scale_comparison(cfg, root, splits, cache, results, runs, split_seed=seed)

@@ -24,6 +24,7 @@ from ..restore import (BASELINES, EVAL_CONDITIONS, NoiseDetector, classify, degr
                        detector_rates, detector_versions, evaluate_restorers, load_classifier, macro_f1_by_kind,
                        table_scores)
 from ..runs import inputs_fingerprint
+from .common import cell_centred
 
 # --------------------------------------------------------------------------
 # Selecting images
@@ -145,6 +146,7 @@ def chapter_setup(cfg, root: Path, splits_dir: Path, results_dir: Path, seed: in
     """PBC-LT's table and definition, the chapter's images (:func:`chapter_images`),
     its run folder ``out`` (:func:`chapter_run`) and a one-line ``summary`` of the sizes."""
     table, definition = read_pbc_lt(splits_dir, seed)
+    table = cell_centred(table, cfg)
     images = chapter_images(cfg, table)
     out = chapter_run(results_dir, cfg, root, images, seed).dir
     summary = (f"profile {cfg.name}: {len(images['detector'])} images for the detector, a raw set of "
