@@ -79,7 +79,7 @@ def test_a_stage_switched_on_changes_predictions_where_it_should(tiny_pipeline, 
     assert (after.loc[~kept, "pred"] == "eosinophil").all()  # the tiny rule's one rare class
 
 
-def test_shared_preprocessing_predicts_exactly_as_wbc_predict(tiny_pipeline, stage1_heads, root, tmp_path):  # noqa: F811
+def test_shared_preprocessing_predicts_as_wbc_predict(tiny_pipeline, stage1_heads, root, tmp_path):  # noqa: F811
     """The ablation's rows (preprocessing shared between them) give, row for
     row, the predictions of the same pipeline without sharing; the full row is
     what ``wbc predict --tta`` gives on the saved bundle."""
