@@ -90,6 +90,13 @@ Rescue chapter keys (``protocols.rescue.pbc_lt_rescue``, notebook 10):
 * ``rescue_strengths`` – boost exponents searched on validation;
 * ``rescue_siglip_path`` – local SigLIP / MedSigLIP weights for the verifier
   (None: the profile's frozen backbone).
+
+The assembled system (``protocols.system``, ``wbc train``, chapter 11):
+
+* ``system_per_class`` – training images per common class (None: all). Kept
+  apart from ``n_max`` (PBC-LT's head cap): the ``cpu`` value, 600 images for
+  ``finetune_epochs`` (2) epochs, costs about what 200 images for 6 epochs
+  cost before the PBC-LT regime changed (issue 10).
 """
 from __future__ import annotations
 
@@ -138,7 +145,7 @@ PROFILES = {
         p2p_channels=8, p2p_depth=3, p2p_d_channels=8, p2p_d_layers=1, p2p_lr=1e-3,
         seg_zheng1_images=12, seg_bccd_fields=4, morph_per_class=2, cellpose_images=4, cellpose_folds=2,
         cellpose_epochs=1, cellpose_batch_size=2, rescue_rare=2, rescue_head_epochs=5, rescue_probe_folds=[0],
-        rescue_strengths=[0.0, 1.0, 2.0], rescue_siglip_path=None,
+        rescue_strengths=[0.0, 1.0, 2.0], rescue_siglip_path=None, system_per_class=12,
     ),
     "cpu": dict(
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
@@ -164,6 +171,7 @@ PROFILES = {
         seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=30, cellpose_folds=2,
         cellpose_epochs=25, cellpose_batch_size=4, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
+        system_per_class=600,
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
@@ -189,6 +197,7 @@ PROFILES = {
         seg_zheng1_images=None, seg_bccd_fields=None, morph_per_class=100, cellpose_images=None, cellpose_folds=5,
         cellpose_epochs=300, cellpose_batch_size=8, rescue_rare=2, rescue_head_epochs=60, rescue_probe_folds=[0, 1, 2, 3, 4],
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
+        system_per_class=None,
     ),
 }
 
@@ -289,6 +298,8 @@ class Profile:
     rescue_probe_folds: List[int]
     rescue_strengths: List[float]
     rescue_siglip_path: Optional[str]
+    # The assembled system (chapter 11, ``wbc train``)
+    system_per_class: Optional[int]
 
     def __post_init__(self):
         hints = get_type_hints(Profile)

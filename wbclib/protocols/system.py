@@ -96,7 +96,7 @@ def _per_class_sample(table: pd.DataFrame, n: Optional[int], rng: np.random.Gene
 def training_table(root: Path, cfg: profiles.Profile, seed: int = 0) -> pd.DataFrame:
     """pbc images with common-class labels and a stratified split: per class
     ``test_per_class`` test and ``val_per_class`` validation images (None: 20 %
-    and 10 %), the rest training, capped at ``n_max`` per class. Listing reads
+    and 10 %), the rest training, capped at ``system_per_class`` per class. Listing reads
     the folder layout only (no decoding): ``wbc data verify`` checks the files."""
     rows = []
     for group, prefixes in data.PBC_GROUPS.items():
@@ -113,8 +113,8 @@ def training_table(root: Path, cfg: profiles.Profile, seed: int = 0) -> pd.DataF
         n_test = cfg.test_per_class if cfg.test_per_class is not None else int(0.2 * len(group))
         n_val = cfg.val_per_class if cfg.val_per_class is not None else int(0.1 * len(group))
         test, val, train = group[:n_test], group[n_test:n_test + n_val], group[n_test + n_val:]
-        if cfg.n_max is not None:
-            train = train[:cfg.n_max]
+        if cfg.system_per_class is not None:
+            train = train[:cfg.system_per_class]
         out += [test.assign(split="test"), val.assign(split="val"), train.assign(split="train")]
     return pd.concat(out, ignore_index=True)
 
