@@ -355,3 +355,89 @@ def test_siglip_embedder_with_a_tiny_random_config(synthetic_root, tmp_path):
     assert verifier.predict_proba(x).shape == (len(table), 2)
     with pytest.raises(FileNotFoundError, match="SigLIP"):
         rescue.SiglipEmbedder.from_pretrained(tmp_path / "missing")
+
+
+# -- the protocol: the verifier embeds rows as the base run saw them -------------
+
+
+def test_rescue_embeds_val_and_test_rows_cell_centred_like_its_prototypes(tmp_path, monkeypatch):
+    """With ``cell_crop`` on, every row the verifier embeds (training views,
+    and the val/test rows read back from ``predictions_<set>.csv``, which lack
+    the loader columns) carries the crop: none is embedded uncropped."""
+    import json
+    from types import SimpleNamespace
+
+    from wbclib import benchmarks as B
+    from wbclib import embeddings, profiles
+    from wbclib.cellcrop import COMMON_RATIO
+    from wbclib.protocols.common import cell_centred
+    from wbclib.protocols.pbc_lt import pbc_lt_sets
+    from wbclib.train import predictions_frame
+
+    rows = [dict(path=f"pbc/{c}/{c}_{i}.png", fine_label=c) for c in B.PBC_LT_CLASSES for i in range(15)]
+    table, definition = B.make_pbc_lt(pd.DataFrame(rows), seed=0)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    table.to_csv(splits / "pbc_lt_seed0.csv", index=False)
+    (splits / "pbc_lt_seed0.json").write_text(json.dumps(definition.__dict__))
+    cfg = SimpleNamespace(**dict(profiles.PROFILES["smoke"], n_max=None, val_per_class=None, test_per_class=None,
+                                 probe_folds=[0], rhos=[100], finetune_folds=[0], rescue_head_epochs=1,
+                                 rescue_strengths=[0.0, 1.0], rescue_siglip_path=None))
+    assert cfg.cell_crop
+
+    # the base run: saved predictions as train.predictions_frame writes them
+    classes = list(B.PBC_LT_CLASSES)
+    _, sets = pbc_lt_sets(cfg, cell_centred(table, cfg), definition, 100, 0)
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("val_degraded", "test_degraded"):
+        probs = rng.dirichlet(np.ones(len(classes)), size=len(sets[name]))
+        predictions_frame(sets[name], probs, classes).to_csv(base_dir / f"predictions_{name}.csv", index=False)
+    assert "cell_crop" not in pd.read_csv(base_dir / "predictions_val_degraded.csv")
+
+    extracted = []
+
+    def fake_extract(backbone, needed, *args, **kwargs):
+        extracted.append(needed.copy())
+        return np.random.default_rng(len(needed)).normal(size=(len(needed), 8)).astype(np.float32)
+
+    class FakeMorphology:
+        VERSION = "fake"
+
+        @classmethod
+        def in_cache(cls, root, cache_dir):
+            def measure(t):
+                r = np.random.default_rng(len(t)).normal(size=(len(t), len(PAPER_FEATURES)))
+                return pd.DataFrame({f"km_{f}": r[:, j] for j, f in enumerate(PAPER_FEATURES)}
+                                    | {f: r[:, j] for j, f in enumerate(PAPER_FEATURES)})
+            return measure
+
+    from wbclib.morphology import PAPER_FEATURES
+    monkeypatch.setattr(embeddings, "extract_embeddings", fake_extract)
+    monkeypatch.setattr(embeddings, "create_backbone", lambda *a, **k: None)
+    monkeypatch.setattr(rescue_protocol, "MorphologyCache", FakeMorphology)
+
+    base = pd.DataFrame([dict(rho=100, fold=0, run_dir=str(base_dir))])
+    out = rescue_protocol.pbc_lt_rescue(cfg, tmp_path / "data", splits, tmp_path / "cache", tmp_path / "results",
+                                        base, rho=100, folds=[0])
+    assert set(out["phase"]) >= {"base"} and len(out) > 1
+    needed = pd.concat(extracted)
+    assert len(needed) and (needed["cell_crop"].astype(float) == COMMON_RATIO).all()
+    # the val/test rows were among them, with their draws
+    test_paths = set(sets["test_degraded"]["path"])
+    assert test_paths <= set(needed["path"])
+
+
+def test_with_loader_columns_joins_on_path_and_checks_the_draw():
+    pred = pd.DataFrame(dict(path=["b", "a"], label=["X", "Y"], degradation=["blur", "none"], severity=[2, 0],
+                             pred=["X", "X"]))
+    rows = pd.DataFrame(dict(path=["a", "b"], label=["Y", "X"], degradation=["none", "blur"], severity=[0, 2],
+                             cell_crop=[0.65, 0.65], stain=["macenko", "macenko"], split="test"))
+    out = rescue_protocol.with_loader_columns(pred, rows)
+    assert out["path"].tolist() == ["b", "a"] and out["cell_crop"].tolist() == [0.65, 0.65]
+    assert out["stain"].tolist() == ["macenko"] * 2 and out["pred"].tolist() == ["X", "X"]
+    with pytest.raises(ValueError, match="severity"):
+        rescue_protocol.with_loader_columns(pred.assign(severity=[1, 0]), rows)
+    with pytest.raises(LookupError):
+        rescue_protocol.with_loader_columns(pred.assign(path=["b", "c"]), rows)

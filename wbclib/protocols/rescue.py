@@ -45,6 +45,30 @@ def verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], roo
     return ChainedStore(*stores)
 
 
+def with_loader_columns(pred: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """A saved predictions table (``predictions_<set>.csv``, which keeps only
+    path, lab, label, degradation and severity) with every other loader column
+    (:data:`runs.ROW_COLUMNS`: ``cell_crop``, ``view``, ``stain``, ``crop`` ...)
+    of the evaluation set's ``rows`` it was predicted on, joined on ``path``,
+    in ``pred``'s order. Without them an embedding store would embed the rows
+    with its defaults (uncropped, no stain normalisation), not as the base run
+    saw them. Raises when a row is missing or its label or draw disagrees."""
+    extra = [c for c in runs.ROW_COLUMNS if c in rows and c not in pred and c != "path"]
+    shared = [c for c in ("label", "lab", "degradation", "severity") if c in rows and c in pred]
+    source = rows[["path"] + shared + extra].rename(columns={c: f"{c}__set" for c in shared})
+    if source["path"].duplicated().any():
+        raise ValueError("the evaluation set lists a path twice; its rows cannot be joined on path")
+    out = pred.merge(source, on="path", how="left", validate="many_to_one", indicator=True)
+    if (out["_merge"] != "both").any():
+        missing = out.loc[out["_merge"] != "both", "path"].iloc[0]
+        raise LookupError(f"{int((out['_merge'] != 'both').sum())} predicted rows are not in the evaluation set "
+                          f"(e.g. {missing})")
+    for c in shared:
+        if not out[c].astype(str).equals(out[f"{c}__set"].astype(str)):
+            raise ValueError(f"the predictions' {c!r} column disagrees with the evaluation set's")
+    return out.drop(columns=["_merge"] + [f"{c}__set" for c in shared]).reset_index(drop=True)
+
+
 def score_rows(frame: pd.DataFrame, classes: Sequence[str]) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     return scores(frame["label"].map(index).to_numpy(), frame["pred"].map(index).to_numpy(), len(classes))
@@ -92,7 +116,7 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
         if len(hits) != 1:
             raise LookupError(f"{len(hits)} base runs for rho={rho} fold={fold} in the {regime!r} table")
         run_dir = Path(hits[0])
-        split, _ = pbc_lt_sets(cfg, table, definition, rho, fold)
+        split, eval_sets = pbc_lt_sets(cfg, table, definition, rho, fold)
         train = split[split["split"] == "train"]
         views = pd.concat([train, B.stress(train)], ignore_index=True)
         config = dict(regime=regime, rho=rho, fold=fold, base=run_dir.name, val_set=val_set, test_set=test_set,
@@ -106,8 +130,9 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
             continue
         counts = class_counts(train["label"], classes)
         rare = rarest_classes({c: counts[c] for c in definition.head_order}, cfg.rescue_rare)
-        val = _io.read_csv(run_dir / f"predictions_{val_set}.csv")
-        test = _io.read_csv(run_dir / f"predictions_{test_set}.csv")
+        # the saved predictions lack the loader columns (cell_crop, stain ...): join them back from the sets
+        val = with_loader_columns(_io.read_csv(run_dir / f"predictions_{val_set}.csv"), eval_sets[val_set])
+        test = with_loader_columns(_io.read_csv(run_dir / f"predictions_{test_set}.csv"), eval_sets[test_set])
         store = verification_store(cfg, [views, val, test], root, cache_dir)
         index = {c: i for i, c in enumerate(classes)}
         verifier = fit_contrastive_head(store(views), views["label"].map(index).to_numpy(), len(classes),
