@@ -114,9 +114,14 @@ fig.tight_layout()
 # the square around it is cut so that the cell fills one common share of the
 # side, the median of the three labs' median ratios, padding by reflection
 # where the square leaves the image; then the image is resized. A cell that
-# cannot be found falls back to the image centre and its lab's median size
-# (the `located` column says how often that happened). Degradations are
-# applied to the whole field before the crop, as an acquisition would.
+# cannot be found falls back to the image centre and a fixed size for its lab
+# (the lab medians below: pbc 0.425, zheng1 0.650, bccd 0.820 of the shorter
+# side; the `located` column says how often that happened). Degradations are
+# applied to the whole field before the crop, as an acquisition would, and a
+# degraded image's cell is located on the degraded image itself (a deployed
+# system never sees the pristine one), so corruptions that mislead the
+# localisation cost what they would cost in use. This table is measured on
+# pristine images.
 #
 # The table measures the cell-to-input ratio (cell side / shorter image side)
 # per lab, before and after the crop; the common ratio is re-measured here and
@@ -126,7 +131,7 @@ fig.tight_layout()
 from wbclib import cellcrop
 
 crop_sample = cellcrop.lab_sample(manifests, per_lab=8 if cfg.name == "smoke" else 300, seed=seed)
-ratios = cellcrop.ratio_table(crop_sample, root, cache_dir=cache)
+ratios = cellcrop.ratio_table(crop_sample, root)
 display(cellcrop.summarize_ratios(ratios))
 print(f"common ratio measured on this sample: {cellcrop.common_ratio(ratios):.3f}; "
       f"used by every chapter: {cellcrop.COMMON_RATIO}")

@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "wbclib"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 #: Algorithms: pure methods on arrays, tensors and tables.
-ALGORITHMS = {"augment", "cluster", "degrade", "gradcam", "heads", "infer", "losses", "method_base", "methods",
-              "metrics", "morphology", "precision", "registry", "sada", "samplers", "scale", "segment", "stain",
-              "swad", "verdicts"}
+ALGORITHMS = {"augment", "cellcrop", "cluster", "degrade", "gradcam", "heads", "infer", "losses", "method_base",
+              "methods", "metrics", "morphology", "precision", "registry", "sada", "samplers", "scale", "segment",
+              "stain", "swad", "verdicts"}
 #: What algorithms must not import: profiles, protocols, run folders and the book's machinery.
 ABOVE_ALGORITHMS = {"profiles", "protocols", "crosslab", "runs", "runbook", "cli", "rescue"}
 

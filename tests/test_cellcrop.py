@@ -1,6 +1,7 @@
-"""Cell-centred inputs (wbclib.cellcrop): localisation, the crop at the common
-ratio, the box cache, the fallback, and the switch reaching run identities and
-embedding cache keys."""
+"""Cell-centred inputs (wbclib.cellcrop, the loader's box table in
+wbclib._cellboxes): localisation, the crop at the common ratio, the box cache,
+boxes located on degraded images, the fallback, and the switch reaching run
+identities and embedding cache keys."""
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from wbclib import cellcrop, models, runs
-from wbclib.cellcrop import COMMON_RATIO, cell_boxes, centre_on_cell, crop_square, locate_cell
+from wbclib import _cellboxes, cellcrop, models, runs
+from wbclib._cellboxes import cell_boxes
+from wbclib.cellcrop import COMMON_RATIO, centre_on_cell, crop_square, fallback_box, locate_cell
 from wbclib.protocols.common import cell_centred
 
 BACKGROUND = (236, 226, 214)
@@ -57,17 +59,28 @@ def test_a_square_beyond_the_image_is_padded_by_reflection():
     assert huge.shape == (400, 400, 3)
 
 
-def test_a_blank_image_falls_back_and_the_table_records_it(tmp_path):
-    Image.fromarray(cell_image()).save(tmp_path / "cell.png")
-    Image.fromarray(np.full((120, 160, 3), 230, np.uint8)).save(tmp_path / "blank.png")
+def test_a_blank_image_falls_back_to_a_fixed_box_of_its_lab(tmp_path, monkeypatch):
+    monkeypatch.delenv("WBC_CACHE_DIR", raising=False)
+    for folder in ("pbc", "zheng1", "elsewhere"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(cell_image()).save(tmp_path / folder / "cell.png")
+        Image.fromarray(np.full((120, 160, 3), 230, np.uint8)).save(tmp_path / folder / "blank.png")
     assert not locate_cell(np.full((50, 50, 3), 230, np.uint8)).found
-    boxes = cell_boxes(tmp_path, ["cell.png", "blank.png"], ["lab", "lab"]).set_index("path")
-    assert bool(boxes.loc["cell.png", "found"]) and not bool(boxes.loc["blank.png", "found"])
-    blank = boxes.loc["blank.png"]
-    assert (blank["cx"], blank["cy"]) == (80, 60)
-    # the lab's median cell-to-image share (from the found image) sets the fallback size
-    share = boxes.loc["cell.png", "side"] / 200
-    assert blank["side"] == pytest.approx(share * 120, rel=1e-6)
+    every = [f"{lab}/{name}" for lab in ("pbc", "zheng1", "elsewhere") for name in ("cell.png", "blank.png")]
+    together = cell_boxes(tmp_path, every).set_index("path")
+    assert bool(together.loc["pbc/cell.png", "found"]) and not bool(together.loc["pbc/blank.png", "found"])
+    for lab, share in [("pbc", 0.425), ("zheng1", 0.650), ("elsewhere", COMMON_RATIO)]:
+        blank = together.loc[f"{lab}/blank.png"]
+        assert (blank["cx"], blank["cy"], blank["side"]) == pytest.approx((80, 60, share * 120))
+        assert fallback_box(160, 120, lab) == cellcrop.CellBox(80, 60, pytest.approx(share * 120), False)
+        # a fixed function of the image: the same box alone as with the other images
+        alone = cell_boxes(tmp_path, [f"{lab}/blank.png"]).set_index("path").loc[f"{lab}/blank.png"]
+        assert alone[["cx", "cy", "side", "found"]].tolist() == blank[["cx", "cy", "side", "found"]].tolist()
+    # and the loader cuts it the same whatever else it loads, with or without a lab column
+    rows = pd.DataFrame(dict(path=every, label="x", cell_crop=COMMON_RATIO, lab="pbc"))
+    one = models.ImageTable(rows.iloc[[1]], tmp_path, ["x"], 32).cell_boxes[0]
+    assert models.ImageTable(rows.drop(columns="lab"), tmp_path, ["x"], 32).cell_boxes[1] == one
+    assert one == pytest.approx((80, 60, 0.425 * 120))
 
 
 def test_the_box_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path):
@@ -94,14 +107,44 @@ def test_an_image_is_located_once_across_cached_sets(tmp_path, monkeypatch):
         Image.fromarray(cell_image(cx=cx)).save(data_dir / name)
     calls = []
     real = cellcrop.locate_cell
-    monkeypatch.setattr(cellcrop, "locate_cell", lambda image: calls.append(1) or real(image))
-    monkeypatch.setattr(cellcrop, "_MEMO", {})
+    monkeypatch.setattr(_cellboxes, "locate_cell", lambda image: calls.append(1) or real(image))
+    monkeypatch.setattr(_cellboxes, "_MEMO", {})
     first = cell_boxes(data_dir, ["a.png", "b.png"], cache_dir=cache)
     assert len(calls) == 2
-    monkeypatch.setattr(cellcrop, "_MEMO", {})  # a new process: only the disk cache is left
+    monkeypatch.setattr(_cellboxes, "_MEMO", {})  # a new process: only the disk cache is left
     second = cell_boxes(data_dir, ["b.png", "c.png"], cache_dir=cache)
     assert len(calls) == 3  # only c.png was located
     assert second.set_index("path").loc["b.png", "cx"] == first.set_index("path").loc["b.png", "cx"]
+
+
+def test_a_degraded_row_is_cropped_at_the_box_located_on_its_degraded_image(tmp_path, root, monkeypatch):
+    rel = str(sorted((root / "pbc" / "neutrophil").iterdir())[1].relative_to(root))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(_cellboxes, "_MEMO", {})
+    table = pd.DataFrame(dict(path=[rel, rel], label=["neutrophil"] * 2, degradation=["gaussian_blur"] * 2,
+                              severity=[0, 4], cell_crop=COMMON_RATIO))
+    ds = models.ImageTable(table, root, ["neutrophil"], 32, degrade_seed=3, box_cache=cache)
+    pristine, degraded = ds.cell_boxes
+    located = lambda image: (lambda b: (round(b.cx, 2), round(b.cy, 2), round(b.side, 2)))(locate_cell(image))
+    assert pristine == pytest.approx(located(models.load_table_image(root, rel)))
+    on_degraded = models.load_table_image(root, rel, "gaussian_blur", 4, 3)
+    assert degraded == pytest.approx(located(on_degraded))
+    assert degraded != pytest.approx(pristine, abs=1.0)  # heavy blur moves this cell's box
+    # the crop the model gets is cut at that box
+    expected = models.ImageTable(table.iloc[[1]].drop(columns="cell_crop"), root, ["neutrophil"], 32,
+                                 degrade_seed=3)
+    expected.native_image = lambda i: centre_on_cell(on_degraded, *degraded, ratio=COMMON_RATIO)
+    assert (ds[1][0] == expected[0][0]).all()
+    # cached apart: pristine rows under their path-only key, degraded rows per (path, kind, severity, seed)
+    entries = sorted(f.name for f in (cache / "cell_boxes").glob("*.csv"))
+    assert len(entries) == 2 and sum(name.startswith("cell_boxes_degraded_") for name in entries) == 1
+    monkeypatch.setattr(_cellboxes, "_MEMO", {})
+    again = models.ImageTable(table, root, ["neutrophil"], 32, degrade_seed=3, box_cache=cache)
+    assert again.cell_boxes == ds.cell_boxes
+    assert len(list((cache / "cell_boxes").glob("*.csv"))) == 2  # read back, nothing new
+    models.ImageTable(table, root, ["neutrophil"], 32, degrade_seed=4, box_cache=cache)
+    assert len(list((cache / "cell_boxes").glob("cell_boxes_degraded_*.csv"))) == 2  # another seed, another key
+    assert len(list((cache / "cell_boxes").glob("*.csv"))) == 3  # the pristine entry is shared
 
 
 def test_the_loader_crops_around_the_cell(tmp_path):

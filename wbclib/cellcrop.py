@@ -16,11 +16,11 @@ those differences. Here every image is cropped around its own cell:
   maximum of their distance transform) seeds the cell, which is the stained
   blob around it once necks thinner than its radius are opened away, within
   1.5 radii: a red cell touching the leukocyte through a neck does not
-  inflate it. The box is that blob's bounding square (nucleus included). Where no nucleus is found the box falls back to
-  the image centre with the lab's median cell size (``found`` False, recorded).
-* :func:`cell_boxes` runs it once per image and caches the boxes with
-  :mod:`cache` (keyed by the data root, each file's size and modification
-  time, :data:`LOCATE_VERSION` and the code of this module).
+  inflate it. The box is that blob's bounding square (nucleus included).
+  Where no nucleus is found, :func:`fallback_box` gives the image centre and
+  a fixed share of the shorter side for the image's lab
+  (:data:`LAB_CELL_SHARE`, the lab read from the path): a function of the
+  image alone, never of the other images loaded with it.
 * :func:`crop_square` / :func:`centre_on_cell` cut a square around the cell
   whose side is ``cell side / ratio``, padding by reflection where the square
   leaves the image, so the cell covers the same share of every input; the
@@ -37,14 +37,22 @@ too small would cut the cell off. :func:`ratio_table` re-measures it
 
 Degradations are applied to the whole native image *before* the crop (as an
 acquisition would: the crop is a processing step after it), and the box is
-located on the pristine image, so a degraded copy is cropped at the same place
-as its pristine twin and the result is deterministic.
+located on the image as the model gets it, the degraded one, never on its
+pristine twin (which no deployed system has): the loader
+(:class:`models.ImageTable`) locates each row's box on the row's degraded
+image and caches the boxes per (path, degradation, severity, degrade seed)
+(a pristine row keeps its path-only key); the system's scale stage
+(:class:`pipeline.ScaleNormalization`) locates on the image it receives.
+Degradations are seeded per image and localisation is deterministic, so the
+boxes are too.
+
+This module is pure (arrays and tables in, arrays and tables out); the cached
+per-image box table lives with the loader (``wbclib._cellboxes``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -69,10 +77,6 @@ CELL_REACH = 1.5
 #: :func:`ratio_table` of 300 images per lab (``sample(300, random_state=0)``
 #: of each lab's manifest): lab medians pbc 0.425, zheng1 0.650, bccd 0.820.
 COMMON_RATIO = 0.65
-BOX_COLUMNS = ["path", "width", "height", "cx", "cy", "side", "found", "size", "mtime_ns"]
-#: Boxes located in this process, by (root, path, file size, mtime): loaders
-#: built without a cache folder (training) locate each image once per process.
-_MEMO: Dict[tuple, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,7 @@ def locate_cell(image: np.ndarray) -> CellBox:
     """Centre and diameter of the primary leukocyte of ``image`` (RGB uint8).
 
     A failed localisation returns the image centre, a side of half the shorter
-    image side and ``found=False`` (:func:`cell_boxes` then uses the lab's
-    median cell size instead)."""
+    image side and ``found=False`` (callers then use :func:`fallback_box`)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
@@ -161,102 +164,31 @@ def locate_cell(image: np.ndarray) -> CellBox:
     return CellBox((x0 + x1) / 2 / s, (y0 + y1) / 2 / s, float(cell_side) / s, True)
 
 
-def cell_boxes(root: Path, paths: Iterable[str], labs: Optional[Sequence[str]] = None,
-               cache_dir: Optional[Path] = None) -> pd.DataFrame:
-    """One located box per distinct path (columns :data:`BOX_COLUMNS`, sorted
-    by path). Rows whose localisation failed (``found`` False) get the image
-    centre and a side of their lab's median ``side / min(width, height)`` among
-    the found rows (``labs``, aligned with ``paths``; else all rows). With
-    ``cache_dir`` the table is cached per set of paths (see the module docstring);
-    an image already located in another cached set (same root, file size and
-    modification time, same code) is not located again, so each image a
-    chapter loads is located once however the chapters subset the data."""
-    root = Path(root)
-    paths = [str(p) for p in paths]
-    lab_of = dict(zip(paths, labs)) if labs is not None else {p: "" for p in paths}
-    unique = sorted(set(paths))
-
-    def compute(known: Optional[Dict[tuple, dict]] = None) -> pd.DataFrame:
-        rows = []
-        if known:
-            _MEMO.update(known)
-        for rel in unique:
-            try:
-                st = (root / rel).stat()
-                key = (str(root.resolve()), rel, st.st_size, st.st_mtime_ns)
-            except OSError:
-                key = None
-            if key is None or key not in _MEMO:
-                image = load_image(root / rel)
-                box = locate_cell(image)
-                row = dict(path=rel, width=image.shape[1], height=image.shape[0], cx=round(box.cx, 2),
-                           cy=round(box.cy, 2), side=round(box.side, 2), found=bool(box.found),
-                           size=key[2] if key else -1, mtime_ns=key[3] if key else -1)
-                if key is None:
-                    rows.append(row)
-                    continue
-                _MEMO[key] = row
-            rows.append(_MEMO[key])
-        return pd.DataFrame(rows, columns=BOX_COLUMNS)
-
-    if cache_dir is None:
-        table = compute()
-    else:
-        import hashlib
-
-        from . import cache
-        from .runs import files_fingerprint
-
-        listing = hashlib.sha256("\n".join(unique).encode()).hexdigest()[:20]
-        entry = cache.entry(cache_dir, "cell_boxes", dict(version=LOCATE_VERSION, work_side=WORK_SIDE),
-                            dict(root=str(root.resolve()), listing=listing, files=files_fingerprint(root, unique)),
-                            modules=("cellcrop.py", "data.py"), suffix=".csv")
-        table = cache.frame(entry, lambda: compute(_cached_boxes(entry)), columns=BOX_COLUMNS, dtype={"path": str},
-                            keep_default_na=False)
-        table["found"] = table["found"].astype(str).str.lower().isin(["true", "1"])
-    return _fill_fallbacks(table, lab_of)
+#: A lab's median located cell side / shorter image side (the :func:`ratio_table`
+#: that set :data:`COMMON_RATIO`): the size of the fallback box of an image of
+#: that lab whose cell is not found (:func:`fallback_box`).
+LAB_CELL_SHARE = {"pbc": 0.425, "zheng1": 0.650, "bccd": 0.820}
 
 
-def _cached_boxes(entry) -> Dict[tuple, dict]:
-    """Boxes of every other ``cell_boxes`` entry beside ``entry`` written by the
-    same code and settings under the same root, by (root, path, size, mtime)."""
-    from . import _io
-
-    known: Dict[tuple, dict] = {}
-    root = entry.meta["inputs"]["root"]
-    for sidecar in sorted(entry.path.parent.glob("*.csv.json")):
-        try:
-            meta = _io.read_json(sidecar)
-            if (meta.get("code"), meta.get("settings"), (meta.get("inputs") or {}).get("root")) != \
-                    (entry.meta["code"], entry.meta["settings"], root):
-                continue
-            table = pd.read_csv(sidecar.with_name(sidecar.name[: -len(".json")]), dtype={"path": str},
-                                keep_default_na=False)
-        except (OSError, ValueError, _io.CorruptFileError):
-            continue
-        if not set(BOX_COLUMNS) <= set(table.columns):
-            continue
-        for row in table[BOX_COLUMNS].to_dict("records"):
-            row["found"] = str(row["found"]).lower() in ("true", "1")
-            known[(root, row["path"], int(row["size"]), int(row["mtime_ns"]))] = row
-    return known
+def lab_of(path: str) -> str:
+    """The lab of a benchmark image: the first component of its path relative
+    to the data root (``"pbc/neutrophil/x.jpg"`` -> ``"pbc"``)."""
+    parts = Path(str(path)).parts
+    return parts[0] if parts else ""
 
 
-def _fill_fallbacks(table: pd.DataFrame, lab_of: Dict[str, str]) -> pd.DataFrame:
-    table = table.copy()
-    table["lab"] = [lab_of.get(p, "") for p in table["path"]]
-    short = np.minimum(table["width"], table["height"]).astype(float)
-    share = table["side"] / short
-    found = table["found"].astype(bool)
-    overall = float(share[found].median()) if found.any() else 0.5
-    medians = share[found].groupby(table.loc[found, "lab"]).median().to_dict()
-    lost = ~found
-    if lost.any():
-        table.loc[lost, "cx"] = table.loc[lost, "width"] / 2
-        table.loc[lost, "cy"] = table.loc[lost, "height"] / 2
-        table.loc[lost, "side"] = [medians.get(lab, overall) * s for lab, s in zip(table.loc[lost, "lab"],
-                                                                                   short[lost])]
-    return table
+def fallback_box(width: int, height: int, lab: str = "") -> CellBox:
+    """The box of an image whose cell is not found: the image centre, with a
+    side of ``lab``'s :data:`LAB_CELL_SHARE` of the shorter image side; for an
+    unknown lab :data:`COMMON_RATIO` of it, so :func:`centre_on_cell` at the
+    common ratio keeps the centred square of the shorter side (the whole image
+    when it is square). A fixed function of the image, whatever else is loaded
+    with it (``found`` False). The system's scale stage
+    (:class:`pipeline.ScaleNormalization`), which is given no lab, keeps such
+    an image whole instead (for a square image the same as the unknown-lab
+    rule here)."""
+    share = LAB_CELL_SHARE.get(lab, COMMON_RATIO)
+    return CellBox(width / 2, height / 2, share * min(width, height), False)
 
 
 def crop_square(image: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray:
@@ -285,20 +217,23 @@ def centre_on_cell(image: np.ndarray, cx: float, cy: float, cell_side: float, ra
     return crop_square(image, cx, cy, cell_side / ratio)
 
 
-def ratio_table(table: pd.DataFrame, root: Path, ratio: float = COMMON_RATIO,
-                cache_dir: Optional[Path] = None) -> pd.DataFrame:
-    """Per image (``path``, ``lab``): the box (``cx``, ``cy``, ``side``), the
-    native cell-to-image ratio ``before`` (cell side / shorter image side), the
-    ratio ``after`` :func:`centre_on_cell` (re-located on the crop) and whether
-    the cell was ``found``."""
-    boxes = cell_boxes(root, table["path"], table["lab"], cache_dir).set_index("path")
+def ratio_table(table: pd.DataFrame, root: Path, ratio: float = COMMON_RATIO) -> pd.DataFrame:
+    """Per image (``path``, ``lab``): the box (``cx``, ``cy``, ``side``;
+    :func:`fallback_box` where the cell is not found), the native
+    cell-to-image ratio ``before`` (cell side / shorter image side), the ratio
+    ``after`` :func:`centre_on_cell` (re-located on the crop) and whether the
+    cell was ``found``. Located here, on the pristine images, uncached."""
     rows = []
     for rel, lab in zip(table["path"], table["lab"]):
-        b = boxes.loc[rel]
-        crop = centre_on_cell(load_image(Path(root) / rel), b["cx"], b["cy"], b["side"], ratio)
+        image = load_image(Path(root) / rel)
+        h, w = image.shape[:2]
+        b = locate_cell(image)
+        if not b.found:
+            b = fallback_box(w, h, lab_of(rel))
+        crop = centre_on_cell(image, b.cx, b.cy, b.side, ratio)
         after = locate_cell(crop)
-        rows.append(dict(path=rel, lab=lab, found=bool(b["found"]), cx=b["cx"], cy=b["cy"], side=b["side"],
-                         before=float(b["side"] / min(b["width"], b["height"])),
+        rows.append(dict(path=rel, lab=lab, found=bool(b.found), cx=round(b.cx, 2), cy=round(b.cy, 2),
+                         side=round(b.side, 2), before=float(b.side / min(w, h)),
                          after=float(after.side / min(crop.shape[:2])) if after.found else np.nan))
     return pd.DataFrame(rows)
 

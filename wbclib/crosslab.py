@@ -161,7 +161,7 @@ def one_thread(fn):
 
 #: The modules whose code decides the cached images, trunk maps, stain statistics and views.
 DG_CACHE_MODULES = ("crosslab.py", "models.py", "data.py", "sada.py", "stain.py", "scale.py", "augment.py",
-                    "cluster.py", "precision.py", "cellcrop.py")
+                    "cluster.py", "precision.py", "cellcrop.py", "_cellboxes.py")
 
 
 def _hash(*parts) -> str:

@@ -173,11 +173,17 @@ class ImageTable(Dataset):
       acquisition pipeline would see it;
     * ``cell_crop`` (a ratio in (0, 1]; 0 or absent: off): the square around
       the row's leukocyte in which the cell fills that share of the side
-      (:func:`cellcrop.centre_on_cell`; the box is located once per image on
-      the pristine image, by :func:`cellcrop.cell_boxes`, cached in
+      (:func:`cellcrop.centre_on_cell`). The box is located once per
+      (path, degradation, severity, degrade seed) on the row's *degraded*
+      image, as a deployed system would have to (never on its pristine
+      twin), before stain normalisation as in the system's pipeline (scale
+      before stain; the stained image is cut at that box); cached in
       ``box_cache``, else in ``$WBC_CACHE_DIR`` when set, else only in this
-      process), so degradation comes first and a degraded copy is cropped
-      where its pristine twin is;
+      process (``wbclib._cellboxes``). An image whose cell is not found gets
+      :func:`cellcrop.fallback_box` (centre, its lab's fixed share), a
+      function of the image alone. Steps a subclass adds in
+      :meth:`native_image` (restoration) are not seen by the localisation:
+      such rows are cut at the box of their degraded, unrestored image;
     * ``crop``: a deterministic centre crop (< 1) or pad (> 1) of each side to
       that factor (:func:`scale.centre_crop_pad`; cross-lab scale normalisation);
     * then the resize to ``image_size``;
@@ -209,6 +215,7 @@ class ImageTable(Dataset):
         self.views = table["view"].astype(int).tolist() if "view" in table else [0] * n
         self.crops = table["crop"].astype(float).tolist() if "crop" in table else [1.0] * n
         self.cell_crops = table["cell_crop"].fillna(0).astype(float).tolist() if "cell_crop" in table else [0.0] * n
+        self.degrade_seed = degrade_seed
         self.cell_boxes = self._cell_boxes(table, box_cache)
         bad_views = sorted(set(self.views) - set(range(8)))
         if bad_views:
@@ -222,25 +229,30 @@ class ImageTable(Dataset):
             raise ValueError("rows with stain 'macenko' need a stain_reference (image path relative to root)")
         self._normalizers: dict = {}
         self.image_size = image_size
-        self.degrade_seed = degrade_seed
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _cell_boxes(self, table: pd.DataFrame, box_cache: Optional[Path]) -> dict:
-        """path -> (cx, cy, cell side) of every row with a ``cell_crop``, located once here."""
+    def _cell_boxes(self, table: pd.DataFrame, box_cache: Optional[Path]) -> list:
+        """Per row, (cx, cy, cell side) of its box (None without ``cell_crop``),
+        located here on the row's degraded image."""
         rows = [i for i, r in enumerate(self.cell_crops) if r > 0]
+        boxes: list = [None] * len(self.paths)
         if not rows:
-            return {}
-        from .cellcrop import cell_boxes
+            return boxes
+        from ._cellboxes import cell_boxes, row_key
 
-        paths = [self.paths[i] for i in rows]
-        labs = [table["lab"].iloc[i] for i in rows] if "lab" in table else None
         if box_cache is None and os.environ.get("WBC_CACHE_DIR", "").strip():
             box_cache = Path(os.environ["WBC_CACHE_DIR"])  # the book's cache (``make book`` sets it)
-        boxes = cell_boxes(self.root, paths, labs, cache_dir=box_cache)
-        return {p: (cx, cy, side) for p, cx, cy, side in zip(boxes["path"], boxes["cx"], boxes["cy"], boxes["side"])}
+        found = cell_boxes(self.root, [self.paths[i] for i in rows], [self.kinds[i] for i in rows],
+                           [self.levels[i] for i in rows], self.degrade_seed, cache_dir=box_cache)
+        by_key = {(p, k, int(lv)): (cx, cy, side) for p, k, lv, cx, cy, side
+                  in zip(found["path"], found["degradation"], found["severity"], found["cx"], found["cy"],
+                         found["side"])}
+        for i in rows:
+            boxes[i] = by_key[(self.paths[i],) + row_key(self.kinds[i], self.levels[i])]
+        return boxes
 
     def native_image(self, i: int) -> np.ndarray:
         """Row ``i``'s image at native resolution, degraded as the row says
@@ -258,7 +270,7 @@ class ImageTable(Dataset):
         if self.cell_crops[i] > 0:
             from .cellcrop import centre_on_cell
 
-            image = centre_on_cell(image, *self.cell_boxes[self.paths[i]], ratio=self.cell_crops[i])
+            image = centre_on_cell(image, *self.cell_boxes[i], ratio=self.cell_crops[i])
         if self.crops[i] != 1.0:
             image = centre_crop_pad(image, self.crops[i])
         x = torch.from_numpy(image).permute(2, 0, 1)
@@ -365,7 +377,7 @@ def _row_listing(table: pd.DataFrame) -> pd.Series:
 
 #: The modules whose code decides an embedding (loading, degradation, stain, crop, transforms, precision).
 EMBEDDING_MODULES = ("models.py", "data.py", "degrade.py", "augment.py", "stain.py", "scale.py", "cellcrop.py",
-                     "precision.py")
+                     "_cellboxes.py", "precision.py")
 
 
 def embedding_entry(cache_dir: Path, backbone_name: str, pretrained: bool, image_size: int, table: pd.DataFrame,

@@ -156,8 +156,14 @@ class ScaleNormalization:
     the located leukocyte in which the cell fills that share of the side
     (:func:`cellcrop.locate_cell`, :func:`cellcrop.centre_on_cell`), as the
     book's chapters do; the nucleus-fraction rule is then not applied (no
-    double crop). An image whose cell is not found is kept whole
-    (``cell_found`` False in the decisions)."""
+    double crop). The cell is located on the image this stage receives
+    (degraded, restored), as the chapters' loader locates it on each row's
+    degraded image. An image whose cell is not found is kept whole
+    (``cell_found`` False in the decisions): the stage is given no lab. The
+    chapters' loader (:class:`models.ImageTable`), which reads the lab from
+    the image's path, cuts such an image around its centre at the lab's
+    fixed cell share instead (:func:`cellcrop.fallback_box`); for a square
+    image of no known lab the two agree."""
 
     target_fraction: float = 0.0
     min_factor: float = 0.5
