@@ -133,3 +133,29 @@ def test_degraded_test_caches_per_test_set_and_classifier(tmp_path, monkeypatch)
     assert run("test_degraded").folder != first.folder and scored == [3, 3]  # another test set: scored again
     current["run"] = runs["B"]
     assert run("test_stress").folder.name == "test_stress-rho-100_fold-0_bbbb" and scored == [3, 3, 3]
+
+
+def test_rows_at_severity_0_count_as_pristine_not_as_their_drawn_kind(tmp_path, monkeypatch):
+    """Phase-2 mixes keep each image's drawn kind at severity 0 (the pristine
+    image): the salt-and-pepper truth, the flagged shares and the noisy calls
+    must not count those rows as degraded."""
+    from wbclib.protocols import pbc_lt
+
+    test = pd.DataFrame(dict(path=["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+                             degradation=["salt_pepper", "salt_pepper", "blur", "blur"], severity=[2, 0, 0, 1]))
+    monkeypatch.setattr(protocol, "ensure_erm_classifier", lambda *a, **k: tmp_path / "runs" / "run_a")
+    monkeypatch.setattr(protocol, "load_classifier", lambda run_dir, n: ("method", "config"))
+    monkeypatch.setattr(pbc_lt, "pbc_lt_sets", lambda *a: (None, {"test_degraded": test}))
+    monkeypatch.setattr(protocol, "table_scores", lambda t, r: pd.DataFrame(dict(impulse=[0.5, 0.0, 0.0, 0.0])))
+    detector = SimpleNamespace(predict=lambda s: np.asarray(s) > 0.1)
+    got = protocol.degraded_test(None, None, None, None, None, None, tmp_path / "ch", detector,
+                                 eval_set="test_degraded")
+    # one salt-and-pepper image, flagged; the pristine "salt_pepper" row is a true negative
+    assert got.detection["precision"] == 1.0 and got.detection["recall"] == 1.0
+    assert got.detection["n"] == 4
+    share = got.flagged
+    assert set(share.index) == {"salt_pepper", "blur", "none"}
+    assert share.loc["salt_pepper", 2] == 1.0 and share.loc["none", 0] == 0.0 and share.loc["blur", 1] == 0.0
+    assert np.isnan(share.loc["salt_pepper", 0]) and np.isnan(share.loc["blur", 0])
+    calls = protocol.noisy_calls(test.assign(noisy=[True, False, False, True]))
+    assert calls.loc[("none", 0), "clean"] == 2 and ("salt_pepper", 0) not in calls.index

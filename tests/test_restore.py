@@ -202,3 +202,17 @@ def test_chapter_folder_follows_settings_and_images(tmp_path, synthetic_root):
     assert protocol.chapter_run(tmp_path, profiles.get("cpu"), synthetic_root, images, seed=0).dir != first.dir
     write_png(synthetic_root / "lymphocyte" / "lymphocyte_0.png", np.zeros((40, 40, 3), np.uint8))  # image replaced
     assert protocol.chapter_run(tmp_path, cfg, synthetic_root, images, seed=0).dir != first.dir
+
+
+def test_macro_f1_by_kind_puts_severity_0_rows_under_none():
+    """A phase-2 row keeps its drawn kind at severity 0 (pristine): it is
+    scored with the pristine rows, not with its kind's degraded ones."""
+    pred = pd.DataFrame(dict(label=["A", "B", "A", "B", "A"], pred=["A", "B", "B", "A", "A"],
+                             degradation=["blur", "blur", "blur", "salt_pepper", "none"], severity=[0, 0, 2, 3, 0],
+                             flagged=[False, False, True, True, False]))
+    table = R.macro_f1_by_kind(pred, ["A", "B"], n_boot=0).set_index("kind")
+    assert table["n"].to_dict() == {"all": 5, "blur": 1, "none": 3, "salt_pepper": 1}
+    assert table.loc["none", "accuracy"] == 1.0 and table.loc["blur", "accuracy"] == 0.0
+    assert table.loc["blur", "flagged"] == 1 and table.loc["none", "flagged"] == 0
+    assert R.applied_kind(pred).tolist() == ["none", "none", "blur", "salt_pepper", "none"]
+    assert R.is_degraded_by(pred, "blur").tolist() == [False, False, True, False, False]

@@ -463,10 +463,28 @@ def classify(method, config, table: pd.DataFrame, root: Path, classes: Sequence[
     return pred
 
 
+def applied_kind(frame: pd.DataFrame) -> pd.Series:
+    """Each row's degradation as applied: its ``degradation`` kind where its
+    ``severity`` is above 0, else ``"none"``. Phase-2 rows keep their drawn
+    kind at severity 0 (the pristine image), so ``degradation`` alone does
+    not say whether an image is degraded."""
+    kind = (frame["degradation"].fillna("none").astype(str) if "degradation" in frame
+            else pd.Series("none", index=frame.index))
+    if "severity" in frame:
+        kind = kind.where(pd.to_numeric(frame["severity"]).fillna(0).to_numpy() > 0, "none")
+    return kind
+
+
+def is_degraded_by(frame: pd.DataFrame, kind: str) -> pd.Series:
+    """Whether each row's image carries ``kind`` (``degradation == kind`` and ``severity`` > 0)."""
+    return applied_kind(frame).eq(kind)
+
+
 def macro_f1_by_kind(pred: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Macro-F1 with its bootstrap interval on all rows and on each degradation kind's rows."""
+    """Macro-F1 with its bootstrap interval on all rows and on each degradation
+    kind's rows (:func:`applied_kind`: rows at severity 0 are ``"none"``)."""
     index = {c: i for i, c in enumerate(classes)}
-    parts = [("all", pred)] + [(k, g) for k, g in pred.groupby("degradation", sort=True)]
+    parts = [("all", pred)] + [(k, g) for k, g in pred.groupby(applied_kind(pred), sort=True)]
     rows = []
     for kind, g in parts:
         s = M.evaluate(g["label"].map(index).to_numpy(), g["pred"].map(index).to_numpy(), len(classes),

@@ -20,9 +20,9 @@ from .. import _io, runs
 from ..benchmarks import PBC_LT_CLASSES, read_pbc_lt
 from ..models import load_table_image
 from ..pix2pix import Pix2PixConfig, Pix2PixRestorer, train_pix2pix
-from ..restore import (BASELINES, EVAL_CONDITIONS, NoiseDetector, classify, degraded_example, detection_scores,
-                       detector_rates, detector_versions, evaluate_restorers, load_classifier, macro_f1_by_kind,
-                       table_scores)
+from ..restore import (BASELINES, EVAL_CONDITIONS, NoiseDetector, applied_kind, classify, degraded_example,
+                       detection_scores, detector_rates, detector_versions, evaluate_restorers, is_degraded_by,
+                       load_classifier, macro_f1_by_kind, table_scores)
 from ..runs import inputs_fingerprint
 from .common import cell_centred
 
@@ -181,7 +181,7 @@ def partition_raw_set(out: Path, pool: pd.DataFrame, root: Path, seed: int = 0) 
     scores = cached_frame(out / "pool_scores.csv", lambda: table_scores(pool, root).reset_index(drop=True))
     detector = NoiseDetector.fit(scores["impulse"], score="impulse", seed=seed)
     pool = pool.reset_index(drop=True).assign(impulse=scores["impulse"], noisy=detector.predict(scores["impulse"]))
-    detection = detection_scores(pool["degradation"] == "salt_pepper", pool["noisy"])
+    detection = detection_scores(is_degraded_by(pool, "salt_pepper"), pool["noisy"])
     report = (f"threshold: impulse share > {detector.threshold:.2e} ({detector.components} mixture components)\n"
               f"noisy call vs truth (salt-and-pepper) on the raw set: {_rounded(detection)}")
     return SimpleNamespace(pool=pool, detector=detector, detection=detection, calls=noisy_calls(pool),
@@ -189,8 +189,10 @@ def partition_raw_set(out: Path, pool: pd.DataFrame, root: Path, seed: int = 0) 
 
 
 def noisy_calls(pool: pd.DataFrame) -> pd.DataFrame:
-    """Images per (degradation, severity) called ``clean`` or ``noisy`` (a crosstab of the ``noisy`` column)."""
-    return pd.crosstab([pool["degradation"], pool["severity"]], pool["noisy"].map({True: "noisy", False: "clean"}))
+    """Images per (degradation, severity) called ``clean`` or ``noisy`` (a crosstab of the ``noisy`` column;
+    rows at severity 0 under ``none``, :func:`restore.applied_kind`)."""
+    return pd.crosstab([applied_kind(pool).rename("degradation"), pool["severity"]],
+                       pool["noisy"].map({True: "noisy", False: "clean"}))
 
 
 def pix2pix_report(summary: dict) -> str:
@@ -247,8 +249,10 @@ def before_after_examples(root: Path, heldout: pd.DataFrame, pool: pd.DataFrame,
 
 
 def flagged_share(test: pd.DataFrame, flags: Sequence[bool]) -> pd.DataFrame:
-    """Share of test images flagged noisy per degradation (rows) and severity (columns), 2 digits."""
-    return test.assign(flagged=list(flags)).groupby(["degradation", "severity"])["flagged"].mean().unstack().round(2)
+    """Share of test images flagged noisy per degradation (rows) and severity (columns), 2 digits; rows at
+    severity 0 (pristine, whatever kind they were drawn) under ``none`` (:func:`restore.applied_kind`)."""
+    frame = test.assign(flagged=list(flags), degradation=applied_kind(test))
+    return frame.groupby(["degradation", "severity"])["flagged"].mean().unstack().round(2)
 
 
 def degraded_test(cfg, root: Path, splits_dir: Path, results_dir: Path, table: pd.DataFrame, definition,
@@ -277,7 +281,7 @@ def degraded_test(cfg, root: Path, splits_dir: Path, results_dir: Path, table: p
     folder = Path(out) / f"{eval_set}-{Path(run_dir).name}"
     scores = cached_frame(folder / "test_scores.csv", lambda: table_scores(test, root).reset_index(drop=True))
     flags = detector.predict(scores["impulse"])
-    detection = detection_scores(test["degradation"].eq("salt_pepper"), flags)
+    detection = detection_scores(is_degraded_by(test, "salt_pepper"), flags)
     name = eval_set.replace("test_", "")
     return SimpleNamespace(run_dir=run_dir, method=method, train_config=train_config, classes=classes,
                            eval_set=eval_set, folder=folder, test=test, flags=flags, detection=detection,
