@@ -121,6 +121,66 @@ def test_score_ablation_pairs_each_row_with_the_one_above():
     assert (later["changed"] > 0).all()
 
 
+def test_pbc_set_is_drawn_from_the_phase2_test_mix_like_test_degraded():
+    """Chapter 11's pbc set: the phase-2 test mix (about 40 % pristine,
+    severities skewed harder), each image's kind and severity those of the
+    chapters' ``test_degraded``; not the all-degraded stress draw."""
+    from wbclib import benchmarks as B
+    from wbclib.degrade import PHASE2_MIXES, assign_degradations
+
+    paths = [f"pbc/{c}/{c}_{i}.jpg" for c in ("neutrophil", "lymphocyte") for i in range(100)]
+    kinds, levels = system.phase2_test_draw(paths, seed=0)
+    assert kinds == assign_degradations(paths, 0)[0]
+    shares = pd.Series(levels).value_counts(normalize=True).reindex(range(5), fill_value=0.0)
+    declared = PHASE2_MIXES["test"].shares()
+    for severity in range(5):
+        assert abs(shares[severity] - declared[severity]) < 0.1, (severity, shares.to_dict(), declared)
+    assert 0.25 < shares[0] < 0.55  # pristine images are part of the set (the stress draw has none)
+    # the same draw as PBC-LT's test_degraded for the same paths
+    rows = pd.DataFrame(dict(path=paths, label="x", split="test"))
+    drawn = B.phase2(rows.assign(**{f"{r}_severity": v for r, v in B.assign_phase2(
+        paths, 0, {r: PHASE2_MIXES[r] for r in B.PHASE2_ROLES}).items()}))
+    assert drawn["severity"].tolist() == levels
+
+
+def test_pbc_set_images_at_severity_0_are_the_pristine_files(tmp_path):
+    from test_infer import cell_image
+    from conftest import write_png
+    from wbclib.models import load_table_image
+
+    rng = np.random.default_rng(0)
+    paths = [str(write_png(tmp_path / "data" / "pbc" / "x" / f"c{i}.png", cell_image(rng)).relative_to(
+        tmp_path / "data")) for i in range(12)]
+    table = pd.DataFrame(dict(path=paths, label="neutrophil"))
+    out = system.phase2_images(table, tmp_path / "data", tmp_path / "cache", seed=0)
+    assert out["severity"].tolist() == system.phase2_test_draw(paths, 0)[1]
+    assert (out["severity"] == 0).any() and (out["severity"] > 0).any()
+    for rel, row in zip(paths, out.itertuples()):
+        image = load_image(row.path)
+        assert np.array_equal(image, load_table_image(tmp_path / "data", rel, row.degradation, row.severity, 0))
+        assert np.array_equal(image, load_image(tmp_path / "data" / rel)) == (row.severity == 0)
+
+
+def test_ablation_verdicts_qualify_trained_stages_and_say_intervals_are_unadjusted():
+    rows = list(system.ABLATION_ROWS)
+    gains = pd.DataFrame(dict(set="zheng1", row=rows, gain=[np.nan] + [0.05] * (len(rows) - 1),
+                              gain_low=[np.nan] + [0.01] * (len(rows) - 1),
+                              gain_high=[np.nan] + [0.09] * (len(rows) - 1)))
+    text = system.ablation_verdicts(gains)
+    lines = {line.split(", ", 1)[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert set(lines) == set(rows[1:])
+    assert system.rows_trained_with() == ["+ isolation/scale", "+ stain"]
+    for row, line in lines.items():
+        assert (system.TRAINED_WITH_NOTE in line) == (row in ("+ isolation/scale", "+ stain")), line
+    assert "unadjusted for multiple comparisons (6 gains checked)" in text
+    # a pipeline trained without stain normalisation: only the scale row carries the caveat
+    no_stain = dict(system.BEST_PIPELINE["cpu"], stain=False)
+    assert system.rows_trained_with(no_stain) == ["+ isolation/scale"]
+    quiet = gains.assign(gain_low=-0.01)
+    assert system.ablation_verdicts(quiet).startswith("No row's paired interval excludes zero on any set.")
+    assert "unadjusted" in system.ablation_verdicts(quiet)
+
+
 @pytest.mark.slow
 def test_chapter_runs_under_smoke_and_its_ablation_reads_back(root, tmp_path_factory):
     work = tmp_path_factory.mktemp("system")

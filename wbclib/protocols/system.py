@@ -340,9 +340,10 @@ ABLATION_ROWS = {
     "+ ensemble + TTA": (("restore", "isolate", "scale", "stain", "tta"), "decoupled"),
     "+ rescue": (("restore", "isolate", "scale", "stain", "tta", "rescue"), "decoupled"),
 }
-#: The evaluation sets of the ablation: the training lab's held-out test with
-#: its phase-2 degradations, and the two unseen labs (bccd as crops and as
-#: whole fields). Value: whether the images are whole fields.
+#: The evaluation sets of the ablation: the training lab's held-out test under
+#: the phase-2 test mix (:func:`phase2_test_draw`, like the chapters'
+#: ``test_degraded``: some images pristine), and the two unseen labs (bccd as
+#: crops and as whole fields). Value: whether the images are whole fields.
 ABLATION_SETS = {"pbc phase-2 test": False, "zheng1": False, "bccd crops": False, "bccd fields": True}
 
 
@@ -452,16 +453,33 @@ def _share_preprocessing(pipelines: Sequence[Pipeline]) -> None:
         p._memo = memo
 
 
+def phase2_test_draw(paths: Sequence[str], seed: int = 0) -> tuple:
+    """Each path's phase-2 test draw, as PBC-LT's ``test_degraded`` draws it:
+    the kind of :func:`degrade.assign_degradations` and the severity of the
+    test role's mix (:func:`degrade.assign_phase2` with
+    ``PHASE2_MIXES["test"]``: about 40 % severity 0, i.e. pristine, the rest
+    skewed to the harder levels). Returns ``(kinds, severities)``."""
+    from ..degrade import PHASE2_MIXES, assign_degradations, assign_phase2
+
+    paths = list(paths)
+    kinds, _ = assign_degradations(paths, seed)
+    levels = assign_phase2(paths, seed, {"test": PHASE2_MIXES["test"]})["test"]
+    return kinds, levels
+
+
 def phase2_images(table: pd.DataFrame, root: Path, cache: Path, seed: int = 0) -> pd.DataFrame:
-    """The rows' images with their phase-2 degradation (the PBC-LT benchmark's
-    deterministic per-image kind and severity, :func:`degrade.assign_degradations`),
-    written once as PNG files under ``cache``; returns ``path`` (absolute),
-    ``label``, ``degradation`` and ``severity``."""
-    from ..degrade import assign_degradations
+    """The rows' images under the phase-2 test mix (:func:`phase2_test_draw`,
+    the draw of the chapters' ``test_degraded``: some images pristine, the
+    others degraded at severity 1-4), written once as PNG files under
+    ``cache``; returns ``path`` (absolute), ``label``, ``degradation`` (the
+    image's kind, also where it stays pristine) and ``severity`` (0: pristine)."""
+    from ..degrade import PHASE2_MIXES
     from ..models import load_table_image
 
-    kinds, levels = assign_degradations(table["path"], seed)
-    folder = Path(cache) / "system_phase2" / digest(dict(paths=sorted(table["path"]), seed=seed,
+    kinds, levels = phase2_test_draw(table["path"], seed)
+    mix = PHASE2_MIXES["test"]
+    folder = Path(cache) / "system_phase2" / digest(dict(paths=sorted(table["path"]), seed=seed, role="test",
+                                                         mix=[mix.degraded, *mix.severities],
                                                          code=code_version(("degrade.py", "models.py", "data.py"))), 12)
     paths = []
     for rel, kind, level in zip(table["path"], kinds, levels):
@@ -503,8 +521,8 @@ def bccd_field_labels(root: Path) -> pd.DataFrame:
 def ablation_sets(root: Path, cfg, cache: Path, seed: int = 0) -> Dict[str, pd.DataFrame]:
     """The labelled images of each :data:`ABLATION_SETS` set (``path`` absolute,
     ``label`` a model class): the system's held-out pbc test (the split of
-    :func:`training_table`, never trained on) with phase-2 degradations,
-    zheng1, bccd crops and bccd fields; the external sets capped, like the
+    :func:`training_table`, never trained on) under the phase-2 test mix
+    (:func:`phase2_images`), zheng1, bccd crops and bccd fields; the external sets capped, like the
     pbc test, at the profile's ``test_per_class`` images per class (None: all)."""
     root = Path(root)
     table = training_table(root, cfg, seed)
@@ -647,16 +665,47 @@ def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
     return wide[[(s, c) for s in sets for c in ("macro-F1", "gain vs row above", "changed")]]
 
 
-def ablation_verdicts(ablation: pd.DataFrame) -> str:
-    """Markdown bullets: each (set, row) whose paired interval excludes zero."""
+#: What :func:`ablation_verdicts` adds to a row whose stage the network was trained with.
+TRAINED_WITH_NOTE = "the network was trained with this stage: the gain includes removing a train/test mismatch"
+
+
+def rows_trained_with(choice: Optional[dict] = None) -> list:
+    """The :data:`ABLATION_ROWS` rows that switch on a stage every training
+    image went through before stage 1 (:func:`train_system` fine-tunes on the
+    preprocessed images): scale (with isolation) and stain, where ``choice``
+    (a :data:`BEST_PIPELINE` entry, the bundle's ``training["choice"]``; None:
+    both) has them. The rows above them feed the network inputs unlike its
+    training ones, so their gain partly undoes that mismatch. (Restoration
+    leaves the pristine training images as they are.)"""
+    trained = {s for s in ("scale", "stain") if choice is None or choice.get(s)}
+    rows, previous = [], set()
+    for row, (on, _) in ABLATION_ROWS.items():
+        if (set(on) - previous) & trained:
+            rows.append(row)
+        previous = set(on)
+    return rows
+
+
+def ablation_verdicts(ablation: pd.DataFrame, choice: Optional[dict] = None) -> str:
+    """Markdown bullets: each (set, row) whose paired interval excludes zero,
+    with a caveat on the rows of :func:`rows_trained_with` (``choice``: the
+    bundle's pipeline choice), then a note that the intervals are unadjusted
+    for the number of (row, set) gains checked."""
+    trained = set(rows_trained_with(choice))
     lines = []
     for set_name, part in ablation.groupby("set", sort=False):
         for r in part.dropna(subset=["gain"]).itertuples():
+            note = f" ({TRAINED_WITH_NOTE})" if r.row in trained else ""
             if r.gain_low > 0:
-                lines.append(f"- **{set_name}**, {r.row}: helps ({100 * r.gain:+.1f} points)")
+                lines.append(f"- **{set_name}**, {r.row}: helps ({100 * r.gain:+.1f} points){note}")
             elif r.gain_high < 0:
-                lines.append(f"- **{set_name}**, {r.row}: hurts ({100 * r.gain:+.1f} points)")
-    return "\n".join(lines) or "No row's paired interval excludes zero on any set."
+                lines.append(f"- **{set_name}**, {r.row}: hurts ({100 * r.gain:+.1f} points){note}")
+    checked = int(ablation["gain"].notna().sum())
+    caveat = (f"The intervals are 95 % paired bootstrap intervals, each checked on its own: they are unadjusted "
+              f"for multiple comparisons ({checked} gains checked), so with no real effect anywhere about "
+              f"{0.05 * checked:.1f} of them would still exclude zero by chance.")
+    body = "\n".join(lines) or "No row's paired interval excludes zero on any set."
+    return f"{body}\n\n{caveat}"
 
 
 def stage_decisions(ablation: pd.DataFrame) -> pd.DataFrame:
