@@ -46,7 +46,11 @@
 # Metrics are macro-F1 (primary) and balanced accuracy on the held-out test
 # set, pristine and phase-2 degraded ("degraded test" below: the phase-2 test
 # mix of chapter 02, 60 % of the images degraded); every head is trained on
-# the phase-2 training set (30 % degraded, mostly mildly), and the stress test
+# the phase-2 training set (30 % degraded, mostly mildly; the fine-tuned
+# representation of the last section also saw degradation augmentation, about
+# 65 % of its training draws degraded, so part of its gap to the frozen
+# features is exposure to the degradations, not the representation alone),
+# heads are selected on the phase-2 validation mix, and the stress test
 # (`test_stress`, every image degraded) is saved beside them. $\pm$ is the
 # standard deviation over the cross-validation folds.
 

@@ -117,8 +117,11 @@ def test_phase2_gives_each_split_its_own_mix(pbc_lt):
     train, val, test = (split[split.split == s] for s in ("train", "val", "test"))
     assert len(train) > 7000 and len(test) > 2500
     _assert_mix(train, PHASE2_MIXES["train"], 0.02)  # the headline setting: training degraded by its own mix
-    assert (val.severity == 0).all() and (test.severity == 0).all()  # pristine copies kept
+    # Selection happens on the phase-2 validation mix (the split's val rows), the test stays pristine here.
+    assert (val.severity == val.val_severity).all() and (val.severity > 0).any()
+    assert (test.severity == 0).all()
     val2, test2 = B.phase2(val), B.phase2(test)
+    assert (val2.severity == val.severity).all()
     _assert_mix(val2, PHASE2_MIXES["val"], 0.04)
     _assert_mix(test2, PHASE2_MIXES["test"], 0.03)
     degraded_share = {n: (r.severity > 0).mean() for n, r in dict(train=train, val=val2, test=test2).items()}
@@ -179,3 +182,20 @@ def test_written_files_are_reproducible(root, tmp_path):
         assert filecmp.cmp(first[key], second[key], shallow=False), key
     table, definition = B.read_pbc_lt(tmp_path / "a")
     assert definition.seed == 0 and len(table) > 12000
+
+
+def test_selection_rows_are_the_phase2_validation_mix(pbc_lt):
+    from types import SimpleNamespace
+
+    from wbclib.protocols.pbc_lt import pbc_lt_sets, selection_rows
+
+    table, definition = pbc_lt
+    cfg = SimpleNamespace(n_max=50, val_per_class=20, test_per_class=5, phase2_train=True)
+    split, sets = pbc_lt_sets(cfg, table, definition, 10, 0)
+    chosen = selection_rows(split)
+    assert (sets["val"].severity == 0).all()  # the reported pristine validation set
+    assert chosen.path.tolist() == sets["val_degraded"].path.tolist()
+    assert (chosen.severity.to_numpy() == sets["val_degraded"].severity.to_numpy()).all()
+    assert (chosen.severity > 0).any()
+    pristine_split, _ = pbc_lt_sets(SimpleNamespace(**{**vars(cfg), "phase2_train": False}), table, definition, 10, 0)
+    assert (selection_rows(pristine_split).severity == 0).all()  # the stress setting selects on pristine images

@@ -335,6 +335,7 @@ def test_recipe_differences_are_paired_over_the_same_test_images(tiny, heads, tu
     assert table.index[0] == pbc_lt.RECIPE_NAMES["ib"] and ("finetuned" in {c[-1] for c in table.columns})
     reading = pbc_lt.representation_reading(diffs, rho=100)
     assert "ERM at rho = 100" in reading and "cRT's balanced-accuracy gain" in reading and "log-weighted" in reading
+    assert "exposure to the degradations" in reading
     import matplotlib
 
     fig = plots.paired_differences(diffs.assign(method=diffs.recipe), y="method", hue="representation",

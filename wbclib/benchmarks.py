@@ -139,9 +139,12 @@ def pbc_lt_split(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, f
     ``n_i = min(available_i, round(n_head * rho^(-i/(C-1))))``, so at rho 1 the
     training set is the (capped) natural class mix. Validation and test keep
     their natural class mix unless capped per class. Every row is pristine
-    (``severity`` 0) except, with ``phase2_train``, the training rows, which
-    carry their phase-2 training draw (the headline phase-2 setting; switch
-    val and test with :func:`phase2` or :func:`stress`).
+    (``severity`` 0) except, with ``phase2_train`` (the headline phase-2
+    setting), the training rows, which carry their phase-2 training draw, and
+    the validation rows, which carry their validation draw: WBCBench's phase 2
+    validates on its own degraded validation split, so epochs, thresholds and
+    heads are selected on the images the benchmark is about. The test rows stay
+    pristine (switch them with :func:`phase2` or :func:`stress`).
     """
     cv = table[table["split"] == "cv"]
     train_pool = cv[cv["fold"] != fold]
@@ -152,8 +155,9 @@ def pbc_lt_split(table: pd.DataFrame, definition: PbcLtDefinition, rho: float, f
     out = pd.concat([train.assign(split="train"), val.assign(split="val"), test.assign(split="test")])
     out = out.assign(severity=0).reset_index(drop=True)
     if phase2_train:
-        is_train = out["split"] == "train"
-        out.loc[is_train, "severity"] = out.loc[is_train, "train_severity"]
+        for role in ("train", "val"):
+            rows = out["split"] == role
+            out.loc[rows, "severity"] = out.loc[rows, f"{role}_severity"]
     return out
 
 

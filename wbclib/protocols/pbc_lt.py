@@ -32,17 +32,25 @@ from .common import cell_centred, finetune_config, finished_rows, labels_of, pro
 def pbc_lt_sets(cfg: SimpleNamespace, table: pd.DataFrame, definition, rho: float, fold: int) -> tuple:
     """One (rho, fold)'s split and evaluation sets (:data:`EVAL_SETS`).
 
-    With ``cfg.phase2_train`` (the headline phase-2 setting) the training rows
-    carry their phase-2 training draw. ``val`` / ``test`` are pristine,
+    With ``cfg.phase2_train`` (the headline phase-2 setting) the split's
+    training rows carry their phase-2 training draw and its validation rows
+    (what selects epochs, tau and heads: :func:`selection_rows`) their
+    validation draw. The evaluation sets ``val`` / ``test`` are pristine,
     ``val_degraded`` / ``test_degraded`` the phase-2 validation and test mixes
     (some images pristine, severities shifted harder than training), and
     ``test_stress`` every test image degraded (the original phase 2)."""
     split = B.pbc_lt_split(table, definition, rho, fold, n_max=cfg.n_max, val_per_class=cfg.val_per_class,
                            test_per_class=cfg.test_per_class, phase2_train=cfg.phase2_train)
-    val, test = split[split["split"] == "val"], split[split["split"] == "test"]
+    val, test = split[split["split"] == "val"].assign(severity=0), split[split["split"] == "test"]
     eval_sets = {"val": val, "val_degraded": B.phase2(val), "test": test, "test_degraded": B.phase2(test),
                  "test_stress": B.stress(test)}
     return split, eval_sets
+
+
+def selection_rows(split: pd.DataFrame) -> pd.DataFrame:
+    """The rows that select epochs, tau and heads: the split's validation rows
+    (the phase-2 validation mix under ``phase2_train``, as the trainer sees them)."""
+    return split[split["split"] == "val"]
 
 
 def severity_grid_rows(cfg: SimpleNamespace, table: pd.DataFrame, definition) -> Dict[str, pd.DataFrame]:
@@ -275,10 +283,10 @@ def lt_run_dirs(results_dir: Path, source: str, **keys) -> List[Path]:
     return [Path(p) for p in found.sort_values("fold")["run_dir"]] if len(found) else []
 
 
-def _fit_and_save(head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
+def _fit_and_save(head_name, kwargs, emb, train, val, eval_sets, classes, seed, out, out_tta, plain_rows, tta_rows,
                   tta_sets, tta_views):
-    """Fit one head recipe and save whichever of its plain / TTA predictions are missing."""
-    val = eval_sets["val"]
+    """Fit one head recipe (``val``: the selection rows) and save whichever of
+    its plain / TTA predictions are missing."""
     head = make_head(head_name, emb(train), labels_of(train, classes), emb(val), labels_of(val, classes), len(classes),
                      seed=seed, **kwargs)
     if plain_rows is None:
@@ -360,7 +368,8 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                         emb = store()
                         with single_torch_thread():
                             plain_rows, tta_rows = _fit_and_save(
-                                head_name, kwargs, emb, train, eval_sets, classes, seed, out, out_tta, plain_rows,
+                                head_name, kwargs, emb, train, selection_rows(split), eval_sets, classes, seed, out,
+                                out_tta, plain_rows,
                                 tta_rows, cfg.tta_sets, tta_views)
                     common = dict(backbone=backbone, representation="imagenet", stain=stain, rho=rho, fold=fold,
                                   recipe=recipe)
@@ -506,7 +515,7 @@ def decoupled_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache
                 if cfg.decoupled_tta:
                     tables += [eval_sets[s].assign(view=v) for s in cfg.tta_sets for v in views[1:]]
                 method, emb = _finetuned_store(config, run_dir, y_train, classes, tables, root, cache_dir)
-                x_train, val = emb(train), eval_sets["val"]
+                x_train, val = emb(train), selection_rows(split)
                 supervised = _linear_as_head(method.classifier)
                 with single_torch_thread():
                     fitted = {
@@ -573,8 +582,9 @@ def pbc_lt_finetuned_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, c
                 with single_torch_thread():
                     for recipe, (head_name, kwargs) in recipes.items():
                         if done[recipe] is None:
-                            head = make_head(head_name, emb(train), labels_of(train, classes), emb(eval_sets["val"]),
-                                             labels_of(eval_sets["val"], classes), len(classes), seed=seed, **kwargs)
+                            val = selection_rows(split)
+                            head = make_head(head_name, emb(train), labels_of(train, classes), emb(val),
+                                             labels_of(val, classes), len(classes), seed=seed, **kwargs)
                             done[recipe] = save_and_score({k: head_proba(head, emb, v) for k, v in eval_sets.items()},
                                                           eval_sets, classes, outs[recipe])
             for recipe in recipes:
@@ -680,7 +690,8 @@ def representation_reading(diffs: pd.DataFrame, rho: float, eval_set: str = "tes
         lines.append(f"* ERM at rho = {rho} on `{eval_set}`: macro-F1 {100 * f.macro_f1:.1f} % on the fine-tuned "
                      f"representation against {100 * i.macro_f1:.1f} % on frozen ImageNet features (balanced "
                      f"accuracy {100 * f.balanced_accuracy:.1f} % vs {100 * i.balanced_accuracy:.1f} %; "
-                     f"{int(f.folds)} fold(s)).")
+                     f"{int(f.folds)} fold(s)). The fine-tuned network also trained on degradation "
+                     f"augmentation, so this gap mixes the representation with exposure to the degradations.")
     for rep in reps:
         part = d.loc[rep].drop(index="ib", errors="ignore")
         for metric, label in (("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy")):
