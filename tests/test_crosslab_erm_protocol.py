@@ -1,5 +1,4 @@
 """Chapter 04's tables in :mod:`wbclib.protocols.crosslab_erm`, on tiny synthetic result frames."""
-import numpy as np
 import pandas as pd
 import pytest
 
