@@ -342,3 +342,26 @@ def test_recipe_differences_are_paired_over_the_same_test_images(tiny, heads, tu
                                    metrics=["macro_f1", "balanced_accuracy"], columns="rho")
     assert len(fig.axes) == 2 * len(set(diffs.rho))
     matplotlib.pyplot.close("all")
+
+
+def test_degradation_augmentation_is_the_same_on_one_or_two_threads():
+    # Loader workers run one torch thread, the main process several: a draw must not depend on it.
+    import torch
+
+    from wbclib.augment import RandomDegradation
+
+    x = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    before = torch.get_num_threads()
+    draws = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = []
+            for seed in range(40):
+                torch.manual_seed(seed)
+                out.append(RandomDegradation(32, p=1.0)(x))
+            assert torch.get_num_threads() == threads  # restored after the draw
+            draws[threads] = torch.stack(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(draws[1], draws[2])

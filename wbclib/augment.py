@@ -96,6 +96,17 @@ class RandomDegradation:
         kind = KINDS[int(torch.randint(len(KINDS), ()))]
         level = SEVERITIES[int(torch.randint(len(SEVERITIES), ()))]
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+        # torch's resampling rounds differently with 1 and 2 intra-op threads (measured: 6 of 40
+        # draws differed), and loader workers run 1 thread where the main process runs several:
+        # resample on one thread so a draw is the same whichever process loads it.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._degraded(x, kind, level, rng)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _degraded(self, x: torch.Tensor, kind: str, level: int, rng: np.random.Generator) -> torch.Tensor:
         size = max(self.native, x.shape[-1])
         big = torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bilinear",
                                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
