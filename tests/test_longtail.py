@@ -89,6 +89,35 @@ def test_degrade_preset_applies_the_benchmarks_degradations_seeded():
     assert augment.eval_transform("dihedral_jitter_degrade", 32) is None
 
 
+def test_stain_jitter_changes_stain_amounts_not_geometry_seeded_and_thread_independent():
+    x = torch.from_numpy(cell_image(np.random.default_rng(0), size=48)).permute(2, 0, 1).contiguous()
+    jitter = augment.RandomStainJitter()
+    outs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # a loader worker runs 1 intra-op thread, the main process several
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            outs.append(jitter(x))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
+    draws = []
+    for s in range(6):
+        torch.manual_seed(s)
+        draws.append(jitter(x))
+    # Each draw recolours the cell (mean change well above rounding) ...
+    assert min((d.int() - x.int()).abs().float().mean().item() for d in draws) > 1.0
+    assert len({d.sum().item() for d in draws}) == 6
+    # ... but keeps where things are: the darkest pixels (the nucleus) stay the darkest.
+    dark = x.float().mean(0) < x.float().mean(0).quantile(0.1)
+    for d in draws:
+        assert d.float().mean(0)[dark].mean() < d.float().mean(0)[~dark].mean() - 30
+    assert augment.RandomStainJitter(p=0.0)(x) is x
+    preset = augment.make_augmentation("dihedral_jitter_stain", 48)
+    assert isinstance(preset.transforms[-1], augment.RandomStainJitter) and preset.transforms[-1].p == 1.0
+    assert augment.eval_transform("dihedral_jitter_stain", 48) is None
+
+
 def test_decoupled_preset_crops_the_centre_like_368_to_224_and_evaluation_does_too():
     assert augment.zoom_crop_size(224) == 368 and augment.zoom_crop_size(128) == 210
     x = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32)

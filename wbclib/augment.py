@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from .degrade import KINDS, SEVERITIES, degrade
 from .registry import Registry
+from .stain import StainAugmentor
 
 AUGMENTATIONS = Registry("augmentation")
 
@@ -73,6 +74,43 @@ class RandomRot90:
 NATIVE_SIZE = 360
 
 
+class one_torch_thread:
+    """Run a block on one torch intra-op thread. Loader workers run one thread
+    where the main process runs several, and torch's resampling and
+    reductions round differently with 1 and 2 threads (measured: 6 of 40
+    degradation draws differed): a draw must be the same whichever process
+    loads it, so random transforms compute on one thread."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+class RandomStainJitter:
+    """With probability ``p``, jitter the image's own stain concentrations
+    (:class:`stain.StainAugmentor`, Tellez et al.'s HED-space augmentation
+    with a Macenko stain matrix): each stain's concentration becomes
+    ``a * C + b``, ``a ~ U(1 - sigma1, 1 + sigma1)``, ``b ~ U(-sigma2, sigma2)``.
+    Labs differ mostly in stain and camera colour; jittering within the
+    stains' own space shows the network other labs' colours without
+    inventing hues no stain produces. The draws come from torch's generator
+    (seeded per draw by the trainer)."""
+
+    def __init__(self, sigma1: float = 0.2, sigma2: float = 0.2, p: float = 1.0):
+        self.sigma1, self.sigma2, self.p = sigma1, sigma2, p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return x
+        seed = int(torch.randint(2**31 - 1, ()))
+        with one_torch_thread():
+            out = StainAugmentor(self.sigma1, self.sigma2, seed=seed)(x.permute(1, 2, 0).contiguous())
+        return out.permute(2, 0, 1).contiguous()
+
+
 class RandomDegradation:
     """With probability ``p``, one of the benchmark's phase-2 degradations
     (:data:`degrade.KINDS`, kind and severity 1-4 drawn uniformly) applied as
@@ -99,12 +137,8 @@ class RandomDegradation:
         # torch's resampling rounds differently with 1 and 2 intra-op threads (measured: 6 of 40
         # draws differed), and loader workers run 1 thread where the main process runs several:
         # resample on one thread so a draw is the same whichever process loads it.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             return self._degraded(x, kind, level, rng)
-        finally:
-            torch.set_num_threads(threads)
 
     def _degraded(self, x: torch.Tensor, kind: str, level: int, rng: np.random.Generator) -> torch.Tensor:
         size = max(self.native, x.shape[-1])
@@ -138,6 +172,14 @@ def dihedral_jitter_degrade(image_size: int):
     degradation (:class:`RandomDegradation`): the benchmark's degradation
     family seen in training, so the representation learns to ignore it."""
     return v2.Compose([dihedral_jitter(image_size), RandomDegradation(image_size)])
+
+
+@AUGMENTATIONS.register("dihedral_jitter_stain")
+def dihedral_jitter_stain(image_size: int):
+    """``dihedral_jitter`` plus stain jitter on every draw
+    (:class:`RandomStainJitter`, sigma 0.2: torchstain's defaults, Tellez's
+    "strong" HED setting): for training on one lab and testing on others."""
+    return v2.Compose([dihedral_jitter(image_size), RandomStainJitter()])
 
 
 @AUGMENTATIONS.register("decoupled")

@@ -51,6 +51,12 @@ Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune
   without a reachable hub the backbone falls back to random init with a
   warning, and the run records ``pretrained: false``.
 
+Cross-lab ERM keys (``protocols.crosslab_erm``, notebook 04): ``crosslab_*_per_class``
+cap each lab's split, ``crosslab_seeds`` are the training seeds of the probe and of
+every fine-tune, and ``crosslab_augmentations`` the fine-tuning augmentation presets
+compared (``dihedral_jitter``, and ``dihedral_jitter_stain`` with
+``augment.RandomStainJitter``; chapter 04 reports the paired gain of the second).
+
 Cross-lab chapter keys (``protocols.crosslab_dg.crosslab_dg``, notebook 07): ``dg_*`` set
 the regime, rows, seeds, sizes and schedule; ``sada_k`` and ``sada_beta``
 override SADA's declared defaults (``Method.defaults``) only when set (None:
@@ -122,6 +128,8 @@ _LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
 _DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
 _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
+#: Chapter 04's fine-tuning augmentations: the default preset, and with stain jitter (``augment.RandomStainJitter``).
+_CROSSLAB_AUG = ["dihedral_jitter", "dihedral_jitter_stain"]
 
 PROFILES = {
     "smoke": dict(
@@ -129,7 +137,7 @@ PROFILES = {
         n_max=12, phase2_train=True, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
         rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, patience=2,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
-        crosslab_seeds=[0], severity_grid_per_class=2, n_boot=50, lr=1e-3,
+        crosslab_seeds=[0], crosslab_augmentations=list(_CROSSLAB_AUG), severity_grid_per_class=2, n_boot=50, lr=1e-3,
         lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
         lt_tta_stains=["none", "macenko"], tta_views=8, tta_sets=["test", "test_degraded"],
@@ -152,7 +160,8 @@ PROFILES = {
         n_max=1000, phase2_train=True, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2, patience=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
-        crosslab_seeds=[0], severity_grid_per_class=20, n_boot=1000, lr=1e-3,
+        crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
+        severity_grid_per_class=20, n_boot=1000, lr=1e-3,
         lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
         lt_tta_stains=["none"], tta_views=8, tta_sets=["test_degraded"],
@@ -178,7 +187,8 @@ PROFILES = {
         n_max=None, phase2_train=True, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0, 1, 2, 3, 4], rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=60,
         finetune_epochs=30, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
-        crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], severity_grid_per_class=None, n_boot=1000,
+        crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
+        severity_grid_per_class=None, n_boot=1000,
         lr=3e-4,
         lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=list(_LITE), lt_tta_backbones=list(_LITE),
@@ -234,6 +244,7 @@ class Profile:
     crosslab_val_per_class: Optional[int]
     crosslab_test_per_class: Optional[int]
     crosslab_seeds: List[int]
+    crosslab_augmentations: List[str]
     severity_grid_per_class: Optional[int]
     n_boot: int
     lr: float

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -16,7 +16,7 @@ from .. import _io
 from .. import benchmarks as B
 from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..embeddings import EmbeddingStore
-from ..metrics import confusion
+from ..metrics import confusion, paired_difference
 from ..train import train_in
 from .common import cell_centred, finetune_config, probe_and_score, probe_run
 
@@ -50,8 +50,11 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
 
 
 def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
-                      settings: Sequence[str] = ("pbc→others",), seed: int = 0, **train_overrides) -> pd.DataFrame:
-    """End-to-end training for the named cross-lab settings and every seed of the profile."""
+                      settings: Sequence[str] = ("pbc→others",), seed: int = 0,
+                      augmentations: Optional[Sequence[str]] = None, **train_overrides) -> pd.DataFrame:
+    """End-to-end training for the named cross-lab settings, every seed of the
+    profile and every training augmentation of ``augmentations`` (default: the
+    profile's ``crosslab_augmentations``; column ``augmentation``)."""
     table = cell_centred(B.read_crosslab(splits_dir, seed), cfg)
     classes = list(B.CROSSLAB_CLASSES)
     rows = []
@@ -59,12 +62,15 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
         if name not in settings:
             continue
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
-        for s in cfg.crosslab_seeds:
-            config = finetune_config(cfg, method, s, train_overrides)
-            run, result = train_in(results_dir, "crosslab/finetune", dict(setting=setting_key(name), seed=s), config, split,
-                                   root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
-            for set_name in eval_sets:
-                rows.append(dict(setting=name, seed=s, eval_set=set_name, run_dir=str(run.dir), **result[set_name]))
+        for augmentation in augmentations or cfg.crosslab_augmentations:
+            for s in cfg.crosslab_seeds:
+                config = finetune_config(cfg, method, s, dict(train_overrides, augmentation=augmentation))
+                run, result = train_in(results_dir, "crosslab/finetune",
+                                       dict(setting=setting_key(name), augmentation=augmentation, seed=s), config,
+                                       split, root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
+                for set_name in eval_sets:
+                    rows.append(dict(setting=name, augmentation=augmentation, seed=s, eval_set=set_name,
+                                     run_dir=str(run.dir), **result[set_name]))
     return pd.DataFrame(rows)
 
 
@@ -104,28 +110,72 @@ def validation_note(results: pd.DataFrame) -> str:
     return f"in-domain validation macro-F1: {val.groupby('setting').macro_f1.mean().round(3).to_dict()}"
 
 
-def score_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, eval set) with macro-F1, its interval and micro-F1, 3 digits."""
-    return with_micro_f1(results)[["setting", "eval_set"] + SCORES].round(3)
+#: How the chapter names each fine-tuning augmentation preset.
+AUGMENTATION_NAMES = {"dihedral_jitter": "fine-tuned", "dihedral_jitter_stain": "fine-tuned + stain jitter"}
+
+
+def regime_name(augmentation: str) -> str:
+    return AUGMENTATION_NAMES.get(augmentation, f"fine-tuned ({augmentation})")
+
+
+def finetune_table(finetune: pd.DataFrame) -> pd.DataFrame:
+    """Target-lab macro-F1 (with its interval) and micro-F1 of each fine-tuned
+    regime, mean over seeds, one row per (setting, regime, target lab), 3 digits."""
+    targets = target_scores(finetune).assign(regime=lambda t: t["augmentation"].map(regime_name))
+    return targets.groupby(["setting", "regime", "eval_set"])[SCORES].mean().round(3)
 
 
 def regime_bars(probe: pd.DataFrame, finetune: pd.DataFrame, setting: str = "pbc→others") -> pd.DataFrame:
     """Target-lab macro-F1 (mean over seeds, with its interval) of ``setting`` for
-    the linear probe and the fine-tuned model, one row per (regime, eval set)."""
+    the linear probe and each fine-tuned regime, one row per (regime, eval set)."""
+    tuned = target_scores(finetune)
     both = pd.concat([target_scores(probe).assign(regime="linear probe"),
-                      target_scores(finetune).assign(regime="fine-tuned")])
-    return both[both["setting"] == setting].groupby(["regime", "eval_set"], as_index=False)[
+                      tuned.assign(regime=tuned["augmentation"].map(regime_name))])
+    return both[both["setting"] == setting].groupby(["regime", "eval_set"], as_index=False, sort=False)[
         ["macro_f1", "macro_f1_low", "macro_f1_high"]].mean()
 
 
-def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
-               labs: Sequence[str] = ("zheng1", "bccd")) -> dict:
-    """Confusion counts (:func:`wbclib.metrics.confusion`, classes in
-    :data:`benchmarks.CROSSLAB_CLASSES` order) of the fine-tuned ``setting`` run
-    with ``seed`` on each target lab, from its saved predictions: ``{lab: matrix}``."""
+def _predictions(finetune: pd.DataFrame, setting: str, augmentation: str, lab: str) -> list:
+    """The saved predictions on ``lab`` of every seed's run, in seed order."""
+    runs_ = finetune[(finetune["setting"] == setting) & (finetune["augmentation"] == augmentation)
+                     & (finetune["eval_set"] == lab)].sort_values("seed")
+    return [_io.read_csv(Path(d) / f"predictions_{lab}.csv") for d in runs_["run_dir"]]
+
+
+def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_jitter_stain",
+                      base: str = "dihedral_jitter", setting: str = "pbc→others",
+                      labs: Sequence[str] = ("zheng1", "bccd"), n_boot: int = 1000) -> pd.DataFrame:
+    """Macro-F1 and balanced-accuracy gain of fine-tuning with ``augmentation``
+    over ``base`` on each target lab: the paired bootstrap
+    (:func:`wbclib.metrics.paired_difference`) over the same test images, each
+    score the mean over the seeds (the runs of one seed share their split).
+    One row per lab: ``macro_f1`` (the gain), its interval, ``p_not_better``."""
     classes = list(B.CROSSLAB_CLASSES)
     index = {c: i for i, c in enumerate(classes)}
-    run = Path(finetune[(finetune["setting"] == setting) & (finetune["seed"] == seed)]["run_dir"].iloc[0])
+    rows = []
+    for lab in labs:
+        new, old = _predictions(finetune, setting, augmentation, lab), _predictions(finetune, setting, base, lab)
+        if not new or len(new) != len(old):
+            raise ValueError(f"{setting}: {len(new)} runs with {augmentation!r} and {len(old)} with {base!r} on {lab}")
+        labels = new[0]["label"].map(index).to_numpy()
+        if any(not p["path"].equals(new[0]["path"]) for p in new + old):
+            raise ValueError(f"{setting}: the runs on {lab} scored different images")
+        gain = paired_difference(labels, [p["pred"].map(index) for p in new], [p["pred"].map(index) for p in old],
+                                 len(classes), n_boot=n_boot)
+        rows.append(dict(eval_set=lab, seeds=len(new), **gain))
+    return pd.DataFrame(rows).set_index("eval_set").round(3)
+
+
+def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
+               labs: Sequence[str] = ("zheng1", "bccd"), augmentation: str = "dihedral_jitter_stain") -> dict:
+    """Confusion counts (:func:`wbclib.metrics.confusion`, classes in
+    :data:`benchmarks.CROSSLAB_CLASSES` order) of the fine-tuned ``setting`` run
+    with ``seed`` and ``augmentation`` on each target lab, from its saved
+    predictions: ``{lab: matrix}``."""
+    classes = list(B.CROSSLAB_CLASSES)
+    index = {c: i for i, c in enumerate(classes)}
+    run = Path(finetune[(finetune["setting"] == setting) & (finetune["seed"] == seed)
+                        & (finetune["augmentation"] == augmentation)]["run_dir"].iloc[0])
     out = {}
     for lab in labs:
         pred = _io.read_csv(run / f"predictions_{lab}.csv")
