@@ -43,25 +43,25 @@ def finetune_frame():
     """The pbc→others fine-tuned rows of two augmentations: 0.9 with stain jitter, 0.5 without."""
     rows = results_frame()[lambda r: r.setting == "pbc→others"]
     return pd.concat([rows.assign(augmentation="dihedral_jitter", macro_f1=0.5),
-                      rows.assign(augmentation="dihedral_jitter_stain", macro_f1=0.9)], ignore_index=True)
+                      rows.assign(augmentation="dihedral_colour_stain", macro_f1=0.9)], ignore_index=True)
 
 
 def test_finetune_table_averages_seeds_per_regime_and_target():
     table = erm.finetune_table(finetune_frame())
-    assert list(table.index) == [("pbc→others", r, lab) for r in ("fine-tuned", "fine-tuned + stain jitter")
+    assert list(table.index) == [("pbc→others", r, lab) for r in ("fine-tuned", "fine-tuned + colour/stain jitter")
                                  for lab in ("bccd", "zheng1")]
-    assert table.loc[("pbc→others", "fine-tuned + stain jitter", "zheng1"), "macro_f1"] == 0.9
+    assert table.loc[("pbc→others", "fine-tuned + colour/stain jitter", "zheng1"), "macro_f1"] == 0.9
     assert table.loc[("pbc→others", "fine-tuned", "bccd"), "micro_f1"] == 0.505  # (0.3 + 0.31) / 2 + 0.2
 
 
 def test_regime_bars_stack_probe_and_each_finetuned_regime_for_one_setting():
     bars = erm.regime_bars(results_frame(), finetune_frame())
     assert sorted(map(tuple, bars[["regime", "eval_set"]].to_numpy())) == [
-        ("fine-tuned", "bccd"), ("fine-tuned", "zheng1"), ("fine-tuned + stain jitter", "bccd"),
-        ("fine-tuned + stain jitter", "zheng1"), ("linear probe", "bccd"), ("linear probe", "zheng1")]
+        ("fine-tuned", "bccd"), ("fine-tuned", "zheng1"), ("fine-tuned + colour/stain jitter", "bccd"),
+        ("fine-tuned + colour/stain jitter", "zheng1"), ("linear probe", "bccd"), ("linear probe", "zheng1")]
     by = bars.set_index(["regime", "eval_set"])["macro_f1"]
     assert by[("linear probe", "zheng1")] == pytest.approx(0.205)
-    assert by[("fine-tuned", "bccd")] == 0.5 and by[("fine-tuned + stain jitter", "bccd")] == 0.9
+    assert by[("fine-tuned", "bccd")] == 0.5 and by[("fine-tuned + colour/stain jitter", "bccd")] == 0.9
 
 
 def write_predictions(folder, lab, labels, preds, first=0):
@@ -74,7 +74,7 @@ def test_augmentation_gain_is_paired_over_the_same_images_and_seeds(tmp_path):
     classes = list(B.CROSSLAB_CLASSES)
     labels = [c for c in classes for _ in range(5)]  # 20 images, 5 per class
     rows = []
-    for aug, correct in (("dihedral_jitter", 10), ("dihedral_jitter_stain", 20)):
+    for aug, correct in (("dihedral_jitter", 10), ("dihedral_colour_stain", 20)):
         for seed in (0, 1):
             run = tmp_path / f"{aug}-{seed}"
             # the first `correct` images right, the rest called the next class
@@ -93,10 +93,10 @@ def test_augmentation_gain_refuses_unmatched_runs(tmp_path):
     write_predictions(tmp_path / "a", "zheng1", classes, classes)
     write_predictions(tmp_path / "b", "zheng1", classes, classes, first=1)
     runs = pd.DataFrame([dict(setting="pbc→others", augmentation=a, seed=0, eval_set="zheng1", run_dir=str(tmp_path / d))
-                         for a, d in (("dihedral_jitter", "a"), ("dihedral_jitter_stain", "a"))])
+                         for a, d in (("dihedral_jitter", "a"), ("dihedral_colour_stain", "a"))])
     assert erm.augmentation_gain(runs, labs=["zheng1"], n_boot=10).loc["zheng1", "macro_f1"] == 0
-    with pytest.raises(ValueError, match="1 runs with 'dihedral_jitter_stain' and 0 with 'dihedral_jitter'"):
-        erm.augmentation_gain(runs[runs.augmentation == "dihedral_jitter_stain"], labs=["zheng1"], n_boot=10)
+    with pytest.raises(ValueError, match="1 runs with 'dihedral_colour_stain' and 0 with 'dihedral_jitter'"):
+        erm.augmentation_gain(runs[runs.augmentation == "dihedral_colour_stain"], labs=["zheng1"], n_boot=10)
     mixed = runs.assign(run_dir=[str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(ValueError, match="different images"):
         erm.augmentation_gain(mixed, labs=["zheng1"], n_boot=10)
@@ -110,7 +110,7 @@ def test_confusions_read_each_target_labs_predictions(tmp_path):
                  ).to_csv(run / "predictions_zheng1.csv", index=False)
     pd.DataFrame(dict(label=[classes[2]], pred=[classes[3]])).to_csv(run / "predictions_bccd.csv", index=False)
     finetune = pd.DataFrame(dict(setting=["pbc→others"] * 3, seed=[1, 0, 0], run_dir=["elsewhere", "plain", str(run)],
-                                 augmentation=["dihedral_jitter_stain", "dihedral_jitter", "dihedral_jitter_stain"]))
+                                 augmentation=["dihedral_colour_stain", "dihedral_jitter", "dihedral_colour_stain"]))
     cms = erm.confusions(finetune, seed=0)
     assert list(cms) == ["zheng1", "bccd"]
     assert cms["zheng1"][0, 0] == 1 and cms["zheng1"][0, 1] == 1 and cms["zheng1"][1, 1] == 1

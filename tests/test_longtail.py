@@ -113,9 +113,9 @@ def test_stain_jitter_changes_stain_amounts_not_geometry_seeded_and_thread_indep
     for d in draws:
         assert d.float().mean(0)[dark].mean() < d.float().mean(0)[~dark].mean() - 30
     assert augment.RandomStainJitter(p=0.0)(x) is x
-    preset = augment.make_augmentation("dihedral_jitter_stain", 48)
-    assert isinstance(preset.transforms[-1], augment.RandomStainJitter) and preset.transforms[-1].p == 1.0
-    assert augment.eval_transform("dihedral_jitter_stain", 48) is None
+    preset = augment.make_augmentation("dihedral_colour_stain", 48)
+    assert isinstance(preset.transforms[-1], augment.RandomStainJitter) and preset.transforms[-1].sigma1 == 0.5
+    assert augment.eval_transform("dihedral_colour_stain", 48) is None
 
 
 def test_decoupled_preset_crops_the_centre_like_368_to_224_and_evaluation_does_too():

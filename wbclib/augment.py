@@ -174,12 +174,22 @@ def dihedral_jitter_degrade(image_size: int):
     return v2.Compose([dihedral_jitter(image_size), RandomDegradation(image_size)])
 
 
-@AUGMENTATIONS.register("dihedral_jitter_stain")
-def dihedral_jitter_stain(image_size: int):
-    """``dihedral_jitter`` plus stain jitter on every draw
-    (:class:`RandomStainJitter`, sigma 0.2: torchstain's defaults, Tellez's
-    "strong" HED setting): for training on one lab and testing on others."""
-    return v2.Compose([dihedral_jitter(image_size), RandomStainJitter()])
+@AUGMENTATIONS.register("dihedral_colour_stain")
+def dihedral_colour_stain(image_size: int):
+    """For training on one lab and testing on others: the dihedral views,
+    strong colour jitter (brightness, contrast and saturation 0.3, hue 0.1)
+    and strong stain jitter on every draw (:class:`RandomStainJitter`, sigma
+    0.5 for both the scale and the shift of each stain's concentration).
+    Chosen on chapter 04's pbc-to-others split, one seed, 2 epochs: zheng1 /
+    bccd macro-F1 0.365 / 0.461 with sigma 0.2 and the default mild colour
+    jitter, 0.402 / 0.629 with this preset (pbc validation 0.98 -> 0.85:
+    the colour cue it removes also helps in-lab)."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        RandomRot90(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
+        RandomStainJitter(sigma1=0.5, sigma2=0.5),
+    ])
 
 
 @AUGMENTATIONS.register("decoupled")

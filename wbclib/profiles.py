@@ -54,7 +54,7 @@ Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune
 Cross-lab ERM keys (``protocols.crosslab_erm``, notebook 04): ``crosslab_*_per_class``
 cap each lab's split, ``crosslab_seeds`` are the training seeds of the probe and of
 every fine-tune, and ``crosslab_augmentations`` the fine-tuning augmentation presets
-compared (``dihedral_jitter``, and ``dihedral_jitter_stain`` with
+compared (``dihedral_jitter``, and ``dihedral_colour_stain``: strong colour jitter and
 ``augment.RandomStainJitter``; chapter 04 reports the paired gain of the second).
 
 Cross-lab chapter keys (``protocols.crosslab_dg.crosslab_dg``, notebook 07): ``dg_*`` set
@@ -128,8 +128,8 @@ _LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
 _DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
 _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
-#: Chapter 04's fine-tuning augmentations: the default preset, and with stain jitter (``augment.RandomStainJitter``).
-_CROSSLAB_AUG = ["dihedral_jitter", "dihedral_jitter_stain"]
+#: Chapter 04's fine-tuning augmentations: the default preset, and strong colour and stain jitter.
+_CROSSLAB_AUG = ["dihedral_jitter", "dihedral_colour_stain"]
 
 PROFILES = {
     "smoke": dict(

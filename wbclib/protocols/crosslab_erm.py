@@ -111,7 +111,7 @@ def validation_note(results: pd.DataFrame) -> str:
 
 
 #: How the chapter names each fine-tuning augmentation preset.
-AUGMENTATION_NAMES = {"dihedral_jitter": "fine-tuned", "dihedral_jitter_stain": "fine-tuned + stain jitter"}
+AUGMENTATION_NAMES = {"dihedral_jitter": "fine-tuned", "dihedral_colour_stain": "fine-tuned + colour/stain jitter"}
 
 
 def regime_name(augmentation: str) -> str:
@@ -142,7 +142,7 @@ def _predictions(finetune: pd.DataFrame, setting: str, augmentation: str, lab: s
     return [_io.read_csv(Path(d) / f"predictions_{lab}.csv") for d in runs_["run_dir"]]
 
 
-def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_jitter_stain",
+def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_colour_stain",
                       base: str = "dihedral_jitter", setting: str = "pbc→others",
                       labs: Sequence[str] = ("zheng1", "bccd"), n_boot: int = 1000) -> pd.DataFrame:
     """Macro-F1 and balanced-accuracy gain of fine-tuning with ``augmentation``
@@ -167,7 +167,7 @@ def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_jitt
 
 
 def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
-               labs: Sequence[str] = ("zheng1", "bccd"), augmentation: str = "dihedral_jitter_stain") -> dict:
+               labs: Sequence[str] = ("zheng1", "bccd"), augmentation: str = "dihedral_colour_stain") -> dict:
     """Confusion counts (:func:`wbclib.metrics.confusion`, classes in
     :data:`benchmarks.CROSSLAB_CLASSES` order) of the fine-tuned ``setting`` run
     with ``seed`` and ``augmentation`` on each target lab, from its saved
