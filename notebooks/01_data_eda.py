@@ -25,12 +25,10 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 from IPython.display import display
 
-from wbclib import data, plots, profiles
+from wbclib import cellcrop, data, plots, profiles
+from wbclib.protocols import eda
 
 cfg = profiles.get(profile, overrides)
 root = data.data_root(data_root)
@@ -46,13 +44,11 @@ print(f"data root: {root}; {len(manifests)} images")
 # basophils almost absent. The y-axis is logarithmic.
 
 # %%
-counts = manifests.pivot_table(index="label", columns="lab", values="path", aggfunc="size", fill_value=0)
-display(counts)
+display(eda.images_per_class_and_lab(manifests))
 plots.class_counts(manifests, title="images per common class and lab");
 
 # %%
-fine = manifests[manifests.lab == "pbc"].groupby("fine_label").size().sort_values(ascending=False).rename("images")
-display(fine.to_frame().T)
+display(eda.pbc_fine_class_counts(manifests))
 
 # %% [markdown]
 # ## What the labs look like
@@ -63,9 +59,7 @@ display(fine.to_frame().T)
 # lower-magnification smear photographs.
 
 # %%
-sample = manifests[manifests.label.isin(["neutrophil", "lymphocyte", "monocyte", "eosinophil"])].copy()
-sample["lab / class"] = sample["lab"] + " / " + sample["label"]
-plots.sample_grid(sample, root, row="lab / class", n=6, seed=seed);
+plots.sample_grid(eda.shared_class_sample(manifests), root, row="lab / class", n=6, seed=seed);
 
 # %%
 plots.sample_grid(manifests[manifests.lab == "pbc"], root, row="fine_label", n=8, seed=seed,
@@ -80,27 +74,10 @@ plots.sample_grid(manifests[manifests.lab == "pbc"], root, row="fine_label", n=8
 # per-lab sample.
 
 # %%
-display(manifests.groupby("lab")[["width", "height"]].describe().round(1))
-
+display(eda.image_size_table(manifests))
 
 # %%
-def mean_colour(rows):
-    return np.stack([data.load_image(root / p).reshape(-1, 3).mean(0) for p in rows["path"]])
-
-
-per_lab = 20 if cfg.name == "smoke" else 200
-colour = []
-for lab, rows in manifests.groupby("lab"):
-    pick = rows.sample(min(per_lab, len(rows)), random_state=seed)
-    colour.append(pd.DataFrame(mean_colour(pick), columns=["R", "G", "B"]).assign(lab=lab))
-colour = pd.concat(colour, ignore_index=True)
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
-for ax, ch in zip(axes, "RGB"):
-    for lab, rows in colour.groupby("lab"):
-        ax.hist(rows[ch], bins=25, alpha=0.55, label=lab, density=True)
-    ax.set_xlabel(f"mean {ch} per image")
-axes[0].legend()
-fig.tight_layout()
+eda.colour_histograms(eda.mean_colours(manifests, root, per_lab=eda.colour_per_lab(cfg), seed=seed));
 
 # %% [markdown]
 # ## Cell-centred inputs
@@ -128,13 +105,9 @@ fig.tight_layout()
 # compared with the constant the book uses.
 
 # %%
-from wbclib import cellcrop
-
-crop_sample = cellcrop.lab_sample(manifests, per_lab=8 if cfg.name == "smoke" else 300, seed=seed)
-ratios = cellcrop.ratio_table(crop_sample, root)
+ratios = eda.cell_crop_ratios(manifests, root, per_lab=eda.crop_per_lab(cfg), seed=seed)
 display(cellcrop.summarize_ratios(ratios))
-print(f"common ratio measured on this sample: {cellcrop.common_ratio(ratios):.3f}; "
-      f"used by every chapter: {cellcrop.COMMON_RATIO}")
+print(eda.common_ratio_note(ratios))
 
 # %% [markdown]
 # Before (the native image with the square that is cut, in yellow) and after
@@ -155,8 +128,7 @@ plots.cell_crops(ratios, root, ratio=cellcrop.COMMON_RATIO, per_lab=4);
 dups = data.find_duplicates(manifests)
 print(data.describe_duplicates(dups))
 display(dups[["path", "fine_label", "n", "cross_class"]])
-clean = data.drop_duplicates(manifests)
-print(f"after the policy: {len(clean)} of {len(manifests)} images kept")
+print(f"after the policy: {len(data.drop_duplicates(manifests))} of {len(manifests)} images kept")
 
 # %% [markdown]
 # ## Integrity
@@ -166,5 +138,5 @@ print(f"after the policy: {len(clean)} of {len(manifests)} images kept")
 
 # %%
 problems = data.verify_checksums(root)
-print("all files match SHA256SUMS" if problems.empty else f"{len(problems)} problem(s)")
+print(eda.integrity_note(problems))
 display(problems.head())
