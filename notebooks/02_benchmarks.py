@@ -43,18 +43,23 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
 from wbclib import benchmarks as B
 from wbclib import data, plots, profiles
-from wbclib.degrade import PHASE2_MIXES, SEVERITY_PARAMS, degrade, image_rng
+from wbclib.degrade import PHASE2_MIXES, SEVERITY_PARAMS
 
 cfg = profiles.get(profile, overrides)
 root = data.data_root(data_root)
 splits = B.ensure_benchmarks(profiles.output_dir("splits", splits_dir), root, seed,
                              cache_dir=profiles.output_dir("cache", cache_dir))
+
+# %% [markdown]
+# The benchmark files are written once per data root and seed (and rebuilt
+# when either changes). Images per class and split:
+
+# %%
 table, definition = B.read_pbc_lt(splits, seed)
 print("head-to-tail class order (by training images available):", " > ".join(definition.head_order))
 display(table.groupby(["label", "split"]).size().unstack())
@@ -100,8 +105,10 @@ plots.long_tail_curves({**{f"{c} ({cfg.name})": counts[c].drop("total").to_dict(
 
 # %%
 display(pd.DataFrame(SEVERITY_PARAMS).rename_axis("severity"))
-example = table[table.label == definition.head_order[0]].iloc[0]
-plots.degradation_grid(root / example["path"], example["path"], seed);
+
+# %%
+example = table[table.label == definition.head_order[0]].iloc[0]["path"]
+plots.degradation_grid(root / example, example, seed);
 
 # %% [markdown]
 # ## Phase 2: a severity mix per split
@@ -144,17 +151,7 @@ display(pd.crosstab(held_out["degradation"], held_out["phase2_severity"]))
 # Eight held-out images, pristine and under their stress draw:
 
 # %%
-sample = B.stress(held_out.sample(8, random_state=seed))
-fig, axes = plt.subplots(2, 8, figsize=(14, 4))
-for i, (_, row) in enumerate(sample.iterrows()):
-    image = data.load_image(root / row["path"])
-    axes[0, i].imshow(image)
-    axes[1, i].imshow(degrade(image, row["degradation"], row["severity"], image_rng(row["path"], seed)))
-    axes[1, i].set_title(f"{row['degradation'].replace('_', ' ')} {row['severity']}", fontsize=8)
-    for ax in axes[:, i]:
-        ax.axis("off")
-axes[0, 0].set_title("pristine", fontsize=8, loc="left")
-fig.tight_layout()
+plots.pristine_and_degraded(root, B.stress(held_out.sample(8, random_state=seed)), seed);
 
 # %% [markdown]
 # ## Cross-lab

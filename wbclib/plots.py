@@ -66,6 +66,22 @@ def degradation_grid(path: Path, key: str, seed: int = 0) -> plt.Figure:
     return fig
 
 
+def pristine_and_degraded(root: Path, rows: pd.DataFrame, seed: int = 0) -> plt.Figure:
+    """Each row's image pristine (top) and under its own ``degradation`` at
+    ``severity`` (bottom, titled with both), drawn as the benchmark draws it."""
+    fig, axes = plt.subplots(2, len(rows), figsize=(1.75 * len(rows), 4), squeeze=False)
+    for i, (_, row) in enumerate(rows.iterrows()):
+        image = load_image(Path(root) / row["path"])
+        axes[0, i].imshow(image)
+        axes[1, i].imshow(degrade(image, row["degradation"], row["severity"], image_rng(row["path"], seed)))
+        axes[1, i].set_title(f"{row['degradation'].replace('_', ' ')} {row['severity']}", fontsize=8)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    axes[0, 0].set_title("pristine", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
 def long_tail_curves(counts: Dict[str, Dict[str, int]]) -> plt.Figure:
     """Training images per class (head to tail) for each imbalance ratio."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
