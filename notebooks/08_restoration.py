@@ -155,7 +155,7 @@ display(R.restoration_table(quality, by=["kind"]).round(3))
 
 # %%
 rows, titles = protocol.before_after_examples(root, images["heldout"], raw.pool, p2p.restorers, seed=seed)
-R.image_grid(rows, titles, zoom=120);
+plots.image_grid(rows, titles, zoom=120);
 
 # %% [markdown]
 # ## Effect on a fixed classifier
@@ -174,9 +174,8 @@ R.image_grid(rows, titles, zoom=120);
 # for the whole test and for each degradation kind.
 
 # %%
-rho = 100
 test = protocol.degraded_test(cfg, root, splits, results, chapter.table, chapter.definition, out, raw.detector,
-                              rho=rho, fold=cfg.finetune_folds[0], seed=seed, eval_set="test_stress")
+                              rho=100, fold=cfg.finetune_folds[0], seed=seed, eval_set="test_stress")
 print(test.report)
 display(test.flagged)
 
@@ -191,7 +190,7 @@ classified = protocol.effect_on_classifier(test, {"Pix2Pix": p2p.restorers["Pix2
 print(classified.report)
 display(classified.intervals)
 plots.metric_bars(classified.effect, x="kind", y="macro_f1", hue="condition", low="macro_f1_low",
-                  high="macro_f1_high", title=f"fine-tuned ERM, rho={rho}, stress test (all degraded)",
+                  high="macro_f1_high", title="fine-tuned ERM, rho=100, stress test (all degraded)",
                   ylabel="macro-F1");
 
 # %% [markdown]

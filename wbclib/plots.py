@@ -551,3 +551,28 @@ def lolo_bars(bars: pd.DataFrame, title: str = "leave-one-lab-out",
     fig.set_size_inches(10, 3.8)
     fig.tight_layout()
     return fig
+
+
+def image_grid(rows: Sequence[Dict[str, np.ndarray]], row_titles: Sequence[str] = (), zoom: Optional[int] = None,
+               size: float = 2.0):
+    """Rows of images (each a ``{column title: image}`` dict, same keys in every
+    row); ``zoom`` shows the central ``zoom`` x ``zoom`` pixels so single-pixel
+    damage is visible. Returns the Figure."""
+    columns = list(rows[0])
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(size * len(columns), size * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, name in enumerate(columns):
+            image = row[name]
+            if zoom:
+                h, w = image.shape[:2]
+                y, x = max(0, (h - zoom) // 2), max(0, (w - zoom) // 2)
+                image = image[y:y + zoom, x:x + zoom]
+            ax = axes[r, c]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=10)
+            if c == 0 and r < len(row_titles):
+                ax.set_ylabel(row_titles[r], fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -230,7 +230,7 @@ def restoration_quality(out: Path, heldout: pd.DataFrame, root: Path,
 def before_after_examples(root: Path, heldout: pd.DataFrame, pool: pd.DataFrame,
                           restorers: Dict[str, Callable[[np.ndarray], np.ndarray]], n_heldout: int = 2,
                           n_flagged: int = 2, seed: int = 0) -> tuple:
-    """Rows for :func:`restore.image_grid`: the first ``n_heldout`` held-out images
+    """Rows for :func:`wbclib.plots.image_grid`: the first ``n_heldout`` held-out images
     at the third salt-and-pepper condition of :data:`restore.EVAL_CONDITIONS`, then
     the first ``n_flagged`` images of the raw set called noisy (next to the pristine
     file they were made from), each restored by every restorer. Returns ``(rows, titles)``."""
