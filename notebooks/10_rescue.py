@@ -58,25 +58,18 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-from pathlib import Path
-
-import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import metrics, plots, profiles, verdicts
-from wbclib import rescue as R
+from wbclib import plots, profiles
 from wbclib.data import PROJECT_ROOT
-from wbclib.protocols import pbc_lt
 from wbclib.protocols import rescue as protocol
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
 rho, classes = 100, list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
-print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px; rescuing the {cfg.rescue_rare} rarest classes; "
-      f"fine-tuned ERM folds {cfg.finetune_folds}, probe folds {cfg.rescue_probe_folds}; "
-      f"boost strengths {cfg.rescue_strengths}")
+print(protocol.settings_note(cfg))
 
 # %% [markdown]
 # ## The base predictions
@@ -85,8 +78,7 @@ print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px; rescuing the 
 # back); any that are missing are produced here, so this chapter can run on its own.
 
 # %%
-probe_runs = pbc_lt.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
-erm_runs = pbc_lt.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits, results, method="erm", seed=seed)
+probe_runs, erm_runs = protocol.base_runs(cfg, root, splits, cache, results, rho=rho, seed=seed)
 
 # %% [markdown]
 # ## Rare classes and boosts
@@ -97,15 +89,8 @@ erm_runs = pbc_lt.pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits
 # ($s = 0$: no boost).
 
 # %%
-split, _ = pbc_lt.pbc_lt_sets(cfg, table, definition, rho, cfg.finetune_folds[0])
-counts = R.class_counts(split[split["split"] == "train"]["label"], classes)
-ordered = {c: counts[c] for c in definition.head_order}
-rare = R.rarest_classes(ordered, cfg.rescue_rare)
-boosts = pd.DataFrame({"training images": ordered})
-for s in (1.0, 2.0):
-    boosts[f"B_c at s={s:g}"] = [R.boost_factors(ordered, [c], s)[c] for c in ordered]
-boosts["rare"] = [c in rare for c in ordered]
-display(boosts.round(2))
+display(protocol.boost_table(protocol.fold_training_counts(cfg, table, definition, rho, cfg.finetune_folds[0]),
+                             cfg.rescue_rare))
 
 # %% [markdown]
 # ## Algorithm 1, phase by phase
@@ -122,16 +107,8 @@ display(boosts.round(2))
 # checks are for.
 
 # %%
-erm = protocol.pbc_lt_rescue(cfg, root, splits, cache, results, erm_runs, regime="erm", folds=cfg.finetune_folds,
-                             rho=rho, seed=seed)
-probe = protocol.pbc_lt_rescue(cfg, root, splits, cache, results, probe_runs, regime="probe",
-                               folds=cfg.rescue_probe_folds, rho=rho, seed=seed)
-runs = pd.concat([erm.assign(model="fine-tuned ERM"), probe.assign(model="linear probe")], ignore_index=True)
-phase_names = {"base": "base predictions", "boost": "+ boost only (phase 1)",
-               "semantic": "+ semantic verification (phase 2)", "morphology": "+ biological filtering (phase 3)"}
-runs["row"] = runs["phase"].map(phase_names)
-print("rare classes per run:", {f"{m} fold {f}": r for m, f, r in
-                                runs.drop_duplicates(["model", "fold"])[["model", "fold", "rare"]].itertuples(index=False)})
+runs = protocol.rescue_per_model(cfg, root, splits, cache, results, erm_runs, probe_runs, rho=rho, seed=seed)
+print("rare classes per run:", protocol.rare_classes_per_run(runs))
 
 # %% [markdown]
 # ## The ablation in the shape of the paper's Table 2
@@ -144,17 +121,12 @@ print("rare classes per run:", {f"{m} fold {f}": r for m, f, r in
 # verifier.
 
 # %%
-order = list(phase_names.values())
-summary = metrics.summarize(runs, by=["model", "row"], metrics=["macro_f1", "val_macro_f1", "changed"])
-shown = metrics.format_mean_std(summary, metrics=["macro_f1", "val_macro_f1"])
-shown["changed"] = summary["changed_mean"].round(1)
-shown = shown.reset_index().pivot(index="row", columns="model").reindex(order)
-display(shown)
+display(protocol.ablation_table(runs))
 
-paper_file = PROJECT_ROOT.parent / "shared" / "papers" / "hybrid-rescue-wbcbench2026.md"
-paper = R.read_paper_table2(paper_file) if paper_file.is_file() else dict(R.PAPER_TABLE2)
-print("paper's Table 2 read from", paper_file if paper_file.is_file() else "wbclib.rescue.PAPER_TABLE2")
-display(pd.Series(paper, name="macro-F1 (LB)").mul(100).round(2).to_frame())
+# %%
+paper, paper_source = protocol.paper_table2(PROJECT_ROOT.parent / "shared" / "papers" / "hybrid-rescue-wbcbench2026.md")
+print("paper's Table 2 read from", paper_source)
+display(protocol.paper_table2_frame(paper))
 
 # %% [markdown]
 # ## Per-class F1 before and after
@@ -164,32 +136,19 @@ display(pd.Series(paper, name="macro-F1 (LB)").mul(100).round(2).to_frame())
 # rare (rescuable) classes are the last ones.
 
 # %%
-def rescue_run(regime, fold):
-    return runs[(runs.regime == regime) & (runs.fold == fold)].iloc[0]
+first = protocol.first_folds(cfg)
 
+# %%
+per_class = protocol.per_class_scores(runs, first, classes)
+display(protocol.per_class_change_table(per_class))
 
-def rescued_predictions(regime, fold, phase):
-    run = rescue_run(regime, fold)
-    if phase == "base":
-        return pd.read_csv(Path(run.base_run_dir) / "predictions_test_degraded.csv")
-    return pd.read_csv(Path(run.run_dir) / f"predictions_test_degraded_{phase}.csv")
+# %%
+plots.per_class_f1(protocol.model_rows(per_class, "fine-tuned ERM"), definition.head_order, hue="phase",
+                   title=f"fine-tuned ERM, rho={rho}, degraded test");
 
-
-index = {c: i for i, c in enumerate(classes)}
-per_class = []
-first = {"fine-tuned ERM": ("erm", cfg.finetune_folds[0]), "linear probe": ("probe", cfg.rescue_probe_folds[0])}
-for model, (regime, fold) in first.items():
-    for phase, name in phase_names.items():
-        pred = rescued_predictions(regime, fold, phase)
-        pc = metrics.per_class(pred["label"].map(index), pred["pred"].map(index), classes).reset_index()
-        per_class.append(pc.assign(model=model, phase=name))
-per_class = pd.concat(per_class, ignore_index=True)
-for model in first:
-    rows = per_class[per_class["model"] == model]
-    plots.per_class_f1(rows, definition.head_order, hue="phase", title=f"{model}, rho={rho}, degraded test")
-f1 = per_class.pivot_table(index=["model", "class"], columns="phase", values="f1").reindex(columns=order)
-change = f1.sub(f1[order[0]], axis=0).drop(columns=order[0]).add_prefix("Δ ")
-display((100 * pd.concat([f1, change], axis=1)).round(1))
+# %%
+plots.per_class_f1(protocol.model_rows(per_class, "linear probe"), definition.head_order, hue="phase",
+                   title=f"linear probe, rho={rho}, degraded test");
 
 # %% [markdown]
 # What the rescue did on the test rows of each first fold (full Algorithm 1):
@@ -197,16 +156,7 @@ display((100 * pd.concat([f1, change], axis=1)).round(1))
 # how many of the changed predictions were right.
 
 # %%
-outcomes = []
-for model, (regime, fold) in first.items():
-    pred = rescued_predictions(regime, fold, "morphology")
-    changed = pred[pred["pred"] != pred["base_pred"]]
-    row = pred["rescue"].value_counts().to_dict()
-    row.update(model=model, rescued_right=int((changed["pred"] == changed["label"]).sum()),
-               rescued_wrong=int((changed["pred"] != changed["label"]).sum()),
-               rescued_classes=", ".join(sorted(changed["pred"].unique())) or "none")
-    outcomes.append(row)
-display(pd.DataFrame(outcomes).set_index("model").fillna(0))
+display(protocol.rescue_outcomes(runs, first))
 
 # %% [markdown]
 # ## The chosen parameters
@@ -216,21 +166,7 @@ display(pd.DataFrame(outcomes).set_index("model").fillna(0))
 # validation score before and after.
 
 # %%
-import json  # noqa: E402
-
-chosen = []
-for model, (regime, fold) in first.items():
-    for phase in R.PHASES:
-        p = json.loads((Path(rescue_run(regime, fold).run_dir) / f"params_{phase}.json").read_text())
-        for c in p["rare_classes"]:
-            chosen.append(dict(model=model, phase=phase, rare_class=c, strength=p["info"]["strength"],
-                               boost=p["boosts"][c], verify=p["verify"],
-                               tau=(p["tau"][c] if isinstance(p["tau"], dict) else p["tau"]) if p["verify"] else None,
-                               rule=p["morphology"][c] if isinstance(p["morphology"], dict) else p["morphology"],
-                               tau_s=p["tau_s"][c] if isinstance(p["tau_s"], dict) else p["tau_s"],
-                               tau_m=p["tau_m"][c] if isinstance(p["tau_m"], dict) else p["tau_m"],
-                               val_base=p["info"]["val_base_score"], val_after=p["info"]["val_score"]))
-display(pd.DataFrame(chosen).round(3))
+display(protocol.chosen_parameters(runs, first))
 
 # %% [markdown]
 # ## Does the paper's gain reproduce?
@@ -245,24 +181,9 @@ display(pd.DataFrame(chosen).round(3))
 # zero or negative.
 
 # %%
-paper_gain = {"semantic": 100 * (paper["+ MedSigLIP Semantic Verification (Phase 2)"] - paper["Swin-T (5-Fold + TTA)"]),
-              "morphology": 100 * (paper["+ Biological Filtering (Phase 3)"]
-                                   - paper["+ MedSigLIP Semantic Verification (Phase 2)"])}
-judged = []
-for model, (regime, fold) in first.items():
-    before = rescued_predictions(regime, fold, "base")
-    for phase, previous in (("semantic", "base"), ("morphology", "semantic")):
-        a = rescued_predictions(regime, fold, previous)
-        b = rescued_predictions(regime, fold, phase)
-        g = R.paired_bootstrap_gain(before["label"], a["pred"], b["pred"], classes, n_boot=cfg.n_boot, seed=seed)
-        gain, low, high = 100 * g["gain"], 100 * g["low"], 100 * g["high"]
-        judged.append(dict(model=model, phase=phase_names[phase], gain=gain, low=low, high=high,
-                           paper_gain=paper_gain[phase], verdict=verdicts.reproduction(gain, low, paper_gain[phase])))
-judged = pd.DataFrame(judged)
+judged = protocol.gain_verdicts(runs, first, classes, paper, n_boot=cfg.n_boot, seed=seed)
 display(judged.round(2))
-lines = [f"* **{r.model}, {r.phase}**: {r.gain:+.2f} points (95 % CI {r.low:+.2f} to {r.high:+.2f}) against the "
-         f"paper's {r.paper_gain:+.2f}: {r.verdict}." for r in judged.itertuples()]
-display(Markdown("\n".join(lines)))
+display(Markdown(protocol.gain_summary(judged)))
 
 # %% [markdown]
 # ## Reading the result

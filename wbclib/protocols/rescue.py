@@ -12,16 +12,16 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from .. import _io, runs
+from .. import _io, metrics, runs, verdicts
 from .. import benchmarks as B
 from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
 from ..metrics import scores
 from ..morphology import PAPER_FEATURES, MahalanobisFilter, MorphologyCache
-from ..rescue import (BOOST_STRENGTHS, PHASES, RescueGrid, SiglipEmbedder, class_counts, fit_contrastive_head,
-                      fit_thresholds, rarest_classes)
+from ..rescue import (BOOST_STRENGTHS, PAPER_TABLE2, PHASES, RescueGrid, SiglipEmbedder, boost_factors, class_counts,
+                      fit_contrastive_head, fit_thresholds, paired_bootstrap_gain, rarest_classes, read_paper_table2)
 from ..runs import inputs_fingerprint
 from .common import cell_centred
-from .pbc_lt import pbc_lt_sets, probe_jobs
+from .pbc_lt import pbc_lt_finetune, pbc_lt_probe, pbc_lt_sets, probe_jobs
 
 
 def verification_store(cfg: SimpleNamespace, tables: Sequence[pd.DataFrame], root: Path, cache_dir: Path):
@@ -162,3 +162,227 @@ def pbc_lt_rescue(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir:
         out.finish(fold_rows)
         rows += [dict(r, run_dir=str(out.dir), base_run_dir=str(run_dir)) for r in fold_rows]
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# The chapter's tables, one per notebook step (notebook 10)
+# --------------------------------------------------------------------------
+
+#: Each phase of :func:`pbc_lt_rescue` (and the base predictions) as the chapter's tables name it, in order.
+PHASE_NAMES = {"base": "base predictions", "boost": "+ boost only (phase 1)",
+               "semantic": "+ semantic verification (phase 2)", "morphology": "+ biological filtering (phase 3)"}
+
+
+def settings_note(cfg: SimpleNamespace) -> str:
+    """The profile's settings the chapter depends on, as one line."""
+    return (f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px; rescuing the {cfg.rescue_rare} rarest classes; "
+            f"fine-tuned ERM folds {cfg.finetune_folds}, probe folds {cfg.rescue_probe_folds}; "
+            f"boost strengths {cfg.rescue_strengths}")
+
+
+def base_runs(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+              rho: float = 100, seed: int = 0) -> tuple:
+    """The base predictions to rescue: the linear probe's runs
+    (:func:`pbc_lt.pbc_lt_probe`) and the fine-tuned ERM runs at ``rho``
+    (:func:`pbc_lt.pbc_lt_finetune`), read back where the baseline chapter
+    finished them: ``(probe_runs, erm_runs)``."""
+    probe_runs = pbc_lt_probe(cfg, root, splits_dir, cache_dir, results_dir, seed=seed)
+    erm_runs = pbc_lt_finetune(cfg.replace(finetune_rhos=[rho]), root, splits_dir, results_dir, method="erm",
+                               seed=seed)
+    return probe_runs, erm_runs
+
+
+def fold_training_counts(cfg: SimpleNamespace, table: pd.DataFrame, definition, rho: float, fold: int) -> dict:
+    """Training images per class of the PBC-LT split at ``rho`` and ``fold``
+    (:func:`pbc_lt.pbc_lt_sets`), classes from head to tail (``definition.head_order``)."""
+    split, _ = pbc_lt_sets(cfg, table, definition, rho, fold)
+    counts = class_counts(split[split["split"] == "train"]["label"], list(B.PBC_LT_CLASSES))
+    return {c: counts[c] for c in definition.head_order}
+
+
+def boost_table(counts: dict, n_rare: int, strengths: Sequence[float] = (1.0, 2.0)) -> pd.DataFrame:
+    """Per class (``counts``' order): its ``training images``, the boost factor
+    :func:`wbclib.rescue.boost_factors` would give it as a rare class at each
+    strength (``B_c at s=<s>``) and whether it is one of the ``n_rare``
+    rarest (``rare``), 2 digits."""
+    rare = rarest_classes(counts, n_rare)
+    boosts = pd.DataFrame({"training images": counts})
+    for s in strengths:
+        boosts[f"B_c at s={s:g}"] = [boost_factors(counts, [c], s)[c] for c in counts]
+    boosts["rare"] = [c in rare for c in counts]
+    return boosts.round(2)
+
+
+def rescue_per_model(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                     erm_runs: pd.DataFrame, probe_runs: pd.DataFrame, rho: float = 100, seed: int = 0) -> pd.DataFrame:
+    """:func:`pbc_lt_rescue` of the fine-tuned ERM runs (folds ``cfg.finetune_folds``)
+    and of the linear probe's (``cfg.rescue_probe_folds``), one table with
+    ``model`` (``fine-tuned ERM``, ``linear probe``) and ``row`` (the phase's
+    name in :data:`PHASE_NAMES`)."""
+    erm = pbc_lt_rescue(cfg, root, splits_dir, cache_dir, results_dir, erm_runs, regime="erm",
+                        folds=cfg.finetune_folds, rho=rho, seed=seed)
+    probe = pbc_lt_rescue(cfg, root, splits_dir, cache_dir, results_dir, probe_runs, regime="probe",
+                          folds=cfg.rescue_probe_folds, rho=rho, seed=seed)
+    rescues = pd.concat([erm.assign(model="fine-tuned ERM"), probe.assign(model="linear probe")], ignore_index=True)
+    rescues["row"] = rescues["phase"].map(PHASE_NAMES)
+    return rescues
+
+
+def rare_classes_per_run(rescues: pd.DataFrame) -> dict:
+    """``{"<model> fold <fold>": rare classes}`` for each run of ``rescues`` (a :func:`rescue_per_model` table)."""
+    first = rescues.drop_duplicates(["model", "fold"])[["model", "fold", "rare"]]
+    return {f"{m} fold {f}": r for m, f, r in first.itertuples(index=False)}
+
+
+def ablation_table(rescues: pd.DataFrame) -> pd.DataFrame:
+    """The ablation in the shape of the paper's Table 2: one row per phase
+    (:data:`PHASE_NAMES` order), per model the test and validation macro-F1
+    (percent, ``mean ± std`` over folds, 1 digit) and the mean number of test
+    predictions the phase ``changed`` (1 digit)."""
+    summary = metrics.summarize(rescues, by=["model", "row"], metrics=["macro_f1", "val_macro_f1", "changed"])
+    shown = metrics.format_mean_std(summary, metrics=["macro_f1", "val_macro_f1"])
+    shown["changed"] = summary["changed_mean"].round(1)
+    return shown.reset_index().pivot(index="row", columns="model").reindex(list(PHASE_NAMES.values()))
+
+
+def paper_table2(paper_file: Path) -> tuple:
+    """The paper's Table 2 (method -> macro-F1) read from ``paper_file``
+    (:func:`wbclib.rescue.read_paper_table2`) when it exists, else the copy
+    :data:`wbclib.rescue.PAPER_TABLE2`: ``(table, where it was read from)``."""
+    if Path(paper_file).is_file():
+        return read_paper_table2(paper_file), paper_file
+    return dict(PAPER_TABLE2), "wbclib.rescue.PAPER_TABLE2"
+
+
+def paper_table2_frame(paper: dict) -> pd.DataFrame:
+    """The paper's Table 2 as one column ``macro-F1 (LB)`` in percent, 2 digits."""
+    return pd.Series(paper, name="macro-F1 (LB)").mul(100).round(2).to_frame()
+
+
+def first_folds(cfg: SimpleNamespace) -> dict:
+    """``{model: (regime, fold)}``: the first fold of each model, the one the
+    chapter's per-class, outcome, parameter and gain tables read."""
+    return {"fine-tuned ERM": ("erm", cfg.finetune_folds[0]), "linear probe": ("probe", cfg.rescue_probe_folds[0])}
+
+
+def rescue_run(rescues: pd.DataFrame, regime: str, fold: int) -> pd.Series:
+    """The first row of ``rescues`` (a :func:`rescue_per_model` table) for ``regime`` and ``fold``."""
+    return rescues[(rescues.regime == regime) & (rescues.fold == fold)].iloc[0]
+
+
+def rescued_predictions(rescues: pd.DataFrame, regime: str, fold: int, phase: str,
+                        test_set: str = "test_degraded") -> pd.DataFrame:
+    """The saved test predictions of a rescue run after ``phase``; phase
+    ``base``: the base run's own ``predictions_<test_set>.csv``."""
+    run = rescue_run(rescues, regime, fold)
+    if phase == "base":
+        return _io.read_csv(Path(run.base_run_dir) / f"predictions_{test_set}.csv")
+    return _io.read_csv(Path(run.run_dir) / f"predictions_{test_set}_{phase}.csv")
+
+
+def per_class_scores(rescues: pd.DataFrame, first: dict, classes: Sequence[str]) -> pd.DataFrame:
+    """Per-class scores (:func:`metrics.per_class`) of the test predictions
+    of each model's run in ``first`` (:func:`first_folds`) after every phase:
+    one row per (model, phase, class), phases named as in :data:`PHASE_NAMES`."""
+    index = {c: i for i, c in enumerate(classes)}
+    per_class = []
+    for model, (regime, fold) in first.items():
+        for phase, name in PHASE_NAMES.items():
+            pred = rescued_predictions(rescues, regime, fold, phase)
+            pc = metrics.per_class(pred["label"].map(index), pred["pred"].map(index), classes).reset_index()
+            per_class.append(pc.assign(model=model, phase=name))
+    return pd.concat(per_class, ignore_index=True)
+
+
+def model_rows(per_class: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The rows of a :func:`per_class_scores` table for one ``model``."""
+    return per_class[per_class["model"] == model]
+
+
+def per_class_change_table(per_class: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, class): F1 after every phase and its change (``Δ <phase>``)
+    from the base predictions, in percent, 1 digit."""
+    order = list(PHASE_NAMES.values())
+    f1 = per_class.pivot_table(index=["model", "class"], columns="phase", values="f1").reindex(columns=order)
+    change = f1.sub(f1[order[0]], axis=0).drop(columns=order[0]).add_prefix("Δ ")
+    return (100 * pd.concat([f1, change], axis=1)).round(1)
+
+
+def rescue_outcomes(rescues: pd.DataFrame, first: dict) -> pd.DataFrame:
+    """Per model (its run in ``first``), the full rescue on the test rows:
+    rows per ``rescue`` outcome, changed predictions that are right
+    (``rescued_right``) and wrong (``rescued_wrong``) and the classes they
+    went to (``rescued_classes``); 0 where an outcome never happened."""
+    outcomes = []
+    for model, (regime, fold) in first.items():
+        pred = rescued_predictions(rescues, regime, fold, "morphology")
+        changed = pred[pred["pred"] != pred["base_pred"]]
+        row = pred["rescue"].value_counts().to_dict()
+        row.update(model=model, rescued_right=int((changed["pred"] == changed["label"]).sum()),
+                   rescued_wrong=int((changed["pred"] != changed["label"]).sum()),
+                   rescued_classes=", ".join(sorted(changed["pred"].unique())) or "none")
+        outcomes.append(row)
+    return pd.DataFrame(outcomes).set_index("model").fillna(0)
+
+
+def per_class_value(value, c: str):
+    """A rescue parameter of class ``c``: ``value[c]`` when it is per class (a dict), else ``value``."""
+    return value[c] if isinstance(value, dict) else value
+
+
+def chosen_parameters(rescues: pd.DataFrame, first: dict) -> pd.DataFrame:
+    """The parameters each phase chose (``params_<phase>.json``) for each
+    model's run in ``first``: one row per (model, phase, rare class) with the
+    strength, the class's boost, whether verification is on and its ``tau``
+    (None when off), the morphology rule and its thresholds, and the
+    validation macro-F1 before and after; 3 digits."""
+    chosen = []
+    for model, (regime, fold) in first.items():
+        for phase in PHASES:
+            p = _io.read_json(Path(rescue_run(rescues, regime, fold).run_dir) / f"params_{phase}.json")
+            for c in p["rare_classes"]:
+                chosen.append(dict(model=model, phase=phase, rare_class=c, strength=p["info"]["strength"],
+                                   boost=p["boosts"][c], verify=p["verify"],
+                                   tau=per_class_value(p["tau"], c) if p["verify"] else None,
+                                   rule=per_class_value(p["morphology"], c),
+                                   tau_s=per_class_value(p["tau_s"], c), tau_m=per_class_value(p["tau_m"], c),
+                                   val_base=p["info"]["val_base_score"], val_after=p["info"]["val_score"]))
+    return pd.DataFrame(chosen).round(3)
+
+
+def paper_gains(paper: dict) -> dict:
+    """The paper's gains in macro-F1 points (Table 2): ``semantic``, from
+    "Swin-T (5-Fold + TTA)" to its verification row, and ``morphology``,
+    from there to biological filtering."""
+    verified = paper["+ MedSigLIP Semantic Verification (Phase 2)"]
+    return {"semantic": 100 * (verified - paper["Swin-T (5-Fold + TTA)"]),
+            "morphology": 100 * (paper["+ Biological Filtering (Phase 3)"] - verified)}
+
+
+def gain_verdicts(rescues: pd.DataFrame, first: dict, classes: Sequence[str], paper: dict, n_boot: int = 1000,
+                  seed: int = 0) -> pd.DataFrame:
+    """Per model (its run in ``first``) and step (base -> semantic, semantic ->
+    morphology): the macro-F1 ``gain`` in points with its 95 % paired-bootstrap
+    interval (``low``, ``high``; :func:`wbclib.rescue.paired_bootstrap_gain`),
+    the paper's gain for that step (:func:`paper_gains`) and the
+    :func:`verdicts.reproduction` verdict."""
+    paper_gain = paper_gains(paper)
+    judged = []
+    for model, (regime, fold) in first.items():
+        before = rescued_predictions(rescues, regime, fold, "base")
+        for phase, previous in (("semantic", "base"), ("morphology", "semantic")):
+            a = rescued_predictions(rescues, regime, fold, previous)
+            b = rescued_predictions(rescues, regime, fold, phase)
+            g = paired_bootstrap_gain(before["label"], a["pred"], b["pred"], classes, n_boot=n_boot, seed=seed)
+            gain, low, high = 100 * g["gain"], 100 * g["low"], 100 * g["high"]
+            judged.append(dict(model=model, phase=PHASE_NAMES[phase], gain=gain, low=low, high=high,
+                               paper_gain=paper_gain[phase],
+                               verdict=verdicts.reproduction(gain, low, paper_gain[phase])))
+    return pd.DataFrame(judged)
+
+
+def gain_summary(judged: pd.DataFrame) -> str:
+    """A :func:`gain_verdicts` table as markdown bullets, one per (model, step)."""
+    lines = [f"* **{r.model}, {r.phase}**: {r.gain:+.2f} points (95 % CI {r.low:+.2f} to {r.high:+.2f}) against the "
+             f"paper's {r.paper_gain:+.2f}: {r.verdict}." for r in judged.itertuples()]
+    return "\n".join(lines)
