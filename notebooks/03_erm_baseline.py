@@ -42,13 +42,10 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-from pathlib import Path
-
-import pandas as pd
+import seaborn as sns
 from IPython.display import display
 
-from wbclib import benchmarks as B
-from wbclib import metrics, plots, profiles
+from wbclib import plots, profiles
 from wbclib.protocols import pbc_lt
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
@@ -61,17 +58,16 @@ print(f"profile {cfg.name}: {cfg.backbone} at {cfg.image_size} px, head class ca
 
 # %%
 probe = pbc_lt.pbc_lt_probe(cfg, root, splits, cache, results, seed=seed)
-main_sets = ["test", "test_degraded", "test_stress"]
-summary = metrics.summarize(probe[probe.eval_set.isin(main_sets)], by=["rho", "eval_set"])
-display(metrics.format_mean_std(summary))
+display(pbc_lt.mean_std_table(probe))
 
 # %% [markdown]
 # Bootstrap intervals of macro-F1 on the first fold:
 
 # %%
-first = probe[(probe.fold == cfg.probe_folds[0]) & probe.eval_set.isin(main_sets)]
-display(first[["rho", "eval_set", "macro_f1", "macro_f1_low", "macro_f1_high"]].round(3))
-plots.metric_bars(first.assign(rho=first.rho.astype(str)), x="rho", y="macro_f1", hue="eval_set",
+display(pbc_lt.fold_intervals(probe, cfg.probe_folds[0]))
+
+# %%
+plots.metric_bars(pbc_lt.fold_interval_bars(probe, cfg.probe_folds[0]), x="rho", y="macro_f1", hue="eval_set",
                   low="macro_f1_low", high="macro_f1_high", title="linear probe, fold 0",
                   ylabel="macro-F1");
 
@@ -82,19 +78,9 @@ plots.metric_bars(first.assign(rho=first.rho.astype(str)), x="rho", y="macro_f1"
 # every image degraded by one kind at one severity.
 
 # %%
-grid = probe[(probe.fold == cfg.probe_folds[0]) & ~probe.eval_set.isin(
-    pbc_lt.EVAL_SETS)].copy()
-grid["kind"] = grid.eval_set.str.rsplit("_", n=1).str[0]
-grid["severity"] = grid.eval_set.str.rsplit("_", n=1).str[1]
-pristine = grid[grid.kind == "pristine"]
-curves = grid[grid.kind != "pristine"].copy()
-curves["severity"] = curves.severity.astype(int)
-curves = pd.concat([curves] + [pristine.assign(kind=k, severity=0) for k in curves.kind.unique()])
-import seaborn as sns  # noqa: E402  (only this figure needs it directly)
-
-g = sns.relplot(data=curves, x="severity", y="macro_f1", hue="kind", col="rho", kind="line", marker="o",
-                height=3, aspect=1.1)
-g.set_axis_labels("severity (0 = pristine)", "macro-F1");
+sns.relplot(data=pbc_lt.severity_curves(probe, cfg.probe_folds[0]), x="severity", y="macro_f1", hue="kind",
+            col="rho", kind="line", marker="o", height=3, aspect=1.1,
+            ).set_axis_labels("severity (0 = pristine)", "macro-F1");
 
 # %% [markdown]
 # ## Fine-tuning end to end
@@ -114,10 +100,8 @@ g.set_axis_labels("severity (0 = pristine)", "macro-F1");
 
 # %%
 finetune = pbc_lt.pbc_lt_finetune(cfg, root, splits, results, method="erm", seed=seed)
-ft_summary = metrics.summarize(finetune[finetune.eval_set.isin(main_sets)], by=["rho", "eval_set"])
-display(metrics.format_mean_std(ft_summary))
-display(finetune[finetune.eval_set.isin(main_sets)][["rho", "fold", "eval_set", "macro_f1", "macro_f1_low",
-                                                       "macro_f1_high"]].round(3))
+display(pbc_lt.mean_std_table(finetune))
+display(pbc_lt.fold_scores(finetune))
 
 # %% [markdown]
 # ## Head to tail
@@ -127,24 +111,11 @@ display(finetune[finetune.eval_set.isin(main_sets)][["rho", "fold", "eval_set", 
 # regimes; and the confusion matrix of the fine-tuned model.
 
 # %%
-rho_max, fold0 = max(cfg.finetune_rhos), cfg.finetune_folds[0]
-def run_of(frame):
-    return Path(frame[(frame.rho == rho_max) & (frame.fold == fold0)].run_dir.iloc[0])
+tail = pbc_lt.head_to_tail(probe, finetune, splits, max(cfg.finetune_rhos), cfg.finetune_folds[0], seed)
+plots.per_class_f1(tail.per_class, tail.head_order, hue="regime", title=f"rho={tail.rho}, degraded test");
 
-
-runs = {"probe": run_of(probe), "fine-tuned": run_of(finetune)}
-classes = list(B.PBC_LT_CLASSES)
-table, definition = B.read_pbc_lt(splits, seed)
-per_class = []
-for name, run in runs.items():
-    pred = pd.read_csv(run / "predictions_test_degraded.csv")
-    index = {c: i for i, c in enumerate(classes)}
-    pc = metrics.per_class(pred.label.map(index), pred.pred.map(index), classes).reset_index()
-    per_class.append(pc.assign(regime=name))
-per_class = pd.concat(per_class)
-plots.per_class_f1(per_class, definition.head_order, hue="regime", title=f"rho={rho_max}, degraded test");
-cm = metrics.confusion(pred.label.map(index), pred.pred.map(index), len(classes))
-plots.confusion_matrix(cm, classes, title=f"fine-tuned ERM, rho={rho_max}, degraded test");
+# %%
+plots.confusion_matrix(tail.confusion, tail.classes, title=f"fine-tuned ERM, rho={tail.rho}, degraded test");
 
 # %% [markdown]
 # ## In the papers' terms
@@ -157,6 +128,4 @@ plots.confusion_matrix(cm, classes, title=f"fine-tuned ERM, rho={rho_max}, degra
 # falls from $\rho=1$ to $\rho=100$ and from pristine to degraded images.
 
 # %%
-headline = pd.concat([summary.assign(regime="linear probe"), ft_summary.assign(regime="fine-tuned")])
-headline = headline.reset_index().pivot_table(index=["regime", "rho"], columns="eval_set", values="macro_f1_mean")
-display((100 * headline).round(1))
+display(pbc_lt.headline_table(probe, finetune))

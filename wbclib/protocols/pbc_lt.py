@@ -889,3 +889,112 @@ def summed_confusion(run_dirs: Sequence[Path], eval_set: str, classes: Sequence[
         pred = _io.read_csv(Path(run_dir) / f"predictions_{eval_set}.csv")
         total += confusion(pred["label"].map(index), pred["pred"].map(index), len(classes))
     return total
+
+
+# --------------------------------------------------------------------------
+# Chapter 03's tables, one per notebook step (notebook 03)
+# --------------------------------------------------------------------------
+
+#: The held-out sets chapter 03 reports: pristine, the phase-2 test (the headline) and the stress test.
+MAIN_SETS = ("test", "test_degraded", "test_stress")
+
+#: Macro-F1 and its bootstrap interval, the columns of chapter 03's per-run tables.
+INTERVAL_COLUMNS = ["macro_f1", "macro_f1_low", "macro_f1_high"]
+
+
+def main_set_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``results`` (:func:`pbc_lt_probe` or :func:`pbc_lt_finetune`) scored on :data:`MAIN_SETS`."""
+    return results[results["eval_set"].isin(MAIN_SETS)]
+
+
+def main_set_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over folds of every metric, per (rho, eval set)
+    of :data:`MAIN_SETS` (:func:`metrics.summarize`)."""
+    from ..metrics import summarize
+
+    return summarize(main_set_rows(results), by=["rho", "eval_set"])
+
+
+def mean_std_table(results: pd.DataFrame) -> pd.DataFrame:
+    """:func:`main_set_summary` for display: ``mean ± std`` over folds in percent,
+    1 digit (:func:`metrics.format_mean_std`), one row per (rho, eval set)."""
+    from ..metrics import format_mean_std
+
+    return format_mean_std(main_set_summary(results))
+
+
+def fold_rows(results: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The rows of one ``fold`` scored on :data:`MAIN_SETS`."""
+    return results[(results["fold"] == fold) & results["eval_set"].isin(MAIN_SETS)]
+
+
+def fold_intervals(results: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """Macro-F1 with its bootstrap interval per (rho, eval set) of one ``fold``
+    on :data:`MAIN_SETS`, 3 digits."""
+    return fold_rows(results, fold)[["rho", "eval_set"] + INTERVAL_COLUMNS].round(3)
+
+
+def fold_interval_bars(results: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """:func:`fold_rows` with ``rho`` as text (one bar group per rho in
+    :func:`plots.metric_bars`), every column kept and unrounded."""
+    rows = fold_rows(results, fold)
+    return rows.assign(rho=rows["rho"].astype(str))
+
+
+def severity_curves(probe: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The probe's severity grid of ``fold`` (eval sets ``<kind>_<severity>``
+    and ``pristine``, :func:`severity_grid_rows`) as curves: every row of the
+    grid with ``kind`` and integer ``severity``, the pristine rows repeated
+    once per kind at severity 0 (first the degraded rows, then the pristine
+    ones kind by kind)."""
+    grid = probe[(probe["fold"] == fold) & ~probe["eval_set"].isin(EVAL_SETS)].copy()
+    grid["kind"] = grid["eval_set"].str.rsplit("_", n=1).str[0]
+    grid["severity"] = grid["eval_set"].str.rsplit("_", n=1).str[1]
+    pristine = grid[grid["kind"] == "pristine"]
+    curves = grid[grid["kind"] != "pristine"].copy()
+    curves["severity"] = curves["severity"].astype(int)
+    return pd.concat([curves] + [pristine.assign(kind=k, severity=0) for k in curves["kind"].unique()])
+
+
+def fold_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (rho, fold, eval set) of :data:`MAIN_SETS`: macro-F1 and its interval, 3 digits."""
+    return main_set_rows(results)[["rho", "fold", "eval_set"] + INTERVAL_COLUMNS].round(3)
+
+
+def run_dir_of(results: pd.DataFrame, rho: float, fold: int) -> Path:
+    """The run folder of ``results``' first row with ``rho`` and ``fold``."""
+    return Path(results[(results["rho"] == rho) & (results["fold"] == fold)]["run_dir"].iloc[0])
+
+
+def head_to_tail(probe: pd.DataFrame, finetune: pd.DataFrame, splits_dir: Path, rho: float, fold: int,
+                 seed: int = 0, eval_set: str = "test_degraded") -> SimpleNamespace:
+    """Per-class scores of the linear probe and the fine-tuned model of (``rho``,
+    ``fold``) on ``eval_set``, from their saved predictions.
+
+    Returns a namespace: ``rho``; ``per_class``, the rows of
+    :func:`metrics.per_class` (``class``, precision, recall, f1, specificity,
+    support) with ``regime`` ``probe`` then ``fine-tuned``; ``head_order``, the
+    split's classes from head to tail; ``classes``
+    (:data:`benchmarks.PBC_LT_CLASSES`); and ``confusion``, the fine-tuned
+    model's confusion counts in that class order."""
+    from ..metrics import confusion, per_class
+
+    classes = list(B.PBC_LT_CLASSES)
+    index = {c: i for i, c in enumerate(classes)}
+    _, definition = B.read_pbc_lt(splits_dir, seed)
+    parts, labels = [], {}
+    for name, results in (("probe", probe), ("fine-tuned", finetune)):
+        pred = _io.read_csv(run_dir_of(results, rho, fold) / f"predictions_{eval_set}.csv")
+        labels[name] = (pred["label"].map(index), pred["pred"].map(index))
+        parts.append(per_class(*labels[name], classes).reset_index().assign(regime=name))
+    return SimpleNamespace(rho=rho, per_class=pd.concat(parts), head_order=definition.head_order, classes=classes,
+                           confusion=confusion(*labels["fine-tuned"], len(classes)))
+
+
+def headline_table(probe: pd.DataFrame, finetune: pd.DataFrame) -> pd.DataFrame:
+    """Mean macro-F1 over folds in percent, 1 digit: one row per (regime, rho),
+    ``linear probe`` and ``fine-tuned``, one column per eval set of :data:`MAIN_SETS`."""
+    both = pd.concat([main_set_summary(probe).assign(regime="linear probe"),
+                      main_set_summary(finetune).assign(regime="fine-tuned")])
+    wide = both.reset_index().pivot_table(index=["regime", "rho"], columns="eval_set", values="macro_f1_mean")
+    return (100 * wide).round(1)
