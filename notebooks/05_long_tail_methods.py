@@ -64,22 +64,17 @@ seed = 0
 overrides = None  # profile keys to change, e.g. {"probe_epochs": 60} (validated; see wbclib/profiles.py)
 
 # %%
-import pandas as pd
 from IPython.display import Markdown, display
 
 from wbclib import benchmarks as B
-from wbclib import metrics, plots, profiles, verdicts
-from wbclib.protocols import pbc_lt
+from wbclib import plots, profiles
+from wbclib.protocols import long_tail, pbc_lt
 
 ctx = profiles.setup(profile, data_root, cache_dir, splits_dir, results_dir, seed, overrides)
 cfg, root, cache, splits, results = ctx.cfg, ctx.root, ctx.cache, ctx.splits, ctx.results
-classes = list(B.PBC_LT_CLASSES)
 table, definition = B.read_pbc_lt(splits, seed)
-short = pbc_lt.BACKBONE_NAMES
-print(f"profile {cfg.name}: {', '.join(short[b] for b in cfg.lt_backbones)} at {cfg.image_size} px, "
-      f"rho {pbc_lt.lt_rhos(cfg)}, folds {cfg.probe_folds}, {cfg.probe_epochs} head epochs; "
-      f"Macenko for {[short[b] for b in cfg.lt_stain_backbones]}, "
-      f"TTA ({cfg.tta_views} views on {cfg.tta_sets}) for {[short[b] for b in cfg.lt_tta_backbones]}")
+rho_max, short = max(pbc_lt.lt_rhos(cfg)), pbc_lt.BACKBONE_NAMES
+print(long_tail.lt_profile_line(cfg))
 
 # %% [markdown]
 # ## The recipes
@@ -93,25 +88,10 @@ print(f"profile {cfg.name}: {', '.join(short[b] for b in cfg.lt_backbones)} at {
 # fold's validation macro-F1.
 
 # %%
-recipes = pbc_lt.head_recipes(cfg.probe_epochs)
-display(pd.DataFrame([dict(recipe=name, method=pbc_lt.RECIPE_NAMES[name], head=spec[0],
-                           sampler=spec[1].get("sampler", "class_balanced" if spec[0] == "crt" else "instance"),
-                           loss=spec[1].get("loss", "hybrid" if spec[0] == "crt" else "ce"))
-                      for name, spec in recipes.items() if name in cfg.lt_recipes]).set_index("recipe"))
+display(long_tail.recipe_table(cfg.probe_epochs, cfg.lt_recipes))
 
 # %%
 heads = pbc_lt.pbc_lt_heads(cfg, root, splits, cache, results, seed=seed)
-heads["method"] = heads.recipe.map(pbc_lt.RECIPE_NAMES)
-order = [pbc_lt.RECIPE_NAMES[r] for r in cfg.lt_recipes]
-main = heads[(heads.backbone == cfg.backbone) & (heads.stain == "none") & ~heads.tta
-             & heads.eval_set.isin(["test", "test_degraded"])]
-
-
-def mean_std(frame, by, metric_names=("macro_f1", "balanced_accuracy")):
-    """mean ± std strings (percent) over folds, one column per (metric, extra key)."""
-    summary = metrics.summarize(frame, by=by, metrics=list(metric_names))
-    return metrics.format_mean_std(summary, metrics=list(metric_names))
-
 
 # %% [markdown]
 # ## The comparison
@@ -120,19 +100,18 @@ def mean_std(frame, by, metric_names=("macro_f1", "balanced_accuracy")):
 # and degraded test.
 
 # %%
-for metric, label in [("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy")]:
-    wide = mean_std(main, ["method", "rho", "eval_set"], [metric])[metric].unstack(["rho", "eval_set"])
-    display(Markdown(f"**{label}** (%, {short[cfg.backbone]}, mean ± std over {len(cfg.probe_folds)} folds)"))
-    display(wide.reindex(order))
+display(Markdown(long_tail.comparison_caption("macro-F1", cfg.backbone, len(cfg.probe_folds))))
+display(long_tail.comparison_table(heads, cfg.backbone, cfg.lt_recipes, "macro_f1"))
+
+# %%
+display(Markdown(long_tail.comparison_caption("balanced accuracy", cfg.backbone, len(cfg.probe_folds))))
+display(long_tail.comparison_table(heads, cfg.backbone, cfg.lt_recipes, "balanced_accuracy"))
 
 # %% [markdown]
 # The same at $\rho = 100$ on the degraded test for every backbone:
 
 # %%
-rho_max = max(pbc_lt.lt_rhos(cfg))
-deg = heads[(heads.rho == rho_max) & (heads.eval_set == "test_degraded") & (heads.stain == "none") & ~heads.tta]
-by_backbone = mean_std(deg.assign(backbone=deg.backbone.map(short)), ["method", "backbone"], ["macro_f1"])
-display(by_backbone["macro_f1"].unstack("backbone").reindex(order))
+display(long_tail.backbone_table(heads, rho_max, cfg.lt_recipes))
 
 # %% [markdown]
 # ## Head to tail
@@ -142,24 +121,18 @@ display(by_backbone["macro_f1"].unstack("backbone").reindex(order))
 # over folds, for a representative of each family.
 
 # %%
-shown = [r for r in ["ib", "cb_sampling", "hybrid", "ldam_drw", "logit_adjusted", "crt", "tau_norm"]
-         if r in cfg.lt_recipes]
-plain_runs = heads[(heads.backbone == cfg.backbone) & (heads.stain == "none") & ~heads.tta & (heads.rho == rho_max)]
-runs = {pbc_lt.RECIPE_NAMES[r]: list(plain_runs[plain_runs.recipe == r].sort_values("fold").run_dir.unique())
-        for r in shown}
-per_class = pbc_lt.per_class_scores(runs, "test_degraded", classes).rename(columns={"group": "method"})
+per_class = long_tail.representative_per_class(heads, cfg.backbone, rho_max, cfg.lt_recipes)
+
+# %%
 plots.per_class_f1(per_class, definition.head_order, hue="method",
                    title=f"{short[cfg.backbone]}, rho={rho_max}, degraded test");
 
 # %%
-head_classes, tail_classes = definition.head_order[:3], definition.head_order[-3:]
-f1 = per_class.groupby(["method", "class"]).f1.mean().unstack("class")
-groups = pd.DataFrame({"head F1": f1[head_classes].mean(axis=1), "tail F1": f1[tail_classes].mean(axis=1)})
-base = pbc_lt.RECIPE_NAMES["ib"]
-groups["Δ head"] = groups["head F1"] - groups.loc[base, "head F1"]
-groups["Δ tail"] = groups["tail F1"] - groups.loc[base, "tail F1"]
-print(f"head classes {head_classes}, tail classes {tail_classes}")
-display((100 * groups).round(1).reindex([m for m in order if m in groups.index]))
+groups = long_tail.head_tail_f1(per_class, definition.head_order)
+
+# %%
+print(long_tail.head_tail_caption(definition.head_order))
+display(long_tail.head_tail_table(groups, cfg.lt_recipes))
 
 # %% [markdown]
 # ## Stain normalisation and test-time augmentation
@@ -174,11 +147,10 @@ display((100 * groups).round(1).reindex([m for m in order if m in groups.index])
 # mapped to a saturated purple.
 
 # %%
-if cfg.lt_stain_backbones:
-    reference = pbc_lt.stain_reference(table, root, results / "pbc_lt" / "stain_reference.json")
-    examples = table[table.split == "test"].groupby("label").head(1).path.head(6).tolist()
-    print("reference image:", reference, "(class", table.set_index("path").label[reference] + ")")
-    plots.stain_examples(root, examples, reference);
+if cfg.lt_stain_backbones:  # the profile normalises stains
+    stain = long_tail.stain_demo(table, root, results)
+    print(stain.note)
+    plots.stain_examples(root, stain.examples, stain.reference);
 
 # %% [markdown]
 # Macro-F1 (%) of each variant, and its change against the plain pipeline
@@ -186,23 +158,12 @@ if cfg.lt_stain_backbones:
 # both imbalance ratios:
 
 # %%
-variant = heads.stain + heads.tta.map({True: " + TTA", False: ""})
-both = heads[heads.backbone.isin(cfg.lt_stain_backbones + cfg.lt_tta_backbones)].assign(variant=variant)
-both = both[both.eval_set == "test_degraded"]
-keys = ["backbone", "rho", "fold", "recipe"]
-plain = both[both.variant == "none"].set_index(keys).macro_f1
-deltas = []
-for name, part in both[both.variant != "none"].groupby("variant"):
-    diff = (part.set_index(keys).macro_f1 - plain.reindex(part.set_index(keys).index)).rename("delta").reset_index()
-    deltas.append(diff.assign(variant=name))
-if deltas:
-    deltas = pd.concat(deltas)
-    deltas["method"] = deltas.recipe.map(pbc_lt.RECIPE_NAMES)
-    summary = deltas.groupby(["method", "rho", "variant"]).delta.agg(["mean", "std"])
-    cells = (100 * summary["mean"]).map("{:+.1f}".format) + " ± " + (100 * summary["std"].fillna(0)).map("{:.1f}".format)
-    display(Markdown(f"**Δ macro-F1 vs plain** (points, {', '.join(short[b] for b in both.backbone.unique())}, "
-                     "degraded test)"))
-    display(cells.unstack(["rho", "variant"]).reindex([m for m in order if m in cells.index.get_level_values(0)]))
+deltas = long_tail.variant_deltas(heads, cfg.lt_stain_backbones + cfg.lt_tta_backbones)
+
+# %%
+if len(deltas):  # the profile computes stain or TTA variants
+    display(Markdown(long_tail.variant_caption(heads, cfg.lt_stain_backbones + cfg.lt_tta_backbones)))
+    display(long_tail.variant_delta_table(deltas, cfg.lt_recipes))
 
 # %% [markdown]
 # ## A learned representation
@@ -235,8 +196,8 @@ if deltas:
 tuned = pbc_lt.pbc_lt_finetuned_heads(cfg, root, splits, cache, results, seed=seed)
 
 # %%
-diffs = pbc_lt.recipe_differences(pd.concat([main, tuned[tuned.backbone == cfg.backbone]]), folds=cfg.finetune_folds,
-                                  n_boot=cfg.n_boot, seed=seed)
+diffs = long_tail.representation_differences(heads, tuned, cfg.backbone, cfg.finetune_folds, n_boot=cfg.n_boot,
+                                             seed=seed)
 
 # %% [markdown]
 # Macro-F1, then balanced accuracy (%) of every recipe on both
@@ -256,7 +217,8 @@ display(pbc_lt.difference_table(diffs[diffs.rho == rho_max], "balanced_accuracy"
 # be told apart from ERM on these test images.
 
 # %%
-plots.paired_differences(diffs[diffs.rho == rho_max], y="method", hue="representation", order=order,
+plots.paired_differences(diffs[diffs.rho == rho_max], y="method", hue="representation",
+                         order=long_tail.method_order(cfg.lt_recipes),
                          metrics=["macro_f1", "balanced_accuracy"], columns="eval_set",
                          title=f"{short[cfg.backbone]}, rho={rho_max}: difference to ERM, paired 95 % interval");
 
@@ -267,30 +229,4 @@ display(Markdown(pbc_lt.representation_reading(diffs, rho=rho_max)))
 # ## What the numbers say
 
 # %%
-rho_rows = main[(main.rho == rho_max) & (main.eval_set == "test_degraded")]
-mf1 = rho_rows.groupby("method").macro_f1.mean()
-bacc = rho_rows.groupby("method").balanced_accuracy.mean()
-best = mf1.idxmax()
-lines = [f"* At rho = {rho_max} on the degraded test the best recipe for {short[cfg.backbone]} is **{best}** "
-         f"(macro-F1 {100 * mf1[best]:.1f} % against {100 * mf1[base]:.1f} % for instance-balanced ERM; "
-         f"balanced accuracy {100 * bacc[best]:.1f} % vs {100 * bacc[base]:.1f} %)."]
-better = [m for m in order if m in mf1.index and mf1[m] > mf1[base] + 0.005]
-worse = [m for m in order if m in mf1.index and mf1[m] < mf1[base] - 0.005]
-lines.append(f"* Macro-F1 above ERM by more than half a point: {', '.join(better) or 'none'}; "
-             f"below it: {', '.join(worse) or 'none'}.")
-tail_gain = groups["Δ tail"].drop(base)
-head_cost = groups["Δ head"].drop(base)
-winner = tail_gain.idxmax()
-lines.append(f"* The largest tail gain is **{winner}**: {100 * tail_gain[winner]:+.1f} points of F1 on the three "
-             f"rarest classes, for {100 * head_cost[winner]:+.1f} on the three most frequent. Across the shown "
-             f"recipes, tail and head changes correlate at r = {tail_gain.corr(head_cost):.2f}.")
-if len(deltas):
-    for name, part in deltas.groupby("variant"):
-        m, s = 100 * part.delta.mean(), 100 * part.delta.std()
-        verdict = verdicts.consistency(m, s)
-        lines.append(f"* **{name}** {verdict} on average over recipes, folds and rhos: {m:+.1f} ± {s:.1f} "
-                     "points of macro-F1 on the degraded test.")
-lines.append("* All images here come from one lab (pbc) with one staining protocol, so stain normalisation can "
-             "only undo the phase-2 colour degradations, not a change of lab; the cross-lab chapter is where it "
-             "has something to correct.")
-display(Markdown("\n".join(lines)))
+display(Markdown(long_tail.methods_reading(heads, groups, deltas, cfg.backbone, cfg.lt_recipes, rho_max)))
