@@ -116,3 +116,61 @@ def test_the_rules_catch_a_cycle_and_a_private_import(tmp_path, monkeypatch):
         test_no_import_cycle()
     with pytest.raises(AssertionError, match="_secret"):
         test_no_private_names_cross_modules()
+
+
+# --------------------------------------------------------------------------
+# Notebooks: narrative, parameters and one call per code cell
+# --------------------------------------------------------------------------
+
+#: Calls that show a result rather than compute one.
+SHOWN = {"display", "print", "Markdown"}
+
+
+def _code_cells(path: Path):
+    """The code cells of a py:percent notebook (no markdown, no parameters cell), as source strings."""
+    cells, current, keep = [], [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("# %%"):
+            if keep:
+                cells.append("\n".join(current))
+            current, keep = [], "[markdown]" not in line and "parameters" not in line
+        elif keep:
+            current.append(line)
+    if keep:
+        cells.append("\n".join(current))
+    return cells
+
+
+def _shows(node) -> bool:
+    """A statement that displays: display/print/Markdown calls, any call on
+    ``plots``, and an ``if`` whose branches only display."""
+    if isinstance(node, ast.If):
+        return all(_shows(s) for s in node.body + node.orelse)
+    value = node.value if isinstance(node, (ast.Expr, ast.Assign)) else None
+    if not isinstance(value, ast.Call):
+        return False
+    func = value.func
+    if isinstance(func, ast.Name):
+        return func.id in SHOWN
+    return isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "plots"
+
+
+def computing_statements(cell: str) -> int:
+    """Statements of a code cell that compute something (not imports, not displays)."""
+    return sum(not isinstance(s, (ast.Import, ast.ImportFrom)) and not _shows(s) for s in ast.parse(cell).body)
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.py")))
+def test_notebook_code_cells_hold_one_call_besides_the_setup_cell(notebook):
+    cells = _code_cells(NOTEBOOKS / notebook)
+    crowded = [f"cell {i}: {cell.strip().splitlines()[0][:70]!r} ({computing_statements(cell)} statements)"
+               for i, cell in enumerate(cells[1:], 2) if computing_statements(cell) > 1]
+    assert not crowded, f"{notebook}: move the logic into wbclib:\n" + "\n".join(crowded)
+
+
+def test_the_cell_rule_counts_computing_statements_only():
+    assert computing_statements("import x\nx = f(1)\ndisplay(x)\nplots.bars(x);\nprint(x)") == 1
+    assert computing_statements("fig = plots.grid(a)\ny = g(x)\nz = y + 1") == 2
+    assert computing_statements("for r in rows:\n    display(r)") == 1
+    assert computing_statements("x = f()\nif x.ok:\n    display(x.table)\n    plots.bars(x.scores)") == 1
+    assert computing_statements("if x.ok:\n    y = g(x)") == 1

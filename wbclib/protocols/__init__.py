@@ -8,6 +8,8 @@ tables whose ``run_dir`` column tells notebooks where each result lives.
 
 One module per chapter's benchmark: ``pbc_lt`` (03, 05, 06),
 ``crosslab_erm`` (04), ``crosslab_dg`` (07), ``restoration`` (08),
-``segmentation`` (09), ``rescue`` (10); ``common`` holds what they share.
-``eda`` holds chapter 01's tables of the data (it trains and writes nothing).
+``segmentation`` (09), ``rescue`` (10), ``system`` (11; ``wbc train``);
+``common`` holds what they share. ``eda`` holds chapter 01's tables of the
+data and ``long_tail`` the tables of chapters 05 and 06 over ``pbc_lt``'s
+results (neither trains nor writes anything).
 """
