@@ -113,6 +113,9 @@ def test_stain_jitter_changes_stain_amounts_not_geometry_seeded_and_thread_indep
     for d in draws:
         assert d.float().mean(0)[dark].mean() < d.float().mean(0)[~dark].mean() - 30
     assert augment.RandomStainJitter(p=0.0)(x) is x
+    # A blank or overexposed draw has no stain to estimate: it passes unchanged instead of failing the batch.
+    white = torch.full((3, 48, 48), 250, dtype=torch.uint8)
+    assert augment.RandomStainJitter()(white) is white
     preset = augment.make_augmentation("dihedral_colour_stain", 48)
     assert isinstance(preset.transforms[-1], augment.RandomStainJitter) and preset.transforms[-1].sigma1 == 0.5
     assert augment.eval_transform("dihedral_colour_stain", 48) is None

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from .degrade import KINDS, SEVERITIES, degrade
 from .registry import Registry
-from .stain import StainAugmentor
+from .stain import NoStainError, StainAugmentor
 
 AUGMENTATIONS = Registry("augmentation")
 
@@ -107,7 +107,10 @@ class RandomStainJitter:
             return x
         seed = int(torch.randint(2**31 - 1, ()))
         with one_torch_thread():
-            out = StainAugmentor(self.sigma1, self.sigma2, seed=seed)(x.permute(1, 2, 0).contiguous())
+            try:
+                out = StainAugmentor(self.sigma1, self.sigma2, seed=seed)(x.permute(1, 2, 0).contiguous())
+            except NoStainError:  # a blank or overexposed draw (strong colour jitter can make one): no stain to jitter
+                return x
         return out.permute(2, 0, 1).contiguous()
 
 

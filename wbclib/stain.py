@@ -45,6 +45,10 @@ MAX_CONCENTRATION_PERCENTILE = 99.0
 # --------------------------------------------------------------------------
 
 
+class NoStainError(ValueError):
+    """An image with fewer than 2 stained pixels (blank or overexposed): no stain to estimate."""
+
+
 def _as_uint8_batch(images: Images, name: str = "images") -> Tuple[torch.Tensor, Callable[[torch.Tensor], Images]]:
     """Validate ``images`` and view them as an (N, H, W, 3) uint8 tensor.
 
@@ -149,7 +153,7 @@ def _macenko_stain_matrices(od: torch.Tensor, stained: torch.Tensor, alpha: floa
     count = stained.sum(-1)
     if bool((count < 2).any()):
         bad = torch.nonzero(count < 2).flatten().tolist()
-        raise ValueError(
+        raise NoStainError(
             f"image(s) {bad} of the batch have fewer than 2 stained pixels (OD >= beta in all "
             "channels); blank or overexposed images have no stain to estimate"
         )
@@ -350,7 +354,7 @@ def _macenko_transform_one(image: np.ndarray, out: np.ndarray, work: _PlaneWorks
     cv2.inRange(image, (0, 0, 0), (darkest_background,) * 3, work.stained_u8)
     count = cv2.countNonZero(work.stained_u8)
     if count < 2:
-        raise ValueError("fewer than 2 stained pixels")
+        raise NoStainError("fewer than 2 stained pixels")
     stained = np.not_equal(work.stained_u8.reshape(-1), 0, out=work.stained)
     stained_od = [np.multiply(plane.reshape(-1), stained, out=buffer) for plane, buffer in zip(od, work.stained_od)]
     total = np.array([plane.sum() for plane in stained_od], np.float64)  # float32 pairwise sums: ~1e-7 relative
