@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 from .degrade import KINDS, SEVERITIES, degrade
+from .heads import single_torch_thread
 from .registry import Registry
 from .stain import NoStainError, StainAugmentor
 
@@ -74,21 +75,6 @@ class RandomRot90:
 NATIVE_SIZE = 360
 
 
-class one_torch_thread:
-    """Run a block on one torch intra-op thread. Loader workers run one thread
-    where the main process runs several, and torch's resampling and
-    reductions round differently with 1 and 2 threads (measured: 6 of 40
-    degradation draws differed): a draw must be the same whichever process
-    loads it, so random transforms compute on one thread."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
-
-
 class RandomStainJitter:
     """With probability ``p``, jitter the image's own stain concentrations
     (:class:`stain.StainAugmentor`, Tellez et al.'s HED-space augmentation
@@ -106,7 +92,7 @@ class RandomStainJitter:
         if float(torch.rand(())) >= self.p:
             return x
         seed = int(torch.randint(2**31 - 1, ()))
-        with one_torch_thread():
+        with single_torch_thread():
             try:
                 out = StainAugmentor(self.sigma1, self.sigma2, seed=seed)(x.permute(1, 2, 0).contiguous())
             except NoStainError:  # a blank or overexposed draw (strong colour jitter can make one): no stain to jitter
@@ -139,8 +125,8 @@ class RandomDegradation:
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
         # torch's resampling rounds differently with 1 and 2 intra-op threads (measured: 6 of 40
         # draws differed), and loader workers run 1 thread where the main process runs several:
-        # resample on one thread so a draw is the same whichever process loads it.
-        with one_torch_thread():
+        # resample on one thread so a draw is the same whichever process loads it (stain jitter too).
+        with single_torch_thread():
             return self._degraded(x, kind, level, rng)
 
     def _degraded(self, x: torch.Tensor, kind: str, level: int, rng: np.random.Generator) -> torch.Tensor:

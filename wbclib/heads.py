@@ -33,7 +33,10 @@ from .samplers import make_sampler
 @contextmanager
 def single_torch_thread() -> Iterator[None]:
     """Run heads and other small matrix products on one torch thread: on
-    shared cores extra threads only add contention (several times slower)."""
+    shared cores extra threads only add contention (several times slower).
+    Random training transforms use it too (``augment``): torch rounds some
+    operations differently with 1 and 2 threads, and a draw must not depend
+    on whether a loader worker or the main process computes it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
