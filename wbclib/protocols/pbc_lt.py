@@ -24,6 +24,7 @@ from .. import benchmarks as B
 from ..degrade import KINDS, SEVERITIES
 from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
 from ..heads import make_head, predict_proba, single_torch_thread
+from ..metrics import METRICS, confusion, format_mean_std, paired_difference, per_class, summarize
 from ..runs import inputs_fingerprint
 from ..train import TrainConfig, score_predictions, train_in
 from .common import cell_centred, finetune_config, finished_rows, labels_of, probe_and_score, probe_run, save_and_score
@@ -611,7 +612,6 @@ def recipe_differences(heads: pd.DataFrame, baseline: str = "ib", eval_sets: Seq
     ``d_<metric>_low`` / ``_high``, ``folds`` and the verdict of
     :func:`verdicts.interval` on each difference.
     """
-    from ..metrics import paired_difference
     from ..verdicts import interval
 
     classes = list(B.PBC_LT_CLASSES)
@@ -836,8 +836,6 @@ PAPER_TABLE1 = {
 
 def paper_table1() -> pd.DataFrame:
     """:data:`PAPER_TABLE1` as ``mean ± std`` strings under the book's metric names."""
-    from ..metrics import METRICS
-
     return pd.DataFrame({m: [f"{v[i][0]:.1f} ± {v[i][1]:.1f}" for v in PAPER_TABLE1.values()]
                          for i, m in enumerate(METRICS)}, index=pd.Index(list(PAPER_TABLE1), name="row"))
 
@@ -867,8 +865,6 @@ def table1_rows(single: pd.DataFrame, ensembles: pd.DataFrame = None, eval_set: 
 
 def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: Sequence[str]) -> pd.DataFrame:
     """Per-class precision, recall, F1 of saved predictions: one row per (group, run, class)."""
-    from ..metrics import per_class
-
     index = {c: i for i, c in enumerate(classes)}
     parts = []
     for name, run_dirs in groups.items():
@@ -881,8 +877,6 @@ def per_class_scores(groups: Dict[str, Sequence[Path]], eval_set: str, classes: 
 
 def summed_confusion(run_dirs: Sequence[Path], eval_set: str, classes: Sequence[str]) -> np.ndarray:
     """Confusion counts of saved predictions, summed over runs (e.g. the folds of one row)."""
-    from ..metrics import confusion
-
     index = {c: i for i, c in enumerate(classes)}
     total = np.zeros((len(classes), len(classes)), dtype=int)
     for run_dir in run_dirs:
@@ -910,16 +904,12 @@ def main_set_rows(results: pd.DataFrame) -> pd.DataFrame:
 def main_set_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over folds of every metric, per (rho, eval set)
     of :data:`MAIN_SETS` (:func:`metrics.summarize`)."""
-    from ..metrics import summarize
-
     return summarize(main_set_rows(results), by=["rho", "eval_set"])
 
 
 def mean_std_table(results: pd.DataFrame) -> pd.DataFrame:
     """:func:`main_set_summary` for display: ``mean ± std`` over folds in percent,
     1 digit (:func:`metrics.format_mean_std`), one row per (rho, eval set)."""
-    from ..metrics import format_mean_std
-
     return format_mean_std(main_set_summary(results))
 
 
@@ -977,8 +967,6 @@ def head_to_tail(probe: pd.DataFrame, finetune: pd.DataFrame, splits_dir: Path, 
     split's classes from head to tail; ``classes``
     (:data:`benchmarks.PBC_LT_CLASSES`); and ``confusion``, the fine-tuned
     model's confusion counts in that class order."""
-    from ..metrics import confusion, per_class
-
     classes = list(B.PBC_LT_CLASSES)
     index = {c: i for i, c in enumerate(classes)}
     _, definition = B.read_pbc_lt(splits_dir, seed)
