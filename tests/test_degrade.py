@@ -51,3 +51,31 @@ def test_bad_input_is_rejected(image):
         degrade.degrade(image, "fog", 1, degrade.image_rng("x", 0))
     with pytest.raises(ValueError, match="RGB uint8"):
         degrade.gaussian_blur(image.astype(np.float32), 1.0)
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4])
+def test_blur_matches_scipys_gaussian_filter(image, severity):
+    # The reference: scipy's Gaussian filter, the implementation the benchmark was defined with.
+    from scipy import ndimage
+
+    sigma = degrade.SEVERITY_PARAMS["gaussian_blur"][severity] * min(image.shape[:2])
+    reference = np.clip(np.rint(ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))), 0, 255)
+    ours = degrade.gaussian_blur(image, sigma).astype(int)
+    assert np.abs(ours - reference).max() <= 1
+    assert (ours != reference).mean() < 1e-3
+
+
+def test_illumination_shift_matches_the_float64_formula(image):
+    # The formula in float64 (what the module computed before it kept float32 throughout).
+    rng = np.random.default_rng(7)
+    img = image.astype(np.float64) / 255.0
+    h, w = image.shape[:2]
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = np.cos(angle) * (xx / (w - 1) - 0.5) + np.sin(angle) * (yy / (h - 1) - 0.5)
+    gains = 1.0 + 0.45 * rng.uniform(-0.5, 0.5, size=3)
+    gamma = np.exp(0.45 * rng.uniform(-0.7, 0.7))
+    reference = np.rint(np.clip(img * (1.0 + 0.45 * ramp[..., None]) * gains, 0, 1) ** gamma * 255)
+    ours = degrade.illumination_shift(image, 0.45, np.random.default_rng(7)).astype(int)
+    assert np.abs(ours - reference).max() <= 1
+    assert (ours != reference).mean() < 1e-2
