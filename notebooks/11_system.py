@@ -57,9 +57,10 @@ overrides = None  # profile keys to change, e.g. {"finetune_epochs": 2} (validat
 
 # %% [markdown]
 # The profile decides the input size, the number of training, validation and
-# test images (every evaluation set is capped at `test_per_class` images per
-# class, the pbc test's own cap) and the bootstrap resamples; `BEST_PIPELINE`
-# records which stages the system uses under it.
+# test images (the pbc test holds `test_per_class` images per class; each set
+# of the ablation below is capped at `system_eval_per_class` per class) and
+# the bootstrap resamples; `BEST_PIPELINE` records which stages the system
+# uses under it, its training augmentation included.
 
 # %%
 import pandas as pd
@@ -71,7 +72,8 @@ from wbclib.protocols import system
 cfg = profiles.get(profile, overrides)
 print(f"profile {cfg.name}: {system.BEST_PIPELINE[profile]['members']} at {cfg.image_size} px, "
       f"{cfg.finetune_epochs} fine-tuning epoch(s), up to {cfg.system_per_class} training images per class, "
-      f"up to {cfg.test_per_class} evaluation images per class and set, {cfg.n_boot} bootstrap resamples; "
+      f"{cfg.test_per_class} pbc test images per class, up to {cfg.system_eval_per_class} per class and set in the "
+      f"ablation, {cfg.n_boot} bootstrap resamples; "
       f"stages {system.BEST_PIPELINE[profile]}")
 
 # %% [markdown]

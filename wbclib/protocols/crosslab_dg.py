@@ -123,7 +123,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
         hparams.setdefault("warmup_steps", int(0.2 * cfg.dg_epochs * max(1, len(train) // cfg.batch_size)))
     config = TrainConfig(method=method_name, backbone=cfg.backbone, pretrained=cfg.pretrained,
                          image_size=cfg.image_size, epochs=cfg.dg_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         patience=cfg.dg_epochs, seed=seed, hparams=hparams,
+                         patience=cfg.dg_epochs, seed=seed, hparams=hparams, frozen_stages=cfg.finetune_frozen_stages,
                          num_workers=getattr(cfg, "num_workers", None))
     stage1 = run_dir
     results = train_run(config, split, root, stage1 / "train", CLASSES, eval_sets=eval_sets, n_boot=n_boot,

@@ -392,7 +392,8 @@ def stage1_config(cfg: SimpleNamespace, backbone: str, seed: int = 0) -> TrainCo
     sampling, cross-entropy, the profile's schedule and ``decoupled_augmentation``."""
     return TrainConfig(method="erm", backbone=backbone, pretrained=is_pretrained(cfg, backbone),
                        image_size=cfg.image_size, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       patience=cfg.patience, seed=seed, augmentation=cfg.decoupled_augmentation)
+                       patience=cfg.patience, seed=seed, augmentation=cfg.decoupled_augmentation,
+                       frozen_stages=cfg.finetune_frozen_stages)
 
 
 #: Stage 1 shares :func:`pbc_lt_finetune`'s protocol: when its configuration and

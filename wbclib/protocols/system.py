@@ -57,14 +57,9 @@ PROTOCOL = "system"
 #: ``rescue_phase``: how much of Suppress-and-Rescue is fitted
 #: (:func:`rescue.fit_thresholds`); ``abstain_keep``: the share of correct
 #: validation predictions the abstain threshold keeps.
-BEST_PIPELINE = {
-    "smoke": dict(members=["tf_efficientnet_lite0"], method="erm", head="crt", stain=True, tta=True,
-                  restore="median", scale=True, rescue_phase="morphology", abstain_keep=0.95),
-    "cpu": dict(members=["tf_efficientnet_lite0"], method="erm", head="crt", stain=True, tta=True,
-                restore="median", scale=True, rescue_phase="morphology", abstain_keep=0.95),
-    "gpu": dict(members=["tf_efficientnet_lite0"], method="erm", head="crt", stain=True, tta=True,
-                restore="median", scale=True, rescue_phase="morphology", abstain_keep=0.95),
-}
+_BEST = dict(members=["tf_efficientnet_lite0"], method="erm", augmentation="dihedral_colour_stain", head="crt",
+             stain=True, tta=True, restore="median", scale=True, rescue_phase="morphology", abstain_keep=0.95)
+BEST_PIPELINE = {"smoke": dict(_BEST), "cpu": dict(_BEST), "gpu": dict(_BEST)}
 
 #: The lab the system is trained on and its class names (the six common
 #: classes, so every lab's labels map onto them). zheng1 and bccd stay out of
@@ -217,7 +212,8 @@ def train_system(profile: str, out: Path, data_root=None, results_dir=None, cach
     for backbone in choice["members"]:
         config = TrainConfig(method=choice["method"], backbone=backbone, pretrained=cfg.pretrained,
                              image_size=cfg.image_size, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
-                             lr=cfg.lr, patience=cfg.patience, augmentation="dihedral_jitter", seed=seed,
+                             lr=cfg.lr, patience=cfg.patience, augmentation=choice["augmentation"], seed=seed,
+                             frozen_stages=cfg.finetune_frozen_stages,
                              num_workers=0 if profile == "smoke" else None)
         split = prepared[prepared["split"].isin(["train", "val"])][["path", "label", "split"]]
         val = split[split["split"] == "val"]
@@ -523,7 +519,7 @@ def ablation_sets(root: Path, cfg, cache: Path, seed: int = 0) -> Dict[str, pd.D
     ``label`` a model class): the system's held-out pbc test (the split of
     :func:`training_table`, never trained on) under the phase-2 test mix
     (:func:`phase2_images`), zheng1, bccd crops and bccd fields; the external sets capped, like the
-    pbc test, at the profile's ``test_per_class`` images per class (None: all)."""
+    pbc test, at the profile's ``system_eval_per_class`` images per class (None: all)."""
     root = Path(root)
     table = training_table(root, cfg, seed)
     test = table[table["split"] == "test"]
@@ -533,8 +529,8 @@ def ablation_sets(root: Path, cfg, cache: Path, seed: int = 0) -> Dict[str, pd.D
     crops = root / "bccd" / "crops"
     bccd = pd.DataFrame([dict(path=str(p), label=data.to_common("bccd", p.parent.name, str(p)))
                          for p in data.walk_files(crops) if data.is_image_name(p) and p.parent != crops])
-    n = cfg.test_per_class
-    return {"pbc phase-2 test": phase2_images(test, root, cache, seed)[["path", "label"]],
+    n = cfg.system_eval_per_class
+    return {"pbc phase-2 test": _per_class_cap(phase2_images(test, root, cache, seed)[["path", "label"]], n, seed),
             "zheng1": _per_class_cap(zheng, n, seed), "bccd crops": _per_class_cap(bccd, n, seed),
             "bccd fields": _per_class_cap(bccd_field_labels(root), n, seed)}
 
