@@ -64,3 +64,37 @@ def test_sources_are_found_from_any_folder(tmp_path, monkeypatch):
     sources = runbook.notebook_sources(["02"])
     assert [p.name for p in sources] == ["02_benchmarks.py"]
     assert sources[0].parent in {runbook.PACKAGED_NOTEBOOK_DIR, runbook.CHECKOUT_NOTEBOOK_DIR.resolve()}
+
+
+def test_batch_runs_keep_cell_progress_bars_out_of_the_executed_notebook(tmp_path, monkeypatch):
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "01_bars.py").write_text('# %% tags=["parameters"]\nprofile = "cpu"\n\n'
+                                        '# %%\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc="loop"):\n'
+                                        '    pass\nprint("looped")\n')
+    monkeypatch.chdir(tmp_path)
+    done = runbook.execute("smoke", notebooks_dir=sources, progress=False, log=lambda _: None)
+    outputs = [o for c in nbformat.read(done[0], as_version=4).cells if c.cell_type == "code"
+               for o in c.get("outputs", [])]
+    assert [o.get("text") for o in outputs] == ["looped\n"]  # the bar (a widget or stderr text) is gone
+
+
+def test_strip_progress_bars_keeps_every_other_output(tmp_path):
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr",
+                               text="epoch 1/2:   0%|          | 0/18 [00:00<?, ?it/s]\rUserWarning: kept\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="val:  33%|###3      | 1/3 [00:01<00:02, 1.0it/s]\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="a table\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": "50%|#####     |"}),  # not a widget: kept
+        nbformat.v4.new_output("display_data", data={"text/plain": "bar",
+                                                    "application/vnd.jupyter.widget-view+json": {"model_id": "x"}}),
+    ]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
+    assert runbook.strip_progress_bars(path) == 3
+    outputs = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert [o.get("text") for o in outputs] == ["UserWarning: kept\n", "a table\n", None]
+    assert outputs[2].data == {"text/plain": "50%|#####     |"}
+    before = path.read_bytes()
+    assert runbook.strip_progress_bars(path) == 0 and path.read_bytes() == before

@@ -21,6 +21,7 @@ Where things are, so that ``wbc`` runs from any folder, installed or not:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +87,49 @@ def _progress(iterable, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+#: A tqdm bar's text: "desc:  42%|####      | 5/12 [00:01<00:02, 3.1it/s]".
+_BAR_LINE = re.compile(r"^.*\d+%\|.*\|.*$")
+
+
+def strip_progress_bars(path: PathLike) -> int:
+    """Remove the cells' progress bars from an executed notebook: in a batch
+    run each bar is saved as a frozen widget or a "0%" stderr line, which the
+    rendered book would show by the hundred. Widget outputs are dropped,
+    tqdm lines are cut from stderr streams, every other output is kept.
+    Returns how many outputs were removed or shortened (the file is
+    rewritten only when something changed)."""
+    import nbformat
+
+    notebook = nbformat.read(str(path), as_version=4)
+    changed = 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "display_data" and \
+                    "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
+                changed += 1
+                continue
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines = re.split(r"(?<=\n)|\r", output.get("text", ""))
+                text = "".join(line for line in lines if not _BAR_LINE.match(line.strip()))
+                if text != output.get("text", ""):
+                    changed += 1
+                    if not text.strip():
+                        continue
+                    output["text"] = text
+            kept.append(output)
+        cell["outputs"] = kept
+    if changed:
+        notebook.metadata.pop("widgets", None)
+        from . import _io
+
+        with _io.atomic_path(Path(path)) as tmp:
+            nbformat.write(notebook, str(tmp))
+    return changed
+
+
 def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir: Optional[PathLike] = None,
             parameters: Optional[dict] = None, notebooks_dir: Optional[PathLike] = None,
             progress: bool = True, log_output: bool = False, log=print) -> list:
@@ -136,6 +180,7 @@ def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir
             except papermill.PapermillExecutionError as exc:
                 exc.notebook = target  # the executed copy, with the traceback, for the caller's message
                 raise
+            strip_progress_bars(target)
             message = f"{source.name}: executed in {time.time() - start:.0f} s -> {target}"
             if progress:
                 bar.write(message)
