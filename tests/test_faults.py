@@ -272,3 +272,23 @@ def test_a_failing_chapter_is_one_line_naming_the_notebook(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("wbc: error:") and "01_data_eda.ipynb failed at cell" in err
     assert "DataError" in err and "missing does not exist" in err
+
+
+def test_code_version_follows_code_not_documentation(tmp_path):
+    # A docstring, comment or blank-line edit keeps every finished run; a code edit recomputes them.
+    from wbclib.runs import _source_hash
+
+    def version(source: str, name: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "algo.py").write_text(source)
+        return _source_hash(str(folder), frozenset())
+
+    base = version('"""Module."""\ndef f(x):\n    """Doc."""\n    return x * 2\n', "a")
+    documented = version('"""Module, now documented."""\n\n# why\ndef f(x):  # doubling\n    """Other doc."""\n\n'
+                         '    return x * 2\n', "b")
+    changed = version('"""Module."""\ndef f(x):\n    """Doc."""\n    return x * 3\n', "c")
+    string_value = version('"""Module."""\ndef f(x):\n    """Doc."""\n    return "x"\n', "d")
+    string_other = version('"""Module."""\ndef f(x):\n    """Doc."""\n    return "y"\n', "e")
+    assert documented == base
+    assert changed != base and string_value != string_other  # strings that are values still count

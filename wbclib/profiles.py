@@ -1,8 +1,9 @@
 """Run profiles shared by every notebook, and where outputs go.
 
 * ``smoke`` – seconds per notebook on tiny images; CI executes every notebook with it.
-* ``cpu`` – the default main job: the whole book in under an hour on 2 CPU cores
-  (capped per-class counts, 128 px, one fine-tuned fold).
+* ``cpu`` – the default main job on 2 CPU cores (capped per-class counts,
+  128 px, one fine-tuned fold, partial fine-tuning); its target is an hour,
+  and ``book/reproduce.md`` gives the time measured for each commit.
 * ``gpu`` – paper scale: full benchmark sizes, 224 px, every fold fine-tuned.
 
 ``cell_crop`` (on in every profile, so CI exercises it): every chapter's

@@ -19,6 +19,7 @@ Notebooks never build result paths: protocols return the runs they made, and
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import platform
@@ -50,6 +51,24 @@ def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
+def _code_text(source: bytes) -> bytes:
+    """What of a module's source can change a number: its syntax tree without
+    docstrings (comments, blank lines and line numbers are not in the tree),
+    so editing documentation does not invalidate hours of finished runs.
+    Source that does not parse is taken byte for byte."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False).encode()
+
+
 @lru_cache(maxsize=None)
 def _source_hash(package_dir: str, exclude: frozenset) -> str:
     h = hashlib.sha256()
@@ -57,7 +76,7 @@ def _source_hash(package_dir: str, exclude: frozenset) -> str:
         if path.name in exclude:
             continue
         h.update(str(path.relative_to(package_dir)).encode())
-        h.update(path.read_bytes())
+        h.update(_code_text(path.read_bytes()))
     return h.hexdigest()[:12]
 
 
