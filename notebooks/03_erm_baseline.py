@@ -86,11 +86,14 @@ sns.relplot(data=pbc_lt.severity_curves(probe, cfg.probe_folds[0]), x="severity"
 # ## Fine-tuning end to end
 #
 # The network is trained with instance-balanced sampling and cross-entropy.
-# The profile's `finetune_frozen_stages` keeps the backbone's stem and first
-# stages at their ImageNet weights (3 stages in `cpu`: Lite0 then trains 1.7x
-# faster; 0 in `gpu`, the papers' full fine-tune). Freezing them did not cost
-# measurable accuracy: at rho 100, fold 0 (one run each), the degraded-test
-# macro-F1 was 0.485 with three stages frozen and 0.479 with none.
+# The profile's `finetune_frozen_stages` can keep the backbone's stem and
+# first stages at their ImageNet weights (3 in `smoke`; 0 in `cpu` and `gpu`,
+# the papers' full fine-tune). Freezing three stages makes Lite0's training
+# step 1.7x faster, but on two cores the fine-tune waits on image loading as
+# much: the rho-1 run took 547 s frozen against 638 s unfrozen and scored
+# 0.828 against 0.885 macro-F1 on the pristine test (rho 100: 0.485 and
+# 0.479 on the phase-2 test; fold 0, one run each), so `cpu` fine-tunes
+# everything.
 #
 # Augmentation (`finetune_augmentation`, here
 # `dihedral_jitter_degrade`) is flips, quarter turns and mild colour jitter

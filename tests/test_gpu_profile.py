@@ -100,9 +100,9 @@ def test_train_run_scales_the_loss_when_training_in_fp16(synthetic_root, tmp_pat
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
 
 
-@pytest.mark.parametrize("profile, expected", [("smoke", 3), ("cpu", 3), ("gpu", 0)])
+@pytest.mark.parametrize("profile, expected", [("smoke", 3), ("cpu", 0), ("gpu", 0)])
 def test_every_fine_tune_takes_the_profiles_frozen_stages(profile, expected):
-    # gpu fine-tunes the whole backbone; cpu and smoke keep the stem and three stages frozen.
+    # cpu and gpu fine-tune the whole backbone; smoke keeps the stem and three stages frozen (CI runs that path).
     from wbclib.protocols import common, pbc_lt
 
     cfg = profiles.get(profile)
