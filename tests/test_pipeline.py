@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from wbclib import apply, bundle
+from wbclib.protocols import system
 from wbclib.data import load_image
 from wbclib.heads import StandardizedLinear
 from wbclib.morphology import PAPER_FEATURES, MahalanobisFilter
@@ -288,10 +289,14 @@ def test_command_line_train_predict_evaluate(root, tmp_path):
     done = _wbc("train", "--profile", "smoke", "--out", tmp_path / "model", "--data-root", root, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bundle written" in done.stdout
-    # Self-describing: the stain reference is matrices, and nothing points into the data root.
+    # Self-describing: the stages are those BEST_PIPELINE names (a stain stage, when
+    # there is one, carries its reference as matrices), and nothing points into the data root.
     config_text = (tmp_path / "model" / "pipeline.json").read_text()
     config = json.loads(config_text)
-    assert np.asarray(config["stages"]["stain"]["stain_matrix"]).shape == (3, 2)
+    assert ("stain" in config["stages"]) == system.BEST_PIPELINE["smoke"]["stain"]
+    if "stain" in config["stages"]:
+        assert np.asarray(config["stages"]["stain"]["stain_matrix"]).shape == (3, 2)
+    assert "restore" in config["stages"] and "rescue" in config["stages"]
     assert str(Path(root).resolve()) not in config_text and str(tmp_path) not in config_text
     splits = pd.read_csv(tmp_path / "model" / "training_data.csv")
     assert set(splits["split"]) == {"train", "val", "test"} and set(splits["lab"]) == {"pbc"}
