@@ -202,3 +202,22 @@ def test_chapter_runs_under_smoke_and_its_ablation_reads_back(root, tmp_path_fac
         assert config["identity"]["protocol"] == "system/ablation"
     fields = table[table["set"] == "bccd fields"].set_index("row")
     assert fields.loc["base", "field"] == 0 and fields.loc["+ isolation/scale", "field"] == 1
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_stage1_freezes_what_the_pipeline_chose_on_the_profiles_schedule(profile):
+    # The system's frozen stages are its own choice (BEST_PIPELINE), not the long-tail chapters' profile key:
+    # the cpu profile fine-tunes everything in chapters 03/04, its bundle keeps the stem and three stages.
+    from wbclib import profiles, train
+
+    cfg = profiles.get(profile)
+    choice = dict(system.BEST_PIPELINE[profile])
+    config = system.stage1_config(cfg, choice, "tf_efficientnet_lite0", seed=4)
+    assert config.frozen_stages == choice["frozen_stages"] == 3
+    assert (config.epochs, config.image_size, config.batch_size, config.seed) == \
+           (cfg.finetune_epochs, cfg.image_size, cfg.batch_size, 4)
+    assert config.augmentation == choice["augmentation"] and config.method == choice["method"]
+    method = train.build_method(system.stage1_config(cfg.replace(pretrained=False), dict(choice, frozen_stages=0),
+                                                     "tf_efficientnet_lite0"), 6, 1, [1] * 6)
+    trainable = {n.split(".")[0] for n, p in method.featurizer.model.named_parameters() if p.requires_grad}
+    assert "conv_stem" in trainable  # the choice reaches the network: 0 trains the stem

@@ -32,6 +32,7 @@ from ..methods import create_method
 from ..models import ImageTable, default_workers
 from ..runs import inputs_fingerprint
 from ..scale import mask_agreement
+from .._parallel import map_in_processes
 from ..train import TrainConfig, build_method, predictions_frame, score_predictions, train_run
 from ..verdicts import interval, views_carry_gain
 from .common import cell_centred
@@ -80,13 +81,22 @@ class _MapsRunner:
             self._views[(k, seed)] = maps[self.store.index(self.train, self.train)]
         return self._views[(k, seed)]
 
+    def prepare(self, method_name: str, hparams: dict, seed: int) -> None:
+        """Compute what :meth:`run` of this method will read (its re-stained views)."""
+        if method_name in VIEW_METHODS:
+            self.views(*self._view_key(method_name, hparams, seed))
+
+    @staticmethod
+    def _view_key(method_name: str, hparams: dict, seed: int) -> Tuple[int, int]:
+        k = METHODS.get(method_name).resolve_hparams(hparams)["k"]  # the row's, else the method's default
+        return int(k), int(hparams.get("seed", seed))
+
     def run(self, method_name: str, hparams: dict, options: dict, seed: int, run_dir: Path, n_boot: int,
             save_weights: bool = False) -> dict:
         cfg = self.cfg
         x, y, d = self.train_x, self.train_y, self.train_d
         if method_name in VIEW_METHODS:
-            k = METHODS.get(method_name).resolve_hparams(hparams)["k"]  # the row's, else the method's default
-            views = self.views(int(k), int(hparams.get("seed", seed)))
+            views = self.views(*self._view_key(method_name, hparams, seed))
             x = torch.cat([x[:, None], views], 1)
         method, history, swad = train_on_maps(
             method_name, hparams, x, y, d, self.eval_x["val"], self.eval_y["val"], cfg.dg_epochs, cfg.batch_size,
@@ -185,7 +195,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
         split, eval_sets = dg_sets(cfg, table, sources, targets, crops)
         inputs = inputs_fingerprint(dict(split=split, **eval_sets), root)
         single = len(sources) == 1
-        runner = None
+        planned = []  # [row, seed, run, keep, method_name, hparams, options, results or None]
         for row in rows:
             method_name, hparams, options = row_hparams(cfg, row, (overrides or {}).get(row))
             for seed in seeds:
@@ -197,29 +207,42 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
                               test_per_class=cfg.dg_test_per_class, probe_epochs=cfg.probe_epochs, n_boot=cfg.n_boot,
                               lr=cfg.lr if cfg.dg_regime == "end_to_end" else None)
                 run = runs.run(results_dir, "crosslab_dg", config, inputs, keys=DG_KEYS)
-                run_dir = run.dir
                 keep = cfg.dg_regime == "maps" and weights_for == (name, seed)
                 results = run.metrics()
-                if results is not None and keep and not (run_dir / "weights.pt").is_file():
+                if results is not None and keep and not (run.dir / "weights.pt").is_file():
                     results = None
-                if results is None:
-                    if cfg.dg_regime == "maps":
-                        runner = runner or _MapsRunner(cfg, store, split, eval_sets, single)
-                        results = runner.run(method_name, hparams, options, seed, run_dir, cfg.n_boot, keep)
-                    elif cfg.dg_regime == "end_to_end":
-                        results = _end_to_end(cfg, store, root, split, eval_sets, single, method_name, hparams,
-                                              options, seed, run_dir, cfg.n_boot)
-                    else:
-                        raise ValueError(f"dg_regime must be 'maps' or 'end_to_end', not {cfg.dg_regime!r}")
-                    run.finish(results)
-                for set_name in eval_sets:
-                    r = results[set_name]
-                    out.append(dict(variant=variant, method=row, setting=name, seed=seed, eval_set=set_name,
-                                    run_dir=str(run_dir),
-                                    macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
-                                    macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
-                                    **{f"{k}": v for k, v in (overrides or {}).get(row, {}).items()}))
+                planned.append([row, seed, run, keep, method_name, hparams, options, results])
+        todo = [p for p in planned if p[-1] is None]
+        bar.update(len(planned) - len(todo))
+        if todo and cfg.dg_regime == "maps":
+            runner = _MapsRunner(cfg, store, split, eval_sets, single)
+            for _, seed, _, _, method_name, hparams, _, _ in todo:
+                runner.prepare(method_name, hparams, seed)  # re-stained views: computed once, before the fork
+            # Small heads on cached maps: one torch thread each, runs side by side (wbclib._parallel).
+            done = map_in_processes(runner.run, [(method_name, hparams, options, seed, run.dir, cfg.n_boot, keep)
+                                                 for _, seed, run, keep, method_name, hparams, options, _ in todo])
+            for planned_run, results in zip(todo, done):
+                planned_run[2].finish(results)
+                planned_run[-1] = results
                 bar.update(1)
+        elif todo and cfg.dg_regime == "end_to_end":
+            for planned_run in todo:
+                _, seed, run, _, method_name, hparams, options, _ = planned_run
+                results = _end_to_end(cfg, store, root, split, eval_sets, single, method_name, hparams, options,
+                                      seed, run.dir, cfg.n_boot)
+                run.finish(results)
+                planned_run[-1] = results
+                bar.update(1)
+        elif todo:
+            raise ValueError(f"dg_regime must be 'maps' or 'end_to_end', not {cfg.dg_regime!r}")
+        for row, seed, run, _, _, _, _, results in planned:
+            for set_name in eval_sets:
+                r = results[set_name]
+                out.append(dict(variant=variant, method=row, setting=name, seed=seed, eval_set=set_name,
+                                run_dir=str(run.dir),
+                                macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
+                                macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
+                                **{f"{k}": v for k, v in (overrides or {}).get(row, {}).items()}))
     bar.close()
     return pd.DataFrame(out)
 

@@ -23,6 +23,7 @@ from .. import _io, runs
 from .. import benchmarks as B
 from ..degrade import KINDS, SEVERITIES
 from ..embeddings import ChainedStore, EmbeddingStore, embeddings_cached
+from .._parallel import map_in_processes
 from ..heads import make_head, predict_proba, single_torch_thread
 from ..metrics import METRICS, confusion, format_mean_std, paired_difference, per_class, summarize
 from ..runs import inputs_fingerprint
@@ -353,7 +354,8 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     stores["all"] = ChainedStore(plain, extra)
                 return stores["all"]
 
-            for rho, fold, split, eval_sets in tqdm(jobs, desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}"):
+            done, pending = [], []  # done: (common, out, out_tta, [plain, tta]); pending: the fits still to run
+            for rho, fold, split, eval_sets in jobs:
                 split = _with_stain(split, stain, reference)
                 eval_sets = {k: _with_stain(v, stain, reference) for k, v in eval_sets.items()}
                 train = split[split["split"] == "train"]
@@ -364,18 +366,26 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     out = lt_run(results_dir, "heads", inputs, variant=stain, **settings)
                     out_tta = lt_run(results_dir, "heads", inputs, variant=f"{stain}_tta", tta_views=cfg.tta_views,
                                      tta_sets=list(cfg.tta_sets), **settings) if tta else None
-                    plain_rows, tta_rows = finished_rows(out), finished_rows(out_tta) if tta else []
-                    if plain_rows is None or tta_rows is None:
-                        emb = store()
-                        with single_torch_thread():
-                            plain_rows, tta_rows = _fit_and_save(
-                                head_name, kwargs, emb, train, selection_rows(split), eval_sets, classes, seed, out,
-                                out_tta, plain_rows,
-                                tta_rows, cfg.tta_sets, tta_views)
+                    found = [finished_rows(out), finished_rows(out_tta) if tta else []]
                     common = dict(backbone=backbone, representation="imagenet", stain=stain, rho=rho, fold=fold,
                                   recipe=recipe)
-                    rows += [dict(common, tta=False, run_dir=str(out.dir), **r) for r in plain_rows]
-                    rows += [dict(common, tta=True, run_dir=str(out_tta.dir), **r) for r in tta_rows]
+                    done.append((common, out, out_tta, found))
+                    if found[0] is None or found[1] is None:
+                        pending.append((found, (head_name, kwargs, train, selection_rows(split), eval_sets, out,
+                                                out_tta, *found)))
+            if pending:
+                emb = store()  # embeddings are computed here, before the workers fork and share them
+                fits = map_in_processes(
+                    _fit_and_save, [(name, kwargs, emb, train, val, eval_sets, classes, seed, out, out_tta, plain,
+                                     tta_rows, cfg.tta_sets, tta_views)
+                                    for _, (name, kwargs, train, val, eval_sets, out, out_tta, plain, tta_rows)
+                                    in pending])
+                for (found, _), fitted in zip(pending, tqdm(fits, total=len(pending),
+                                                           desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}")):
+                    found[:] = fitted
+            for common, out, out_tta, (plain_rows, tta_rows) in done:
+                rows += [dict(common, tta=False, run_dir=str(out.dir), **r) for r in plain_rows]
+                rows += [dict(common, tta=True, run_dir=str(out_tta.dir), **r) for r in tta_rows]
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,59 @@
+"""Jobs over forked processes (``wbclib._parallel``): same digits as in-process, in order, errors surface."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from wbclib import _parallel
+from wbclib.heads import fit_linear_head
+
+needs_fork = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+
+
+def _fit(seed: int, features: np.ndarray, labels: np.ndarray):
+    head = fit_linear_head(features, labels, 3, loss="focal", sampler="class_balanced", epochs=3, seed=seed)
+    with torch.no_grad():
+        return seed, torch.get_num_threads(), head(torch.as_tensor(features)).numpy()
+
+
+@needs_fork
+def test_forked_jobs_give_the_digits_of_the_calling_process():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(90, 16)).astype(np.float32)
+    labels = np.repeat([0, 1, 2], [60, 20, 10])
+    jobs = [(seed, features, labels) for seed in range(5)]
+    alone = list(_parallel.map_in_processes(_fit, jobs, processes=1))
+    forked = list(_parallel.map_in_processes(_fit, jobs, processes=2))
+    assert [s for s, *_ in forked] == list(range(5))  # in the order of the jobs
+    assert all(threads == 1 for _, threads, _ in alone + forked)  # one torch thread per job, wherever it runs
+    for (_, _, a), (_, _, b) in zip(alone, forked):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(alone[0][2], alone[1][2])  # the seeds matter, so equality above means something
+
+
+def _fails_on_three(i):
+    if i == 3:
+        raise ValueError(f"job {i} failed")
+    return i
+
+
+@needs_fork
+def test_a_failing_job_raises_in_the_caller():
+    with pytest.raises(ValueError, match="job 3 failed"):
+        list(_parallel.map_in_processes(_fails_on_three, [(i,) for i in range(6)], processes=2))
+
+
+def test_calling_process_keeps_its_thread_count():
+    before = torch.get_num_threads()
+    assert list(_parallel.map_in_processes(_fails_on_three, [(0,), (1,)], processes=1)) == [0, 1]
+    assert torch.get_num_threads() == before
+
+
+def test_no_loader_workers_means_one_process(monkeypatch):
+    monkeypatch.setenv("WBC_WORKERS", "0")
+    assert _parallel.job_processes() == 1
+    monkeypatch.setenv("WBC_WORKERS", "7")
+    assert 1 <= _parallel.job_processes() <= 8

@@ -1,0 +1,79 @@
+"""Independent CPU jobs over forked processes, each on one torch thread.
+
+Small models (linear heads on cached embeddings) run on one torch thread:
+more threads only add contention (:func:`heads.single_torch_thread`). A
+two-core machine then leaves a core idle while a chapter fits hundreds of
+heads; :func:`map_in_processes` runs such jobs side by side instead.
+
+Numbers do not depend on the number of processes: every job seeds its own
+generators and runs on one thread wherever it runs, so a job computes the
+same digits in a worker as in the calling process (``WBC_WORKERS=0`` runs
+everything in the calling process; ``tests/test_parallel.py`` compares the
+two).
+
+Workers are forked, so they see the caller's memory as it was when the pool
+started (cached embeddings, open tables): nothing is pickled but the job's
+index and its result. Fork is not available on Windows and is unsafe on
+macOS; there the jobs run in the calling process.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from typing import Callable, Iterator, Sequence, Tuple
+
+import torch
+
+from .models import default_workers
+
+#: The job function and its argument tuples, set before the workers fork.
+_JOBS: list = []
+
+
+def job_processes() -> int:
+    """How many processes :func:`map_in_processes` uses: the loader workers
+    (``$WBC_WORKERS``, :func:`models.default_workers`) plus the calling
+    process, at most the cores this process may run on; 1 where fork is not
+    the platform's safe default (Windows, macOS)."""
+    if not sys.platform.startswith("linux"):
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(cores, default_workers() + 1))
+
+
+def _run(index: int):
+    function, arguments = _JOBS[0], _JOBS[1]
+    torch.set_num_threads(1)
+    return index, function(*arguments[index])
+
+
+def map_in_processes(function: Callable, arguments: Sequence[Tuple], processes: int = None) -> Iterator:
+    """Yield ``function(*args)`` for each tuple of ``arguments``, in order.
+
+    With ``processes`` > 1 (default :func:`job_processes`) and more than one
+    job, the jobs run in that many forked workers, each on one torch
+    thread; otherwise in this process, on one torch thread too. Results are
+    yielded as soon as they and all jobs before them are done (a progress bar
+    can follow), and an exception in a job is raised here.
+    """
+    arguments = list(arguments)
+    processes = job_processes() if processes is None else max(1, int(processes))
+    processes = min(processes, len(arguments))
+    previous = torch.get_num_threads()
+    if processes <= 1:
+        torch.set_num_threads(1)
+        try:
+            for args in arguments:
+                yield function(*args)
+        finally:
+            torch.set_num_threads(previous)
+        return
+    _JOBS[:] = [function, arguments]
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            # chunksize 1: jobs differ in cost, and results come back in order.
+            for _, result in pool.imap(_run, range(len(arguments)), chunksize=1):
+                yield result
+    finally:
+        _JOBS[:] = []
