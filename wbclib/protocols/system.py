@@ -55,6 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import _io, bundle, data, profiles
+from .._parallel import map_in_processes
 from .. import metrics as M
 from ..cellcrop import COMMON_RATIO
 from ..data import load_image
@@ -166,15 +167,19 @@ def write_preprocessed(pipeline: Pipeline, table: pd.DataFrame, root: Path, fold
     ``folder`` (skipped when present: the folder name is the hash of every
     setting that decides the pixels). Returns the table with ``path`` relative
     to ``folder`` and the stage decisions."""
-    rows = []
-    for rel in tqdm(table["path"], desc="preprocess", leave=False):
-        target = folder / (rel + ".png")
-        if not target.is_file():
-            x, decisions = pipeline.preprocess(load_image(Path(root) / rel))
-            with _io.atomic_path(target) as tmp:
-                Image.fromarray(x).save(tmp, format="PNG")
-        rows.append(rel + ".png")
-    return table.assign(source_path=table["path"].to_numpy(), path=rows)
+    missing = [rel for rel in table["path"] if not (folder / (rel + ".png")).is_file()]
+    chunks = [(pipeline, missing[i:i + 64], Path(root), folder) for i in range(0, len(missing), 64)]
+    # Images are independent: chunks run side by side in forked workers (wbclib._parallel).
+    for _ in tqdm(map_in_processes(_preprocess_files, chunks), total=len(chunks), desc="preprocess", leave=False):
+        pass
+    return table.assign(source_path=table["path"].to_numpy(), path=[rel + ".png" for rel in table["path"]])
+
+
+def _preprocess_files(pipeline: Pipeline, paths: Sequence[str], root: Path, folder: Path) -> None:
+    for rel in paths:
+        x, _ = pipeline.preprocess(load_image(root / rel))
+        with _io.atomic_path(folder / (rel + ".png")) as tmp:
+            Image.fromarray(x).save(tmp, format="PNG")
 
 
 def _load_inputs(folder: Path, paths: Sequence[str]) -> np.ndarray:
