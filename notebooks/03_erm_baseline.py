@@ -89,8 +89,8 @@ sns.relplot(data=pbc_lt.severity_curves(probe, cfg.probe_folds[0]), x="severity"
 # The profile's `finetune_frozen_stages` can keep the backbone's stem and
 # first stages at their ImageNet weights (3 in `smoke`; 0 in `cpu` and `gpu`,
 # the papers' full fine-tune). Freezing three stages makes Lite0's training
-# step 1.7x faster, but on two cores the fine-tune waits on image loading as
-# much: the rho-1 run took 547 s frozen against 638 s unfrozen and scored
+# step 1.7x faster, but a run also loads, validates and evaluates: the
+# rho-1 run took 547 s frozen against 638 s unfrozen and scored
 # 0.828 against 0.885 macro-F1 on the pristine test (rho 100: 0.485 and
 # 0.479 on the phase-2 test; fold 0, one run each), so `cpu` fine-tunes
 # everything.

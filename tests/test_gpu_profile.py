@@ -112,3 +112,17 @@ def test_every_fine_tune_takes_the_profiles_frozen_stages(profile, expected):
     method = train.build_method(common.finetune_config(cfg.replace(pretrained=False), "erm", 0, {}), 3, 1, [1, 1, 1])
     trainable = {n.split(".")[0] for n, p in method.featurizer.model.named_parameters() if p.requires_grad}
     assert ("conv_stem" in trainable) == (expected == 0)
+
+
+
+@pytest.mark.parametrize("profile, expected", [("smoke", 3), ("cpu", 3), ("gpu", 0)])
+def test_cross_lab_fine_tunes_take_their_own_frozen_stages(profile, expected):
+    # Chapter 04 and chapter 07's end-to-end regime freeze crosslab_frozen_stages, whatever the long-tail key says.
+    from wbclib.protocols import crosslab_dg, crosslab_erm
+
+    cfg = profiles.get(profile).replace(finetune_frozen_stages=1)
+    assert cfg.crosslab_frozen_stages == expected
+    config = crosslab_erm.crosslab_finetune_config(cfg, "erm", 2, "dihedral_colour_stain")
+    assert (config.frozen_stages, config.seed, config.augmentation) == (expected, 2, "dihedral_colour_stain")
+    assert crosslab_erm.crosslab_finetune_config(cfg, "erm", 2, "x", dict(frozen_stages=2)).frozen_stages == 2
+    assert crosslab_dg.end_to_end_config(cfg, "sada", {}, 0).frozen_stages == expected

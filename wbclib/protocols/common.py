@@ -56,10 +56,12 @@ def probe_and_score(store: EmbeddingStore, split: pd.DataFrame, eval_sets: Dict[
 
 
 def finetune_config(cfg: SimpleNamespace, method: str, seed: int, overrides: Dict) -> TrainConfig:
-    """The profile's end-to-end training settings for ``method``."""
-    return TrainConfig(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                       epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                       frozen_stages=cfg.finetune_frozen_stages, seed=seed, **overrides)
+    """The profile's end-to-end training settings for ``method``; ``overrides``
+    (any :class:`TrainConfig` field, e.g. ``frozen_stages``) win."""
+    settings = dict(method=method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                    epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                    frozen_stages=cfg.finetune_frozen_stages, seed=seed)
+    return TrainConfig(**{**settings, **overrides})
 
 
 def save_and_score(probs_by_set: Dict[str, np.ndarray], tables: Dict[str, pd.DataFrame], classes: Sequence[str],

@@ -116,6 +116,15 @@ class _MapsRunner:
         return results
 
 
+def end_to_end_config(cfg, method_name: str, hparams: dict, seed: int) -> TrainConfig:
+    """The settings of one ``end_to_end`` run: the DG schedule (``dg_epochs``,
+    no early stop) with ``cfg.crosslab_frozen_stages`` frozen."""
+    return TrainConfig(method=method_name, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                       image_size=cfg.image_size, epochs=cfg.dg_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       patience=cfg.dg_epochs, seed=seed, hparams=hparams, frozen_stages=cfg.crosslab_frozen_stages,
+                       num_workers=getattr(cfg, "num_workers", None))
+
+
 def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets, single_source: bool,
                 method_name: str, hparams: dict, options: dict, seed: int, run_dir: Path, n_boot: int) -> dict:
     """One run of the ``gpu`` regime: :func:`train.train_run` on images."""
@@ -131,10 +140,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
         hparams.setdefault("seed", seed)
     if method_name == "boda":
         hparams.setdefault("warmup_steps", int(0.2 * cfg.dg_epochs * max(1, len(train) // cfg.batch_size)))
-    config = TrainConfig(method=method_name, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                         image_size=cfg.image_size, epochs=cfg.dg_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         patience=cfg.dg_epochs, seed=seed, hparams=hparams, frozen_stages=cfg.finetune_frozen_stages,
-                         num_workers=getattr(cfg, "num_workers", None))
+    config = end_to_end_config(cfg, method_name, hparams, seed)
     stage1 = run_dir
     results = train_run(config, split, root, stage1 / "train", CLASSES, eval_sets=eval_sets, n_boot=n_boot,
                         swad={} if cfg.dg_swad else None)

@@ -17,7 +17,7 @@ from .. import benchmarks as B
 from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..embeddings import EmbeddingStore
 from ..metrics import confusion, paired_difference
-from ..train import train_in
+from ..train import TrainConfig, train_in
 from .common import cell_centred, finetune_config, probe_and_score, probe_run
 
 
@@ -49,6 +49,15 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
     return pd.DataFrame(rows)
 
 
+def crosslab_finetune_config(cfg: SimpleNamespace, method: str, seed: int, augmentation: str,
+                             overrides: Optional[dict] = None) -> TrainConfig:
+    """A cross-lab fine-tune's settings: the profile's schedule with
+    ``cfg.crosslab_frozen_stages`` frozen (not the long-tail chapters' key)
+    and ``augmentation``; ``overrides`` win."""
+    return finetune_config(cfg, method, seed, {"frozen_stages": cfg.crosslab_frozen_stages, **(overrides or {}),
+                                               "augmentation": augmentation})
+
+
 def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
                       settings: Sequence[str] = ("pbc→others",), seed: int = 0,
                       augmentations: Optional[Sequence[str]] = None, **train_overrides) -> pd.DataFrame:
@@ -64,7 +73,7 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
         for augmentation in augmentations or cfg.crosslab_augmentations:
             for s in cfg.crosslab_seeds:
-                config = finetune_config(cfg, method, s, dict(train_overrides, augmentation=augmentation))
+                config = crosslab_finetune_config(cfg, method, s, augmentation, train_overrides)
                 run, result = train_in(results_dir, "crosslab/finetune",
                                        dict(setting=setting_key(name), augmentation=augmentation, seed=s), config,
                                        split, root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
