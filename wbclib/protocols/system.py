@@ -16,11 +16,12 @@ chapter 04 measured it against the default augmentation for pbc-trained
 fine-tunes: bccd +21.3 [+17.7, +25.9] macro-F1 points, zheng1 +1.3
 [-2.4, +4.6]) with the stem and its first three stages frozen
 (``frozen_stages``; the long-tail chapters' ``finetune_frozen_stages`` does
-not apply here: the bundle is judged on other labs, and its cpu bundle
-fine-tuned with those stages frozen scored 0.351 / 0.451 / 0.522 macro-F1 on
-zheng1 / bccd crops / bccd fields against 0.304 / 0.340 / 0.368 with
-everything fine-tuned, pbc phase-2 0.855 against 0.871: the ImageNet
-low-level filters carry over to other labs better than ones re-learnt on one
+not apply here: the bundle is judged on other labs. On two training seeds,
+cpu profile, the bundle with three stages frozen against the one fine-tuned
+throughout, paired over the same images: bccd crops +11.0 [+3.5, +18.5]
+macro-F1 points, bccd fields +15.1 [+9.2, +20.0], zheng1 +3.4 [-2.2, +5.8],
+pbc phase-2 test -1.0 [-3.3, +1.1]: ImageNet's low-level filters carry over
+to other labs better than ones re-learnt on one
 lab; ``book/reproduce.md`` has the runs), a cRT
 head on its embeddings (stage 2, Le et al. 2026; chapter 06 measures cRT
 against the supervised head), dihedral TTA (chapter 06's TTA rows), no
