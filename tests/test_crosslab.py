@@ -279,9 +279,13 @@ def test_maps_runs_give_the_same_digits_in_one_process_and_side_by_side(tmp_path
                              "batch_size": 8, "dg_epochs": 2, "n_boot": 10, "probe_epochs": 2,
                              "crosslab_val_per_class": None, "dg_scale_per_lab": 4})
     outputs = {}
-    for workers in ("0", "1"):
+    from wbclib import _parallel
+
+    for workers, processes in (("1", 2), ("0", 1)):  # the forked run first, each with its own cache:
+        # its workers get no views or maps a previous run left on disk
         monkeypatch.setenv("WBC_WORKERS", workers)
-        out = dg.crosslab_dg(cfg, root, splits, tmp_path / "cache", tmp_path / f"results{workers}",
+        monkeypatch.setattr(_parallel, "job_processes", lambda n=processes: n)
+        out = dg.crosslab_dg(cfg, root, splits, tmp_path / f"cache{workers}", tmp_path / f"results{workers}",
                              rows=["ERM", "SADA"], settings=["pbc→others"], seeds=[0, 1], progress=False)
         outputs[workers] = out
     one, side_by_side = outputs["0"], outputs["1"]

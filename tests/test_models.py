@@ -79,6 +79,18 @@ def test_random_init_needs_a_weights_tag(root):
         models.extract_embeddings(backbone, _table(root), root, 32)
 
 
+def test_random_init_with_a_seed_is_one_network_and_leaves_the_global_generator():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = models.create_backbone("tf_efficientnet_lite0", pretrained=False, init_seed=0).model.state_dict()
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    b = models.create_backbone("tf_efficientnet_lite0", pretrained=False, init_seed=0).model.state_dict()
+    c = models.create_backbone("tf_efficientnet_lite0", pretrained=False, init_seed=1).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv_stem.weight"], c["conv_stem.weight"])
+
+
 def _one_erm_step(frozen_stages: int):
     from wbclib.methods import create_method
 

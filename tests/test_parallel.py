@@ -25,8 +25,8 @@ def test_forked_jobs_give_the_digits_of_the_calling_process():
     features = rng.normal(size=(90, 16)).astype(np.float32)
     labels = np.repeat([0, 1, 2], [60, 20, 10])
     jobs = [(seed, features, labels) for seed in range(5)]
-    alone = list(_parallel.map_in_processes(_fit, jobs, processes=1))
-    forked = list(_parallel.map_in_processes(_fit, jobs, processes=2))
+    alone = _parallel.map_in_processes(_fit, jobs, processes=1)
+    forked = _parallel.map_in_processes(_fit, jobs, processes=2)
     assert [s for s, *_ in forked] == list(range(5))  # in the order of the jobs
     assert all(threads == 1 for _, threads, _ in alone + forked)  # one torch thread per job, wherever it runs
     for (_, _, a), (_, _, b) in zip(alone, forked):
@@ -43,13 +43,35 @@ def _fails_on_three(i):
 @needs_fork
 def test_a_failing_job_raises_in_the_caller():
     with pytest.raises(ValueError, match="job 3 failed"):
-        list(_parallel.map_in_processes(_fails_on_three, [(i,) for i in range(6)], processes=2))
+        _parallel.map_in_processes(_fails_on_three, [(i,) for i in range(6)], processes=2)
 
 
 def test_calling_process_keeps_its_thread_count():
-    before = torch.get_num_threads()
-    assert list(_parallel.map_in_processes(_fails_on_three, [(0,), (1,)], processes=1)) == [0, 1]
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        assert _parallel.map_in_processes(_fails_on_three, [(0,), (1,)], processes=1) == [0, 1]
+        assert torch.get_num_threads() == 2  # jobs ran on one thread, the caller gets its two back
+        with pytest.raises(ValueError):
+            _parallel.map_in_processes(_fails_on_three, [(3,)], processes=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def _dies(i):
+    import os
+
+    if i == 1:
+        os._exit(3)  # a worker killed (out of memory, a signal): no exception to send back
+    return i
+
+
+@needs_fork
+def test_a_dead_worker_raises_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        _parallel.map_in_processes(_dies, [(i,) for i in range(4)], processes=2)
 
 
 def test_no_loader_workers_means_one_process(monkeypatch):

@@ -221,3 +221,21 @@ def test_stage1_freezes_what_the_pipeline_chose_on_the_profiles_schedule(profile
                                                      "tf_efficientnet_lite0"), 6, 1, [1] * 6)
     trainable = {n.split(".")[0] for n, p in method.featurizer.model.named_parameters() if p.requires_grad}
     assert "conv_stem" in trainable  # the choice reaches the network: 0 trains the stem
+
+
+def test_preprocessed_files_are_the_same_from_forked_workers(tiny_pipeline, root, tmp_path, monkeypatch):  # noqa: F811
+    # write_preprocessed runs its chunks in forked workers (wbclib._parallel); the PNGs are the bytes one
+    # process writes, and each is what pipeline.preprocess gives for its image.
+    from wbclib import _parallel
+
+    paths = [str(p.relative_to(root)) for p in zheng1_paths(root, 70)]  # more than one chunk of 64
+    table = pd.DataFrame(dict(path=paths, label="neutrophil"))
+    written = {}
+    for processes in (2, 1):
+        monkeypatch.setattr(_parallel, "job_processes", lambda n=processes: n)
+        out = system.write_preprocessed(tiny_pipeline, table, root, tmp_path / str(processes))
+        assert list(out["path"]) == [p + ".png" for p in paths] and list(out["source_path"]) == paths
+        written[processes] = [(tmp_path / str(processes) / p).read_bytes() for p in out["path"]]
+    assert written[1] == written[2]
+    expected = tiny_pipeline.preprocess(load_image(root / paths[-1]))[0]
+    assert np.array_equal(load_image(tmp_path / "2" / (paths[-1] + ".png")), expected)

@@ -21,9 +21,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from typing import Callable, Iterator, Sequence, Tuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from .models import default_workers
 
@@ -45,35 +47,46 @@ def job_processes() -> int:
 def _run(index: int):
     function, arguments = _JOBS[0], _JOBS[1]
     torch.set_num_threads(1)
-    return index, function(*arguments[index])
+    return function(*arguments[index])
 
 
-def map_in_processes(function: Callable, arguments: Sequence[Tuple], processes: int = None) -> Iterator:
-    """Yield ``function(*args)`` for each tuple of ``arguments``, in order.
+def map_in_processes(function: Callable, arguments: Sequence[Tuple], processes: Optional[int] = None,
+                     desc: Optional[str] = None) -> List:
+    """``[function(*args) for args in arguments]``, in order.
 
     With ``processes`` > 1 (default :func:`job_processes`) and more than one
     job, the jobs run in that many forked workers, each on one torch
-    thread; otherwise in this process, on one torch thread too. Results are
-    yielded as soon as they and all jobs before them are done (a progress bar
-    can follow), and an exception in a job is raised here.
+    thread; otherwise in this process, on one torch thread too (restored
+    afterwards). ``desc`` names a progress bar over the jobs. An exception in
+    a job is raised here, and a worker that dies (killed, out of memory)
+    raises :class:`concurrent.futures.process.BrokenProcessPool` instead of
+    leaving the caller waiting.
     """
     arguments = list(arguments)
     processes = job_processes() if processes is None else max(1, int(processes))
     processes = min(processes, len(arguments))
-    previous = torch.get_num_threads()
-    if processes <= 1:
-        torch.set_num_threads(1)
-        try:
-            for args in arguments:
-                yield function(*args)
-        finally:
-            torch.set_num_threads(previous)
-        return
-    _JOBS[:] = [function, arguments]
+    bar = tqdm(total=len(arguments), desc=desc, leave=False, disable=None if desc else True)
+    results = []
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            # chunksize 1: jobs differ in cost, and results come back in order.
-            for _, result in pool.imap(_run, range(len(arguments)), chunksize=1):
-                yield result
+        if processes <= 1:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for args in arguments:
+                    results.append(function(*args))
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(previous)
+            return results
+        _JOBS[:] = [function, arguments]
+        try:
+            # Workers fork on the first submissions, after _JOBS is set; map keeps the jobs' order.
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+                for result in pool.map(_run, range(len(arguments))):
+                    results.append(result)
+                    bar.update(1)
+        finally:
+            _JOBS[:] = []
+        return results
     finally:
-        _JOBS[:] = []
+        bar.close()

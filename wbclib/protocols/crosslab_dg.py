@@ -211,7 +211,8 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
                               width=cfg.dg_head_width, image_size=cfg.image_size, backbone=cfg.backbone,
                               pretrained=cfg.pretrained, train_per_class=cfg.dg_train_per_class,
                               test_per_class=cfg.dg_test_per_class, probe_epochs=cfg.probe_epochs, n_boot=cfg.n_boot,
-                              lr=cfg.lr if cfg.dg_regime == "end_to_end" else None)
+                              lr=cfg.lr if cfg.dg_regime == "end_to_end" else None,
+                              frozen_stages=cfg.crosslab_frozen_stages if cfg.dg_regime == "end_to_end" else None)
                 run = runs.run(results_dir, "crosslab_dg", config, inputs, keys=DG_KEYS)
                 keep = cfg.dg_regime == "maps" and weights_for == (name, seed)
                 results = run.metrics()
@@ -227,7 +228,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
             # Small heads on cached maps: one torch thread each, runs side by side (wbclib._parallel).
             done = map_in_processes(runner.run, [(method_name, hparams, options, seed, run.dir, cfg.n_boot, keep)
                                                  for _, seed, run, keep, method_name, hparams, options, _ in todo])
-            for planned_run, results in zip(todo, done):
+            for planned_run, results in zip(todo, done, strict=True):
                 planned_run[2].finish(results)
                 planned_run[-1] = results
                 bar.update(1)

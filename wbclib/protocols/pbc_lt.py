@@ -379,9 +379,8 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                     _fit_and_save, [(name, kwargs, emb, train, val, eval_sets, classes, seed, out, out_tta, plain,
                                      tta_rows, cfg.tta_sets, tta_views)
                                     for _, (name, kwargs, train, val, eval_sets, out, out_tta, plain, tta_rows)
-                                    in pending])
-                for (found, _), fitted in zip(pending, tqdm(fits, total=len(pending),
-                                                           desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}")):
+                                    in pending], desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}")
+                for (found, _), fitted in zip(pending, fits, strict=True):
                     found[:] = fitted
             for common, out, out_tta, (plain_rows, tta_rows) in done:
                 rows += [dict(common, tta=False, run_dir=str(out.dir), **r) for r in plain_rows]

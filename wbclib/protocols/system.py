@@ -171,8 +171,7 @@ def write_preprocessed(pipeline: Pipeline, table: pd.DataFrame, root: Path, fold
     missing = [rel for rel in table["path"] if not (folder / (rel + ".png")).is_file()]
     chunks = [(pipeline, missing[i:i + 64], Path(root), folder) for i in range(0, len(missing), 64)]
     # Images are independent: chunks run side by side in forked workers (wbclib._parallel).
-    for _ in tqdm(map_in_processes(_preprocess_files, chunks), total=len(chunks), desc="preprocess", leave=False):
-        pass
+    map_in_processes(_preprocess_files, chunks, desc="preprocess")
     return table.assign(source_path=table["path"].to_numpy(), path=[rel + ".png" for rel in table["path"]])
 
 
