@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from .heads import single_torch_thread
 from .models import default_workers
 
 #: The job function and its argument tuples, set before the workers fork.
@@ -46,7 +47,6 @@ def job_processes() -> int:
 
 def _run(index: int):
     function, arguments = _JOBS[0], _JOBS[1]
-    torch.set_num_threads(1)
     return function(*arguments[index])
 
 
@@ -56,37 +56,32 @@ def map_in_processes(function: Callable, arguments: Sequence[Tuple], processes: 
 
     With ``processes`` > 1 (default :func:`job_processes`) and more than one
     job, the jobs run in that many forked workers, each on one torch
-    thread; otherwise in this process, on one torch thread too (restored
-    afterwards). ``desc`` names a progress bar over the jobs. An exception in
-    a job is raised here, and a worker that dies (killed, out of memory)
-    raises :class:`concurrent.futures.process.BrokenProcessPool` instead of
-    leaving the caller waiting.
+    thread; otherwise in this process, on one torch thread too
+    (:func:`heads.single_torch_thread`). ``desc`` names a progress bar over
+    the jobs. An exception in a job is raised here, and a worker that dies
+    (killed, out of memory) raises
+    :class:`concurrent.futures.process.BrokenProcessPool` instead of leaving
+    the caller waiting.
     """
     arguments = list(arguments)
     processes = job_processes() if processes is None else max(1, int(processes))
     processes = min(processes, len(arguments))
-    bar = tqdm(total=len(arguments), desc=desc, leave=False, disable=None if desc else True)
     results = []
-    try:
+    with tqdm(total=len(arguments), desc=desc, leave=False, disable=None if desc else True) as bar:
         if processes <= 1:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with single_torch_thread():
                 for args in arguments:
                     results.append(function(*args))
                     bar.update(1)
-            finally:
-                torch.set_num_threads(previous)
             return results
         _JOBS[:] = [function, arguments]
         try:
             # Workers fork on the first submissions, after _JOBS is set; map keeps the jobs' order.
-            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 for result in pool.map(_run, range(len(arguments))):
                     results.append(result)
                     bar.update(1)
         finally:
             _JOBS[:] = []
-        return results
-    finally:
-        bar.close()
+    return results

@@ -201,7 +201,7 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
         split, eval_sets = dg_sets(cfg, table, sources, targets, crops)
         inputs = inputs_fingerprint(dict(split=split, **eval_sets), root)
         single = len(sources) == 1
-        planned = []  # [row, seed, run, keep, method_name, hparams, options, results or None]
+        planned = []
         for row in rows:
             method_name, hparams, options = row_hparams(cfg, row, (overrides or {}).get(row))
             for seed in seeds:
@@ -218,38 +218,35 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
                 results = run.metrics()
                 if results is not None and keep and not (run.dir / "weights.pt").is_file():
                     results = None
-                planned.append([row, seed, run, keep, method_name, hparams, options, results])
-        todo = [p for p in planned if p[-1] is None]
+                planned.append(SimpleNamespace(row=row, seed=seed, run=run, keep=keep, method=method_name,
+                                               hparams=hparams, options=options, results=results))
+        todo = [p for p in planned if p.results is None]
         bar.update(len(planned) - len(todo))
         if todo and cfg.dg_regime == "maps":
             runner = _MapsRunner(cfg, store, split, eval_sets, single)
-            for _, seed, _, _, method_name, hparams, _, _ in todo:
-                runner.prepare(method_name, hparams, seed)  # re-stained views: computed once, before the fork
+            for p in todo:
+                runner.prepare(p.method, p.hparams, p.seed)  # re-stained views: computed once, before the fork
             # Small heads on cached maps: one torch thread each, runs side by side (wbclib._parallel).
-            done = map_in_processes(runner.run, [(method_name, hparams, options, seed, run.dir, cfg.n_boot, keep)
-                                                 for _, seed, run, keep, method_name, hparams, options, _ in todo])
-            for planned_run, results in zip(todo, done, strict=True):
-                planned_run[2].finish(results)
-                planned_run[-1] = results
+            done = map_in_processes(runner.run, [(p.method, p.hparams, p.options, p.seed, p.run.dir, cfg.n_boot,
+                                                  p.keep) for p in todo])
+            for p, results in zip(todo, done, strict=True):
+                p.results = p.run.finish(results)
                 bar.update(1)
         elif todo and cfg.dg_regime == "end_to_end":
-            for planned_run in todo:
-                _, seed, run, _, method_name, hparams, options, _ = planned_run
-                results = _end_to_end(cfg, store, root, split, eval_sets, single, method_name, hparams, options,
-                                      seed, run.dir, cfg.n_boot)
-                run.finish(results)
-                planned_run[-1] = results
+            for p in todo:
+                p.results = p.run.finish(_end_to_end(cfg, store, root, split, eval_sets, single, p.method,
+                                                     p.hparams, p.options, p.seed, p.run.dir, cfg.n_boot))
                 bar.update(1)
         elif todo:
             raise ValueError(f"dg_regime must be 'maps' or 'end_to_end', not {cfg.dg_regime!r}")
-        for row, seed, run, _, _, _, _, results in planned:
+        for p in planned:
             for set_name in eval_sets:
-                r = results[set_name]
-                out.append(dict(variant=variant, method=row, setting=name, seed=seed, eval_set=set_name,
-                                run_dir=str(run.dir),
+                r = p.results[set_name]
+                out.append(dict(variant=variant, method=p.row, setting=name, seed=p.seed, eval_set=set_name,
+                                run_dir=str(p.run.dir),
                                 macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
                                 macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
-                                **{f"{k}": v for k, v in (overrides or {}).get(row, {}).items()}))
+                                **{f"{k}": v for k, v in (overrides or {}).get(p.row, {}).items()}))
     bar.close()
     return pd.DataFrame(out)
 

@@ -371,15 +371,14 @@ def pbc_lt_heads(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                                   recipe=recipe)
                     done.append((common, out, out_tta, found))
                     if found[0] is None or found[1] is None:
-                        pending.append((found, (head_name, kwargs, train, selection_rows(split), eval_sets, out,
-                                                out_tta, *found)))
+                        pending.append((found, [head_name, kwargs, None, train, selection_rows(split), eval_sets,
+                                                classes, seed, out, out_tta, *found, cfg.tta_sets, tta_views]))
             if pending:
                 emb = store()  # embeddings are computed here, before the workers fork and share them
-                fits = map_in_processes(
-                    _fit_and_save, [(name, kwargs, emb, train, val, eval_sets, classes, seed, out, out_tta, plain,
-                                     tta_rows, cfg.tta_sets, tta_views)
-                                    for _, (name, kwargs, train, val, eval_sets, out, out_tta, plain, tta_rows)
-                                    in pending], desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}")
+                for _, args in pending:
+                    args[2] = emb
+                fits = map_in_processes(_fit_and_save, [args for _, args in pending],
+                                        desc=f"heads {BACKBONE_NAMES.get(backbone, backbone)} {stain}")
                 for (found, _), fitted in zip(pending, fits, strict=True):
                     found[:] = fitted
             for common, out, out_tta, (plain_rows, tta_rows) in done:

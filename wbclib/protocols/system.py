@@ -75,7 +75,8 @@ PROTOCOL = "system"
 #: (:func:`rescue.fit_thresholds`); ``abstain_keep``: the share of correct
 #: validation predictions the abstain threshold keeps.
 _BEST = dict(members=["tf_efficientnet_lite0"], method="erm", augmentation="dihedral_colour_stain",
-             frozen_stages=3, head="crt", stain=False, tta=True, restore="median", scale=True, rescue_phase="morphology", abstain_keep=0.95)
+             frozen_stages=3, head="crt", stain=False, tta=True, restore="median", scale=True,
+             rescue_phase="morphology", abstain_keep=0.95)
 BEST_PIPELINE = {"smoke": dict(_BEST), "cpu": dict(_BEST), "gpu": dict(_BEST)}
 
 #: The lab the system is trained on and its class names (the six common
