@@ -213,3 +213,21 @@ def test_real_cells_fill_the_common_ratio_after_the_crop(root):
     assert (summary["after"] - COMMON_RATIO).abs().max() <= 0.1
     # before the crop the labs differ (pbc fields are loose, bccd crops tight)
     assert summary.loc["pbc", "before"] < COMMON_RATIO - 0.2
+
+
+def test_boxes_located_side_by_side_are_the_ones_located_alone(root, monkeypatch):
+    """Images without a box are located in chunks over forked workers: the
+    same boxes, rows in the order asked, pristine and degraded alike."""
+    from wbclib import _cellboxes, _parallel
+
+    paths = [f"zheng1/images/{i:03d}.png" for i in range(1, 8)]
+    kinds = ["none", "gaussian_blur", "none", "salt_pepper", "none", "none", "illumination"]
+    levels = [0, 2, 0, 3, 0, 0, 1]
+    monkeypatch.setattr(_cellboxes, "_LOCATE_CHUNK", 2)
+    boxes = {}
+    for processes in (2, 1):
+        monkeypatch.setattr(_cellboxes, "_MEMO", {})
+        monkeypatch.setattr(_parallel, "job_processes", lambda: processes)
+        boxes[processes] = cell_boxes(root, paths, kinds, levels, degrade_seed=5)
+    pd.testing.assert_frame_equal(boxes[2], boxes[1])
+    assert len(boxes[2]) == 7 and boxes[2]["found"].all()

@@ -397,3 +397,24 @@ def test_degradation_augmentation_is_the_same_on_one_or_two_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(draws[1], draws[2])
+
+
+def test_probes_fit_side_by_side_with_the_digits_of_one_process(tiny, tmp_path, monkeypatch):
+    """Chapter 03's linear probes run over forked workers: the same rows, in
+    the same order, as fitting them one after another in this process; a
+    second call reads every finished probe back."""
+    from wbclib import _parallel
+
+    found = {}
+    for processes in (2, 1):
+        monkeypatch.setattr(_parallel, "job_processes", lambda: processes)
+        found[processes] = pbc_lt.pbc_lt_probe(tiny.cfg, tiny.root, tiny.splits, tiny.cache,
+                                               tmp_path / f"results{processes}")
+    forked, alone = (f.drop(columns="run_dir") for f in (found[2], found[1]))
+    pd.testing.assert_frame_equal(forked, alone)
+    assert set(forked.rho) == {10, 100} and set(forked.fold) == {0, 1}
+    from wbclib.protocols import common
+
+    monkeypatch.setattr(common, "fit_linear_head", lambda *a, **k: pytest.fail("finished probes are read back"))
+    again = pbc_lt.pbc_lt_probe(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tmp_path / "results2")
+    pd.testing.assert_frame_equal(again, found[2])

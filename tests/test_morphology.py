@@ -234,3 +234,21 @@ def test_morphology_cache_measures_each_image_once_and_persists(tmp_path, monkey
     write_png(tmp_path / "img" / "b.png", paint(disk(CENTRE, 12), cell))
     changed = morph.MorphologyCache(tmp_path / "img", tmp_path / "morph.csv")(rows)
     assert len(calls) == 4 and changed.loc[1, "nucleus_area"] < first.loc[1, "nucleus_area"]
+
+
+def test_morphology_cache_same_rows_measured_side_by_side(tmp_path, monkeypatch, root):
+    """New rows are measured in chunks over forked workers: the same features,
+    in table order, as measuring them one by one in this process."""
+    from wbclib import _parallel
+
+    table = data.manifest("zheng1", root, hashes=False).head(5)
+    rows = pd.concat([table.assign(degradation="none", severity=0),
+                      table.head(2).assign(degradation="gaussian_blur", severity=2)], ignore_index=True)
+    monkeypatch.setattr(morph, "_MEASURE_CHUNK", 2)  # 4 jobs
+    monkeypatch.setattr(_parallel, "job_processes", lambda: 2)
+    forked = morph.MorphologyCache(root, tmp_path / "forked.csv")(rows)
+    monkeypatch.setattr(_parallel, "job_processes", lambda: 1)
+    alone = morph.MorphologyCache(root, tmp_path / "alone.csv")(rows)
+    pd.testing.assert_frame_equal(forked, alone)
+    assert len(forked) == 7 and forked["nucleus_area"].notna().all()
+    assert not forked.iloc[0].equals(forked.iloc[5])  # the blurred copy is measured, not the pristine one

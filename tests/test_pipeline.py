@@ -84,6 +84,23 @@ def test_stages_fit_real_numbers_and_switch_off(tiny_pipeline, root):
         p.without("colour")
 
 
+def test_per_image_measurements_same_side_by_side(root, monkeypatch):
+    """Morphology rows and noise scores (as the restoration fit computes them)
+    run in chunks over forked workers: the same numbers as in this process."""
+    from wbclib import _parallel, pipeline as P
+
+    images = [load_image(p) for p in zheng1_paths(root, 6)]
+    monkeypatch.setattr(P, "CHUNK", 2)  # 3 jobs
+    results = {}
+    for processes in (2, 1):
+        monkeypatch.setattr(_parallel, "job_processes", lambda: processes)
+        results[processes] = (P.morphology_rows(images), P.impulse_scores(images),
+                              Restoration.fit(images, seed=3).threshold)
+    pd.testing.assert_frame_equal(results[2][0], results[1][0])
+    assert results[2][1:] == results[1][1:] and len(results[2][1]) == 6
+    assert len(results[2][0]) == 6 and results[2][0]["nucleus_area"].notna().all()
+
+
 def test_bundle_round_trip_in_a_fresh_process(tiny_pipeline, root, tmp_path):
     paths = zheng1_paths(root, 6)
     expected = tiny_pipeline.predict_files(paths, tta=True, progress=False)

@@ -112,10 +112,13 @@ def _degraded_boxes(root: Path, items: List[tuple], seed: int, cache_dir: Option
 def _locate(root: Path, items: List[tuple], seed: Optional[int],
             known: Optional[Dict[tuple, dict]] = None) -> pd.DataFrame:
     """Boxes of ``items`` ((path, kind, severity); ``seed`` None: pristine), from
-    :data:`_MEMO` and ``known`` where there, else located on the loaded image."""
+    :data:`_MEMO` and ``known`` where there, else located on the loaded image
+    (chunks of images side by side: a box is a function of its image alone)."""
+    from ._parallel import map_in_processes
+
     if known:
         _MEMO.update(known)
-    rows = []
+    keys = []
     for rel, kind, level in items:
         try:
             st = (root / rel).stat()
@@ -124,20 +127,37 @@ def _locate(root: Path, items: List[tuple], seed: Optional[int],
                 key += (kind, int(level), seed)
         except OSError:
             key = None
-        if key is None or key not in _MEMO:
-            image = load_image(root / rel)
-            if seed is not None:
-                image = degrade(image, kind, int(level), image_rng(rel, seed))
-            box = locate_cell(image)
-            row = dict(path=rel, degradation=kind, severity=int(level), width=image.shape[1],
-                       height=image.shape[0], cx=round(box.cx, 2), cy=round(box.cy, 2), side=round(box.side, 2),
-                       found=bool(box.found), size=key[2] if key else -1, mtime_ns=key[3] if key else -1)
+        keys.append(key)
+    todo = [i for i, key in enumerate(keys) if key is None or key not in _MEMO]
+    chunks = [(root, [items[i] for i in todo[j:j + _LOCATE_CHUNK]], seed) for j in range(0, len(todo), _LOCATE_CHUNK)]
+    located = dict(zip(todo, (box for part in map_in_processes(_locate_chunk, chunks, desc="locate cells")
+                              for box in part)))
+    rows = []
+    for i, ((rel, kind, level), key) in enumerate(zip(items, keys)):
+        if i in located:
+            row = dict(located[i], size=key[2] if key else -1, mtime_ns=key[3] if key else -1)
             if key is None:
                 rows.append(row)
                 continue
             _MEMO[key] = row
         rows.append(dict(_MEMO[key], degradation=kind, severity=int(level)))
     return pd.DataFrame(rows, columns=DEGRADED_COLUMNS)
+
+
+#: Images per job when boxes are located side by side.
+_LOCATE_CHUNK = 64
+
+
+def _locate_chunk(root: Path, items: List[tuple], seed: Optional[int]) -> List[dict]:
+    out = []
+    for rel, kind, level in items:
+        image = load_image(root / rel)
+        if seed is not None:
+            image = degrade(image, kind, int(level), image_rng(rel, seed))
+        box = locate_cell(image)
+        out.append(dict(path=rel, degradation=kind, severity=int(level), width=image.shape[1], height=image.shape[0],
+                        cx=round(box.cx, 2), cy=round(box.cy, 2), side=round(box.side, 2), found=bool(box.found)))
+    return out
 
 
 def _cached_boxes(entry) -> Dict[tuple, dict]:

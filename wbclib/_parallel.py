@@ -32,17 +32,26 @@ from .models import default_workers
 
 #: The job function and its argument tuples, set before the workers fork.
 _JOBS: list = []
+#: True in a pool worker: a job that maps again runs its jobs in that worker
+#: (a pool inside a pool would oversubscribe the cores).
+_IN_WORKER = False
 
 
 def job_processes() -> int:
     """How many processes :func:`map_in_processes` uses: the loader workers
     (``$WBC_WORKERS``, :func:`models.default_workers`) plus the calling
     process, at most the cores this process may run on; 1 where fork is not
-    the platform's safe default (Windows, macOS)."""
-    if not sys.platform.startswith("linux"):
+    the platform's safe default (Windows, macOS), and in a pool worker."""
+    if _IN_WORKER or not sys.platform.startswith("linux"):
         return 1
     cores = len(os.sched_getaffinity(0))
     return max(1, min(cores, default_workers() + 1))
+
+
+def _start_worker() -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
+    torch.set_num_threads(1)
 
 
 def _run(index: int):
@@ -78,7 +87,7 @@ def map_in_processes(function: Callable, arguments: Sequence[Tuple], processes: 
         try:
             # Workers fork on the first submissions, after _JOBS is set; map keeps the jobs' order.
             with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                                     initializer=_start_worker) as pool:
                 for result in pool.map(_run, range(len(arguments))):
                     results.append(result)
                     bar.update(1)

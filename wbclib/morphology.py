@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -380,6 +380,10 @@ def _degraded_image(root: Path, row) -> np.ndarray:
     return image
 
 
+#: Rows per job when :class:`MorphologyCache` measures side by side.
+_MEASURE_CHUNK = 32
+
+
 class MorphologyCache:
     """:func:`wbclib.morphology.cell_morphology` of table rows (path,
     degradation, severity: the image as the classifier saw it at native
@@ -424,13 +428,23 @@ class MorphologyCache:
         return f"{row.path}|{stamp}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
 
     def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
-        keys, new = [], []
+        from ._parallel import map_in_processes
+
+        keys, missing = [], {}
         for row in table.itertuples(index=False):
             k = self.key(row)
             keys.append(k)
-            if k not in self.rows:
-                self.rows[k] = cell_morphology(_degraded_image(self.root, row), max_side=self.max_side)
-                new.append(k)
+            if k not in self.rows and k not in missing:
+                missing[k] = row
+        # Each row's measurement is a function of its image alone: chunks run side by side.
+        new, rows = list(missing), list(missing.values())
+        chunks = [(rows[i:i + _MEASURE_CHUNK],) for i in range(0, len(rows), _MEASURE_CHUNK)]
+        for k, measured in zip(new, (m for part in map_in_processes(self._measure, chunks, desc="morphology")
+                                     for m in part)):
+            self.rows[k] = measured
         if new and self.path is not None:
             _io.write_csv(self.path, pd.DataFrame([dict(key=k, **v) for k, v in self.rows.items()]))
         return pd.DataFrame([self.rows[k] for k in keys]).reset_index(drop=True)
+
+    def _measure(self, rows: Sequence) -> List[dict]:
+        return [cell_morphology(_degraded_image(self.root, row), max_side=self.max_side) for row in rows]

@@ -99,8 +99,13 @@ class Restoration:
         mixture. A clean-only set would give one population and a threshold of
         infinity; the synthetic copies say what noise looks like in this lab."""
         rng = np.random.default_rng(seed)
-        clean = [noise_scores(im)["impulse"] for im in clean_images]
-        noisy = [noise_scores(synthetic(im, "salt_pepper", noise_density, rng))["impulse"] for im in clean_images]
+        clean = impulse_scores(clean_images)
+        # The noisy copies draw from one generator in image order, a block at a time (bounded
+        # memory); each block is scored side by side.
+        noisy = []
+        for start in range(0, len(clean_images), 8 * CHUNK):
+            block = clean_images[start:start + 8 * CHUNK]
+            noisy += impulse_scores([synthetic(im, "salt_pepper", noise_density, rng) for im in block])
         detector = NoiseDetector.fit(clean + noisy, score="impulse", seed=seed)
         return cls(threshold=float(detector.threshold), method=method, **kwargs)
 
@@ -330,9 +335,26 @@ class RescueStage:
                                morph_features=lambda rows: morphology_rows([images[i] for i in rows.index]))
 
 
-def morphology_rows(images: Sequence[np.ndarray]) -> pd.DataFrame:
+#: Images per job of the per-image measurements that run side by side (:func:`_parallel.map_in_processes`).
+CHUNK = 64
+
+
+def _chunks(items: Sequence, size: int = CHUNK) -> List[tuple]:
+    return [(items[i:i + size],) for i in range(0, len(items), size)]
+
+
+def morphology_rows(images: Sequence[np.ndarray], desc: Optional[str] = None) -> pd.DataFrame:
     """Morphology features (:func:`morphology.cell_morphology`) of each image;
-    a cell the segmenter cannot find gives a row of NaN (which fails a filter)."""
+    a cell the segmenter cannot find gives a row of NaN (which fails a filter).
+    Images are measured in chunks side by side (each measurement is a
+    function of its image alone, so the rows do not depend on the workers)."""
+    from ._parallel import map_in_processes
+
+    parts = map_in_processes(_morphology_chunk, _chunks(list(images)), desc=desc)
+    return pd.DataFrame([row for part in parts for row in part])
+
+
+def _morphology_chunk(images: Sequence[np.ndarray]) -> List[dict]:
     from .morphology import FEATURES, cell_morphology
 
     rows = []
@@ -341,7 +363,18 @@ def morphology_rows(images: Sequence[np.ndarray]) -> pd.DataFrame:
             rows.append(cell_morphology(image))
         except Exception:  # noqa: BLE001 - any segmentation failure means "no measurement", never a crash
             rows.append({f: math.nan for f in FEATURES})
-    return pd.DataFrame(rows)
+    return rows
+
+
+def _impulse_scores(images: Sequence[np.ndarray]) -> List[float]:
+    return [noise_scores(im)["impulse"] for im in images]
+
+
+def impulse_scores(images: Sequence[np.ndarray]) -> List[float]:
+    """:func:`restore.noise_scores`' impulse score of each image, in chunks side by side."""
+    from ._parallel import map_in_processes
+
+    return [s for part in map_in_processes(_impulse_scores, _chunks(list(images))) for s in part]
 
 
 # --------------------------------------------------------------------------

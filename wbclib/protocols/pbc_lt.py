@@ -17,7 +17,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .. import _io, runs
 from .. import benchmarks as B
@@ -89,13 +88,15 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
     classes = list(B.PBC_LT_CLASSES)
     jobs, grid, tables = probe_jobs(cfg, table, definition)
     store = EmbeddingStore(tables, cfg.backbone, cfg.image_size, root, cache_dir, desc="PBC-LT embeddings")
-    rows = []
-    for rho, fold, split, eval_sets in tqdm(jobs, desc="linear probes"):
+    planned = []
+    for rho, fold, split, eval_sets in jobs:
         sets = dict(eval_sets, **grid) if fold == cfg.probe_folds[0] else eval_sets
         run = probe_run(results_dir, "pbc_lt/probe", cfg, root, split, sets, seed, rho=rho, fold=fold)
-        for r in probe_and_score(store, split, sets, classes, cfg, run, seed):
-            rows.append(dict(rho=rho, fold=fold, run_dir=str(run.dir), **r))
-    return pd.DataFrame(rows)
+        planned.append((rho, fold, run, (store, split, sets, classes, cfg, run, seed)))
+    # The probes are independent: they fit side by side on the embeddings computed above.
+    scored = map_in_processes(probe_and_score, [args for *_, args in planned], desc="linear probes")
+    return pd.DataFrame([dict(rho=rho, fold=fold, run_dir=str(run.dir), **r)
+                         for (rho, fold, run, _), found in zip(planned, scored, strict=True) for r in found])
 
 
 def lt_finetune_config(cfg: SimpleNamespace, method: str = "erm", seed: int = 0, overrides: Dict = None) -> TrainConfig:

@@ -142,11 +142,14 @@ def fit_preprocessing(images: Sequence[np.ndarray], names: Sequence[str], choice
     output of the stages before it (the order the pipeline runs them). With
     ``cell_ratio`` > 0 (the profile's ``cell_crop``) the scale stage crops
     around each image's cell at that ratio (:class:`pipeline.ScaleNormalization`)."""
+    # A stage's output images are made only when a later fit reads them: the stain fit always,
+    # the scale fit unless it crops around each cell (then it has nothing to fit).
+    scale_reads = bool(choice["scale"]) and cell_ratio <= 0
     restoration = Restoration.fit(images, method=choice["restore"], seed=seed) if choice["restore"] else None
-    if restoration is not None:
+    if restoration is not None and (scale_reads or choice["stain"]):
         images = [restoration(im)[0] for im in images]
-    scale = ScaleNormalization.fit(images, cell_ratio=cell_ratio) if choice["scale"] else None
-    if scale is not None:
+    scale = ScaleNormalization.fit(images if scale_reads else [], cell_ratio=cell_ratio) if choice["scale"] else None
+    if scale is not None and choice["stain"]:
         images = [scale(im)[0] for im in images]
     stain = StainNormalization.fit(images, names) if choice["stain"] else None
     return dict(restoration=restoration, scale=scale, stain=stain)
@@ -322,7 +325,7 @@ def fit_rescue(pipeline: Pipeline, val_probs: np.ndarray, inputs: Dict[str, np.n
     ones = np.ones_like(val_probs)
     filt, morph = None, None
     if phase == "morphology":
-        train_morph = morphology_rows(list(inputs["train"]))
+        train_morph = morphology_rows(list(inputs["train"]), desc="morphology of the training images")
         filt = MahalanobisFilter().fit(train_morph[list(PAPER_FEATURES)].to_numpy(float),
                                        np.asarray([classes[i] for i in labels["train"]]))
         morph = morphology_rows(list(inputs["val"]))
