@@ -85,3 +85,19 @@ def test_paired_difference_by_hand():
     assert same["macro_f1_low"] == same["macro_f1_high"] == 0.0
     with pytest.raises(ValueError):
         metrics.paired_difference(y, pred[:10], base, 4)
+
+
+@pytest.mark.parametrize("metric", [*metrics.METRICS, "accuracy"])
+def test_bootstrap_counts_resamples_in_blocks_with_the_digits_of_one_at_a_time(metric, monkeypatch):
+    """The batched bootstrap (one bincount per block of resamples) gives exactly
+    the interval of scoring each resample on its own, including resamples
+    that miss a class entirely."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 6, 40)
+    p = np.where(rng.random(40) < 0.6, y, rng.integers(0, 6, 40))
+    y[:3] = 5  # a rare class that many resamples miss
+    draws = np.random.default_rng(11)
+    values = [metrics.scores(y[idx], p[idx], 6)[metric] for idx in (draws.integers(0, 40, 40) for _ in range(200))]
+    expected = (float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975)))
+    monkeypatch.setattr(metrics, "_BOOT_INDICES", 40 * 7)  # blocks of 7 resamples, the last one short
+    assert metrics.bootstrap_ci(y, p, 6, metric=metric, n_boot=200, seed=11) == expected

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 METRICS = ("macro_f1", "balanced_accuracy", "macro_precision", "macro_specificity")
+#: Resampled indices held at once by :func:`bootstrap_ci` (8 bytes each).
+_BOOT_INDICES = 2**22
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
@@ -42,7 +44,10 @@ def _per_class_from_confusion(cm: np.ndarray) -> Dict[str, np.ndarray]:
 
 def scores(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> Dict[str, float]:
     """Macro-F1, balanced accuracy, macro-precision, macro-specificity, accuracy."""
-    cm = confusion(y_true, y_pred, num_classes)
+    return _scores_from_confusion(confusion(y_true, y_pred, num_classes))
+
+
+def _scores_from_confusion(cm: np.ndarray) -> Dict[str, float]:
     pc = _per_class_from_confusion(cm)
     present = (pc["support"] + pc["predicted"]) > 0
     in_truth = pc["support"] > 0
@@ -65,6 +70,40 @@ def per_class(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequenc
     return table
 
 
+def _metric_of_confusions(cms: np.ndarray, metric: str) -> np.ndarray:
+    """:func:`scores`' ``metric`` of each confusion matrix of ``cms`` (B, C, C):
+    the per-class ratios element-wise over the batch, then each row's mean over
+    its own classes, so every value has the digits :func:`scores` gives."""
+    if metric == "accuracy":
+        return np.array([float(np.trace(cm) / max(cm.sum(), 1)) for cm in cms])
+    tp = np.diagonal(cms, axis1=1, axis2=2).astype(float)
+    support = cms.sum(2).astype(float)
+    predicted = cms.sum(1).astype(float)
+
+    def ratio(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    if metric == "macro_f1":
+        per_class, keep = ratio(2 * tp, support + predicted), (support + predicted) > 0
+    elif metric == "balanced_accuracy":
+        per_class, keep = ratio(tp, support), support > 0
+    elif metric == "macro_precision":
+        per_class, keep = ratio(tp, predicted), (support + predicted) > 0
+    elif metric == "macro_specificity":
+        tn = cms.sum((1, 2))[:, None] - support - predicted + tp
+        per_class, keep = ratio(tn, tn + (predicted - tp)), (support + predicted) > 0
+    else:
+        raise KeyError(metric)
+    # A row that keeps every class is averaged along the axis (the same pairwise sum as a
+    # row on its own); the others one by one over their kept classes.
+    out = np.empty(len(cms))
+    every = keep.all(1)
+    out[every] = per_class[every].mean(axis=1)
+    for i in np.flatnonzero(~every):
+        out[i] = per_class[i][keep[i]].mean()
+    return out
+
+
 def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
                  metric: str = "macro_f1", n_boot: int = 1000, alpha: float = 0.05,
                  seed: int = 0) -> tuple:
@@ -74,9 +113,14 @@ def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
     rng = np.random.default_rng(seed)
     n = len(y_true)
     values = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        values[b] = scores(y_true[idx], y_pred[idx], num_classes)[metric]
+    # Resamples are drawn a block at a time (the generator gives the same indices as one
+    # draw per resample) and their confusion matrices counted in one pass.
+    block = max(1, min(n_boot, _BOOT_INDICES // max(n, 1)))
+    for start in range(0, n_boot, block):
+        idx = rng.integers(0, n, (min(block, n_boot - start), n))
+        codes = y_true[idx] * num_classes + y_pred[idx] + (np.arange(len(idx)) * num_classes**2)[:, None]
+        cms = np.bincount(codes.ravel(), minlength=len(idx) * num_classes**2).reshape(-1, num_classes, num_classes)
+        values[start:start + len(idx)] = _metric_of_confusions(cms, metric)
     return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
 
 
