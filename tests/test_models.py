@@ -91,6 +91,22 @@ def test_random_init_with_a_seed_is_one_network_and_leaves_the_global_generator(
     assert not torch.equal(a["conv_stem.weight"], c["conv_stem.weight"])
 
 
+def test_seeded_draws_touch_only_the_cpu_generator(root, monkeypatch):
+    """A seeded draw (and a seeded random init) seeds the CPU generator that
+    fork_rng restores, never the GPU's: on a GPU a loader in the main process
+    would otherwise reseed the training's dropout with every image."""
+    from wbclib.augment import make_augmentation
+
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: gpu_seeds.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: gpu_seeds.append(seed))
+    table = models.ImageTable(_table(root, 2), root, ["x"], 32, transform=make_augmentation("dihedral_jitter", 32))
+    first, again, other = table[(0, 5)][0], table[(0, 5)][0], table[(0, 6)][0]
+    models.create_backbone("tf_efficientnet_lite0", pretrained=False, init_seed=0)
+    assert gpu_seeds == []
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
 def _one_erm_step(frozen_stages: int):
     from wbclib.methods import create_method
 
