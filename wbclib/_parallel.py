@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .heads import single_torch_thread
-from .models import default_workers
 
 #: The job function and its argument tuples, set before the workers fork.
 _JOBS: list = []
@@ -37,9 +36,17 @@ _JOBS: list = []
 _IN_WORKER = False
 
 
+def default_workers() -> int:
+    """Data-loading worker processes: ``$WBC_WORKERS`` when set, else the cores
+    but one (at most 8). Numbers never depend on it (per-draw seeds)."""
+    if os.environ.get("WBC_WORKERS", "").strip():
+        return max(0, int(os.environ["WBC_WORKERS"]))
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
 def job_processes() -> int:
     """How many processes :func:`map_in_processes` uses: the loader workers
-    (``$WBC_WORKERS``, :func:`models.default_workers`) plus the calling
+    (``$WBC_WORKERS``, :func:`default_workers`) plus the calling
     process, at most the cores this process may run on; 1 where fork is not
     the platform's safe default (Windows, macOS), and in a pool worker."""
     if _IN_WORKER or not sys.platform.startswith("linux"):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import precision
+from ._parallel import default_workers  # noqa: F401 - the loaders' worker count, used here and re-exported
 from .streams import forward_in_streams
 from .augment import dihedral
 from .data import load_image
@@ -392,16 +393,6 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def default_workers() -> int:
-    """Data-loading worker processes: ``$WBC_WORKERS`` when set, else the cores
-    but one (at most 8). Numbers never depend on it (per-draw seeds)."""
-    import os
-
-    if os.environ.get("WBC_WORKERS", "").strip():
-        return max(0, int(os.environ["WBC_WORKERS"]))
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
 # --------------------------------------------------------------------------
