@@ -98,3 +98,56 @@ def test_strip_progress_bars_keeps_every_other_output(tmp_path):
     assert outputs[2].data == {"text/plain": "50%|#####     |"}
     before = path.read_bytes()
     assert runbook.strip_progress_bars(path) == 0 and path.read_bytes() == before
+
+
+TIMED = '''# %% tags=["parameters"]
+profile = "cpu"
+results_dir = None
+
+# %%
+import json, time
+from pathlib import Path
+log = Path(results_dir) / "times.jsonl"
+start = time.time()
+if NEED:
+    assert (Path(results_dir) / NEED).is_file(), "ran before the chapter it reads"
+time.sleep(SLEEP)
+(Path(results_dir) / NAME).write_text("done")
+with log.open("a") as f:
+    f.write(json.dumps({"name": NAME, "start": start, "end": time.time()}) + "\\n")
+'''
+
+
+def test_jobs_run_chapters_side_by_side_each_after_what_it_reads(tmp_path, monkeypatch):
+    """With jobs=2, chapters that need nothing of each other overlap, a chapter
+    waits for the one it reads (runbook.NEEDS), and the executed paths come
+    back in chapter order."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for name, need, sleep in [("01_slow", "", 6), ("02_first", "", 1), ("03_reads_02", "02_first", 0)]:
+        (sources / f"{name}.py").write_text(
+            TIMED.replace("NEED", repr(need)).replace("SLEEP", str(sleep)).replace("NAME", repr(name)))
+    monkeypatch.setattr(runbook, "NEEDS", {"03": ("02",)})
+    monkeypatch.chdir(tmp_path)
+    done = runbook.execute("smoke", notebooks_dir=sources, progress=False, log=lambda _: None, jobs=2,
+                           parameters={"results_dir": str(tmp_path / "results")})
+    assert [p.name for p in done] == ["01_slow.ipynb", "02_first.ipynb", "03_reads_02.ipynb"]
+    times = {r["name"]: r for r in map(json.loads, (tmp_path / "results" / "times.jsonl").read_text().splitlines())}
+    assert times["02_first"]["start"] < times["01_slow"]["end"]  # side by side
+    assert times["03_reads_02"]["start"] >= times["02_first"]["end"]  # after the chapter it reads
+    assert times["03_reads_02"]["start"] < times["01_slow"]["end"]  # without waiting for the slow one
+
+
+def test_jobs_stop_starting_chapters_after_a_failure(tmp_path, monkeypatch):
+    import papermill
+
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "01_fails.py").write_text('# %% tags=["parameters"]\nprofile = "cpu"\n\n# %%\nraise ValueError("boom")\n')
+    (sources / "02_after.py").write_text(TIMED.replace("NEED", "''").replace("SLEEP", "0").replace("NAME", "'02'"))
+    monkeypatch.setattr(runbook, "NEEDS", {"02": ("01",)})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(papermill.PapermillExecutionError, match="boom"):
+        runbook.execute("smoke", notebooks_dir=sources, progress=False, log=lambda _: None, jobs=2,
+                        parameters={"results_dir": str(tmp_path / "results")})
+    assert not (tmp_path / "results" / "02").exists()
