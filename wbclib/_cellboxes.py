@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import _io, cache
+from ._parallel import map_in_processes
 from .cellcrop import LOCATE_VERSION, WORK_SIDE, fallback_box, lab_of, locate_cell
 from .data import load_image
 from .degrade import degrade, image_rng
@@ -114,8 +115,6 @@ def _locate(root: Path, items: List[tuple], seed: Optional[int],
     """Boxes of ``items`` ((path, kind, severity); ``seed`` None: pristine), from
     :data:`_MEMO` and ``known`` where there, else located on the loaded image
     (chunks of images side by side: a box is a function of its image alone)."""
-    from ._parallel import map_in_processes
-
     if known:
         _MEMO.update(known)
     keys = []

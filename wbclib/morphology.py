@@ -25,6 +25,7 @@ from skimage.measure import find_contours
 from skimage.morphology import h_maxima
 
 from . import _io, cluster, data
+from ._parallel import map_in_processes
 from .segment import (SegmentationResult, background_rgb, hematoxylin_od, mask_bbox, nucleus_stain, optical_density,
                       segment_cell)
 
@@ -428,8 +429,6 @@ class MorphologyCache:
         return f"{row.path}|{stamp}|{kind}|{int(getattr(row, 'severity', 0) or 0)}"
 
     def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
-        from ._parallel import map_in_processes
-
         keys, missing = [], {}
         for row in table.itertuples(index=False):
             k = self.key(row)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .augment import dihedral, eval_transform
+from ._parallel import map_in_processes
 from .data import DataError, load_image
 from .heads import StandardizedLinear
 from .rescue import SuppressAndRescue
@@ -348,8 +349,6 @@ def morphology_rows(images: Sequence[np.ndarray], desc: Optional[str] = None) ->
     a cell the segmenter cannot find gives a row of NaN (which fails a filter).
     Images are measured in chunks side by side (each measurement is a
     function of its image alone, so the rows do not depend on the workers)."""
-    from ._parallel import map_in_processes
-
     parts = map_in_processes(_morphology_chunk, _chunks(list(images)), desc=desc)
     return pd.DataFrame([row for part in parts for row in part])
 
@@ -372,8 +371,6 @@ def _impulse_scores(images: Sequence[np.ndarray]) -> List[float]:
 
 def impulse_scores(images: Sequence[np.ndarray]) -> List[float]:
     """:func:`restore.noise_scores`' impulse score of each image, in chunks side by side."""
-    from ._parallel import map_in_processes
-
     return [s for part in map_in_processes(_impulse_scores, _chunks(list(images))) for s in part]
 
 
