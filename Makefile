@@ -9,8 +9,6 @@ VENV ?= .venv
 VENV_FLAGS ?= --system-site-packages
 EXTRAS ?= book,dev,segment,siglip
 DATA_ROOT ?=
-# Notebooks run at a time (`wbc book execute --jobs`): each chapter after the chapters whose runs it reads.
-BOOK_JOBS ?= 1
 ROOT_ARG = $(if $(DATA_ROOT),--root $(DATA_ROOT),)
 BIN = $(VENV)/bin
 # Tools are run as modules of the venv's Python: a venv that reuses the base
@@ -45,7 +43,7 @@ $(SETUP_DONE): pyproject.toml | $(BIN)/python
 	@touch $@
 
 notebooks: setup
-	$(BIN)/wbc book execute --profile $(PROFILE) --jobs $(BOOK_JOBS) $(ROOT_ARG)
+	$(BIN)/wbc book execute --profile $(PROFILE) $(ROOT_ARG)
 
 book: notebooks
 	$(JUPYTER_BOOK) build . -W -n --keep-going

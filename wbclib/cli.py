@@ -118,7 +118,7 @@ def _book_execute(args) -> int:
         runbook.execute(args.profile, names=args.only, out_dir=args.out, notebooks_dir=args.notebooks,
                         parameters={"data_root": args.root, "results_dir": args.results,
                                     "overrides": overrides or None},
-                        progress=not args.no_progress, log_output=args.log_output, jobs=args.jobs)
+                        progress=not args.no_progress, log_output=args.log_output)
     except runbook.NotebooksNotFound as exc:
         print(f"wbc: error: {exc}", file=sys.stderr)
         return 2
@@ -192,8 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", help="chapter sources folder (default: ./notebooks, else the installed copy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (notebooks and cells)")
     p.add_argument("--log-output", action="store_true", help="also print every cell's output")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="notebooks run at a time, each after the chapters whose runs it reads (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a profile key for every notebook, e.g. --set probe_epochs=60 (repeatable; "
                         "values are YAML: [0, 1], null, 1e-3)")

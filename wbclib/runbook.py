@@ -130,18 +130,10 @@ def strip_progress_bars(path: PathLike) -> int:
     return changed
 
 
-#: Chapters whose finished runs a chapter reads (by number). With ``jobs`` > 1 a
-#: chapter starts only after these: run folders are atomic and their digits do not
-#: depend on who computes them, so a missing entry costs time (work done twice),
-#: never a result.
-NEEDS = {"03": ("02",), "04": ("02",), "05": ("03",), "06": ("05",), "07": ("04",), "08": ("03",), "09": ("02",),
-         "10": ("03",), "11": ("02",)}
-
-
 def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir: Optional[PathLike] = None,
             parameters: Optional[dict] = None, notebooks_dir: Optional[PathLike] = None,
-            progress: bool = True, log_output: bool = False, log=print, jobs: int = 1) -> list:
-    """Convert and execute notebooks; returns the executed paths in chapter order.
+            progress: bool = True, log_output: bool = False, log=print) -> list:
+    """Convert and execute notebooks in order; returns the executed paths.
 
     ``parameters`` (e.g. ``data_root``, ``results_dir``) are passed, with
     ``profile``, to every notebook whose ``parameters`` cell declares them;
@@ -149,96 +141,50 @@ def execute(profile: str = "cpu", names: Optional[Sequence[str]] = None, out_dir
     the current working directory (or ``$WBC_<KIND>_DIR``). ``progress``
     shows a bar over notebooks and papermill's bar over each notebook's
     cells; ``log_output`` also forwards the cells' own output to the log.
-
-    ``jobs`` > 1 runs that many notebooks at a time, each chapter after the
-    chapters it reads (:data:`NEEDS`), in chapter order otherwise (a chapter's
-    numbers do not depend on it: every notebook runs in its own kernel with
-    the same settings); cell progress bars are then off.
     """
     import jupytext
+    import papermill
 
     from .profiles import output_dir
 
     sources = notebook_sources(names, notebooks_dir)
     out_dir = executed_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path.cwd()
     given = {k: v for k, v in (parameters or {}).items() if v is not None}
     # Resolve the output folders here, once: the kernel's working directory is
     # the caller's, but an absolute path leaves no doubt about where runs land.
     for name, kind in OUTPUT_PARAMETERS.items():
         given[name] = str(output_dir(kind, given.get(name)))
     params = {"profile": profile, **given}
-    jobs = max(1, int(jobs))
-    done = {}
+    done = []
     with tempfile.TemporaryDirectory(prefix="wbc-notebooks-") as scratch:
-        def run(source: Path, cell_bar: bool) -> Path:
+        bar = _progress(sources, desc=f"notebooks ({profile})", unit="notebook", disable=not progress)
+        for source in bar:
+            bar.set_postfix_str(source.stem)
             notebook = jupytext.read(source)
             notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
             converted = Path(scratch) / f"{source.stem}.ipynb"
             jupytext.write(notebook, converted)
-            return _execute_one(converted, out_dir / converted.name, params, cell_bar, log_output)
-
-        bar = _progress(None, total=len(sources), desc=f"notebooks ({profile})", unit="notebook", disable=not progress)
-        say = bar.write if progress else log
-        if jobs == 1:
-            for source in sources:
-                bar.set_postfix_str(source.stem)
-                start = time.time()
-                done[source] = run(source, progress)
-                say(f"{source.name}: executed in {time.time() - start:.0f} s -> {done[source]}")
-                bar.update(1)
-        else:
-            _execute_in_parallel(sources, run, jobs, done, bar, say)
-        bar.close()
-    return [done[s] for s in sources]
-
-
-def _execute_one(converted: Path, target: Path, params: dict, cell_bar: bool, log_output: bool) -> Path:
-    import papermill
-
-    # Each chapter gets the parameters it declares (not every chapter has, e.g., results_dir).
-    declared = papermill.inspect_notebook(str(converted))
-    try:
-        papermill.execute_notebook(str(converted), str(target),
-                                   parameters={k: v for k, v in params.items() if k in declared},
-                                   cwd=str(Path.cwd()), kernel_name="python3",
-                                   progress_bar=cell_bar and {"desc": converted.stem, "unit": "cell", "leave": False},
-                                   log_output=log_output)
-    except papermill.PapermillExecutionError as exc:
-        exc.notebook = target  # the executed copy, with the traceback, for the caller's message
-        raise
-    strip_progress_bars(target)
-    return target
-
-
-def _execute_in_parallel(sources: list, run, jobs: int, done: dict, bar, say) -> None:
-    """Run ``run(source, False)`` for every source, ``jobs`` at a time, each
-    after the sources it needs (:data:`NEEDS`, among those being run); the
-    first failure stops new starts and is raised once the running ones end."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    number = {s: s.name[:2] for s in sources}
-    present = set(number.values())
-    waiting, running, failure = list(sources), {}, None
-    with ThreadPoolExecutor(jobs) as pool:
-        while waiting or running:
-            finished = {number[s] for s in done}
-            ready = [s for s in waiting if all(n in finished or n not in present for n in NEEDS.get(number[s], ()))]
-            while failure is None and ready and len(running) < jobs:
-                source = ready.pop(0)
-                waiting.remove(source)
-                running[pool.submit(run, source, False)] = (source, time.time())
-            if not running:
-                break
-            complete, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in complete:
-                source, start = running.pop(future)
-                try:
-                    done[source] = future.result()
-                except BaseException as exc:  # noqa: BLE001 - kept, raised after the running ones end
-                    failure = failure or exc
-                    continue
-                say(f"{source.name}: executed in {time.time() - start:.0f} s -> {done[source]}")
-                bar.update(1)
-    if failure is not None:
-        raise failure
+            target = out_dir / converted.name
+            # Each chapter gets the parameters it declares (not every chapter has, e.g., results_dir).
+            declared = papermill.inspect_notebook(str(converted))
+            start = time.time()
+            try:
+                papermill.execute_notebook(str(converted), str(target),
+                                           parameters={k: v for k, v in params.items() if k in declared},
+                                           cwd=str(work_dir), kernel_name="python3",
+                                           progress_bar=progress and {"desc": source.stem, "unit": "cell",
+                                                                      "leave": False},
+                                           log_output=log_output)
+            except papermill.PapermillExecutionError as exc:
+                exc.notebook = target  # the executed copy, with the traceback, for the caller's message
+                raise
+            strip_progress_bars(target)
+            message = f"{source.name}: executed in {time.time() - start:.0f} s -> {target}"
+            if progress:
+                bar.write(message)
+            else:
+                log(message)
+            done.append(target)
+    return done
