@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import _io, cache
-from ._parallel import map_in_processes
+from ._parallel import chunks, map_in_processes
 from .cellcrop import LOCATE_VERSION, WORK_SIDE, fallback_box, lab_of, locate_cell
 from .data import load_image
 from .degrade import degrade, image_rng
@@ -128,8 +128,8 @@ def _locate(root: Path, items: List[tuple], seed: Optional[int],
             key = None
         keys.append(key)
     todo = [i for i, key in enumerate(keys) if key is None or key not in _MEMO]
-    chunks = [(root, [items[i] for i in todo[j:j + _LOCATE_CHUNK]], seed) for j in range(0, len(todo), _LOCATE_CHUNK)]
-    located = dict(zip(todo, (box for part in map_in_processes(_locate_chunk, chunks, desc="locate cells")
+    jobs = [(root, [items[i] for i in piece], seed) for piece in chunks(todo, _LOCATE_CHUNK)]
+    located = dict(zip(todo, (box for part in map_in_processes(_locate_chunk, jobs, desc="locate cells")
                               for box in part)))
     rows = []
     for i, ((rel, kind, level), key) in enumerate(zip(items, keys)):

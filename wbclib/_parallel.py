@@ -55,6 +55,13 @@ def job_processes() -> int:
     return max(1, min(cores, default_workers() + 1))
 
 
+def chunks(items: Sequence, size: int) -> List[list]:
+    """``items`` in consecutive pieces of ``size`` (the last one shorter): the
+    unit of work when per-image jobs run side by side."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def _start_worker() -> None:
     global _IN_WORKER
     _IN_WORKER = True

@@ -25,7 +25,7 @@ from skimage.measure import find_contours
 from skimage.morphology import h_maxima
 
 from . import _io, cluster, data
-from ._parallel import map_in_processes
+from ._parallel import chunks, map_in_processes
 from .segment import (SegmentationResult, background_rgb, hematoxylin_od, mask_bbox, nucleus_stain, optical_density,
                       segment_cell)
 
@@ -437,8 +437,8 @@ class MorphologyCache:
                 missing[k] = row
         # Each row's measurement is a function of its image alone: chunks run side by side.
         new, rows = list(missing), list(missing.values())
-        chunks = [(rows[i:i + _MEASURE_CHUNK],) for i in range(0, len(rows), _MEASURE_CHUNK)]
-        for k, measured in zip(new, (m for part in map_in_processes(self._measure, chunks, desc="morphology")
+        jobs = [(piece,) for piece in chunks(rows, _MEASURE_CHUNK)]
+        for k, measured in zip(new, (m for part in map_in_processes(self._measure, jobs, desc="morphology")
                                      for m in part)):
             self.rows[k] = measured
         if new and self.path is not None:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .augment import dihedral, eval_transform
-from ._parallel import map_in_processes
+from ._parallel import chunks, map_in_processes
 from .data import DataError, load_image
 from .heads import StandardizedLinear
 from .rescue import SuppressAndRescue
@@ -341,7 +341,7 @@ CHUNK = 64
 
 
 def _chunks(items: Sequence, size: int = CHUNK) -> List[tuple]:
-    return [(items[i:i + size],) for i in range(0, len(items), size)]
+    return [(piece,) for piece in chunks(items, size)]
 
 
 def morphology_rows(images: Sequence[np.ndarray], desc: Optional[str] = None) -> pd.DataFrame:
