@@ -79,3 +79,34 @@ def test_no_loader_workers_means_one_process(monkeypatch):
     assert _parallel.job_processes() == 1
     monkeypatch.setenv("WBC_WORKERS", "7")
     assert 1 <= _parallel.job_processes() <= 8
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Item i: (i, the niceness of the process that loads it)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        import os
+
+        return i, os.nice(0)
+
+
+@needs_fork
+def test_cpu_loader_workers_yield_the_cores_to_the_model(monkeypatch):
+    import os
+
+    monkeypatch.delenv("WBC_WORKERS", raising=False)
+    own = os.nice(0)
+    assert _parallel.loader_workers("cpu") == min(8, len(os.sched_getaffinity(0)))
+    items, niceness = next(iter(_parallel.image_loader(_Niceness(), 6, "cpu", num_workers=2)))
+    assert items.tolist() == list(range(6))
+    assert niceness.tolist() == [min(19, own + 19)] * 6  # workers at the lowest priority, the caller unchanged
+    assert os.nice(0) == own
+    # A model on a GPU leaves the cores to the loader: workers as before, at the caller's priority.
+    _, niceness = next(iter(_parallel.image_loader(_Niceness(), 6, "cuda", num_workers=2)))
+    assert niceness.tolist() == [own] * 6
+    assert _parallel.loader_workers("cuda") == _parallel.default_workers()
+    monkeypatch.setenv("WBC_WORKERS", "0")  # the user's count wins everywhere
+    assert _parallel.loader_workers("cpu") == 0

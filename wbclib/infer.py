@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import precision
 from .augment import dihedral, dihedral_inverse
-from .models import default_workers
+from ._parallel import image_loader
 
 __all__ = ["dihedral", "dihedral_inverse", "dihedral_views", "predict_tta", "average_predictions",
            "prob_columns", "classes_of"]
@@ -61,8 +61,7 @@ def predict_tta(method_or_fn: Union[nn.Module, Callable[[torch.Tensor], torch.Te
     else:
         fn = method_or_fn
         device = device or torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=default_workers() if num_workers is None else num_workers)
+    loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
         x = x.to(device)

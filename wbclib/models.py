@@ -17,11 +17,11 @@ import pandas as pd
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import precision
-from ._parallel import default_workers  # noqa: F401 - the loaders' worker count, used here and re-exported
+from ._parallel import default_workers, image_loader  # noqa: F401 - default_workers re-exported
 from .streams import forward_in_streams
 from .augment import dihedral
 from .data import load_image
@@ -518,8 +518,7 @@ def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
     model = precision.for_inference(Normalized(backbone).to(device))  # compiled when WBC_COMPILE=1
     dataset = ImageTable(table, root, classes=sorted(set(table["label"])), image_size=image_size,
                          degrade_seed=degrade_seed, transform=transform, box_cache=box_cache)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=default_workers() if num_workers is None else num_workers)
+    loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     chunks = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
         with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off

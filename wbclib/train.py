@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import _io
@@ -33,8 +32,8 @@ from . import precision
 from .streams import forward_in_streams
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
-from .models import (ImageTable, Normalized, create_backbone, default_device, default_workers,
-                     pretrained_weights_available)
+from ._parallel import image_loader
+from .models import ImageTable, Normalized, create_backbone, default_device, pretrained_weights_available
 from .runs import Run, RunMismatch, code_version, inputs_fingerprint
 from .runs import run as runs_run  # noqa: F401 (RunMismatch re-exported)
 from .samplers import SeededDraws, make_sampler
@@ -110,8 +109,7 @@ def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
                   desc: str = "predict") -> np.ndarray:
     """Class probabilities (N, C) for every image of ``dataset``, in order."""
     device = device or next(method.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=default_workers() if num_workers is None else num_workers)
+    loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     method.eval()
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False):
@@ -211,7 +209,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
 
     seed_everything(config.seed)
     device = device or default_device()
-    workers = default_workers() if config.num_workers is None else config.num_workers
+    workers = config.num_workers  # None: one per core on CPU, at low priority (_parallel.image_loader)
     train_rows = split[split["split"] == "train"]
     val_rows = split[split["split"] == "val"]
     train_set = ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
@@ -270,7 +268,7 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
         if distributed.world_size() > 1:  # this rank's share of every batch, each draw with its own seed
             draws = distributed.shard_draws(draws.draws, config.batch_size, drop_last)
             batch_size = distributed.local_batch_size(config.batch_size)
-        loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=draws, num_workers=workers)
+        loader = image_loader(train_set, batch_size, device, workers, drop_last=drop_last, sampler=draws)
         batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                        disable=not distributed.is_main())
         losses = [log["loss"] for log in train_epoch(method, batches, update, schedulers, averager)]
@@ -297,8 +295,8 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
 
     if averager is not None:
         method.load_state_dict(averager.averaged_state(method))
-        bn_loader = DataLoader(ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
-                                          transform=test_view), batch_size=config.batch_size, num_workers=workers)
+        bn_loader = image_loader(ImageTable(train_rows, root, classes, config.image_size, config.degrade_seed,
+                                            transform=test_view), config.batch_size, device, workers)
         # Every rank, on the same (whole) loader: with SyncBatchNorm it is a collective operation.
         update_bn(method, bn_loader, forward=lambda batch: method.predict(batch[0].to(device)))
         if distributed.is_main():

@@ -16,7 +16,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import _io, heads, runs
@@ -29,10 +28,10 @@ from ..benchmarks import CROSSLAB_SETTINGS, setting_key
 from ..gradcam import grad_cam, last_conv
 from ..method_base import METHODS
 from ..methods import create_method
-from ..models import ImageTable, default_workers
+from ..models import ImageTable
 from ..runs import inputs_fingerprint
 from ..scale import mask_agreement
-from .._parallel import map_in_processes
+from .._parallel import image_loader, map_in_processes
 from ..train import TrainConfig, build_method, predictions_frame, score_predictions, train_run
 from ..verdicts import interval, views_carry_gain
 from .common import cell_centred
@@ -158,9 +157,8 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
 
     @torch.no_grad()
     def featurize(rows):
-        loader = DataLoader(ImageTable(rows, root, CLASSES, cfg.image_size), batch_size=cfg.batch_size,
-                            num_workers=default_workers() if getattr(cfg, "num_workers", None) is None
-                            else cfg.num_workers)
+        loader = image_loader(ImageTable(rows, root, CLASSES, cfg.image_size), cfg.batch_size, device,
+                              getattr(cfg, "num_workers", None))
         method.eval()
         return torch.cat([method.featurize(x.to(device)).float().cpu() for x, _, _ in loader]).numpy()
 
