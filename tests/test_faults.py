@@ -105,6 +105,19 @@ def test_cache_entries_are_listed_and_cleared(tmp_path):
 # --------------------------------------------------------------------------- writes
 
 
+def test_a_computed_cache_array_is_laid_out_as_a_loaded_one(tmp_path):
+    # Channels-last feature maps (what a trunk returns) reach the caller C-contiguous whether the
+    # entry was computed now or read back: a convolution over them rounds differently otherwise.
+    maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    channels_last = maps.contiguous(memory_format=torch.channels_last).numpy()
+    assert not channels_last.flags["C_CONTIGUOUS"]
+    entry = cache.entry(tmp_path, "demo", dict(a=1), modules=["cache.py"])
+    computed = cache.array(entry, lambda: channels_last)
+    loaded = cache.array(entry, lambda: pytest.fail("recomputed"))
+    assert computed.flags["C_CONTIGUOUS"] and computed.strides == loaded.strides
+    assert np.array_equal(computed, loaded) and np.array_equal(computed, maps.numpy())
+
+
 def test_a_failed_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "table.csv"
     _io.write_csv(target, pd.DataFrame({"a": [1, 2]}))

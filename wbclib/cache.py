@@ -55,10 +55,16 @@ def _write_sidecar(e: Entry, **extra) -> None:
 
 
 def array(e: Entry, compute: Callable[[], np.ndarray], shape: Optional[tuple] = None, dtype=None) -> np.ndarray:
-    """The cached array of ``e`` (validated), else ``compute()`` saved there."""
+    """The cached array of ``e`` (validated), else ``compute()`` saved there.
+
+    Either way the array is C-contiguous, as ``np.load`` returns it: a
+    computed array keeps its producer's memory layout otherwise (e.g. the
+    channels-last strides of a network's feature maps), and a convolution
+    that reads it rounds differently, so a run's digits would depend on
+    whether the cache was warm."""
     if e.exists():
         return _io.load_npy(e.path, shape=shape, dtype=dtype)
-    value = np.asarray(compute())
+    value = np.ascontiguousarray(compute())
     if shape is not None or dtype is not None:
         _check_array(value, shape, dtype, f"computed {e.meta['kind']}")
     _io.save_npy(e.path, value)
@@ -82,7 +88,8 @@ def frame(e: Entry, compute: Callable[[], pd.DataFrame], columns: Sequence[str] 
     table = compute()
     _io.write_csv(e.path, table)
     _write_sidecar(e, rows=len(table))
-    return table
+    # What a hit returns (dtypes, float digits as parsed back), so no result depends on a warm cache.
+    return _io.read_csv(e.path, **read_kwargs)
 
 
 def record(e: Entry, compute: Callable[[], Any]) -> Any:
@@ -92,7 +99,7 @@ def record(e: Entry, compute: Callable[[], Any]) -> Any:
     value = compute()
     _io.write_json(e.path, value)
     _write_sidecar(e)
-    return value
+    return _io.read_json(e.path)  # what a hit returns (lists for tuples, string keys)
 
 
 def _check_array(value: np.ndarray, shape, dtype, what: str) -> None:
