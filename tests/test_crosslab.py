@@ -298,3 +298,22 @@ def test_maps_runs_give_the_same_digits_in_one_process_and_side_by_side(tmp_path
     seeds = one[(one["method"] == "SADA") & (one["eval_set"] == "bccd")]
     assert (Path(seeds["run_dir"].iloc[0]) / "predictions_bccd.csv").read_bytes() != \
            (Path(seeds["run_dir"].iloc[1]) / "predictions_bccd.csv").read_bytes()  # seeds differ: equality means something
+
+
+def test_trunk_maps_in_forked_jobs_are_the_maps_of_one_process(monkeypatch):
+    from wbclib import _parallel
+
+    cfg = SimpleNamespace(backbone="tf_efficientnet_lite0", pretrained=False, image_size=32, cell_crop=False)
+    store = crosslab.MapStore(cfg, Path("."), Path("."), batch_size=3)  # 22 images: jobs of 4 batches of 3, the last ones short
+    images = np.random.default_rng(0).integers(0, 256, (22, 3, 32, 32), dtype=np.uint8)
+    monkeypatch.setattr(_parallel, "job_processes", lambda: 1)
+    alone = store.trunk_maps(images)
+    monkeypatch.setattr(_parallel, "job_processes", lambda: 2)
+    forked = store.trunk_maps(images)
+    assert alone.dtype == np.float16 and alone.shape[0] == 22
+    assert np.array_equal(alone, forked)
+    with torch.inference_mode():  # and they are the trunk's maps of each batch of 3, in order
+        batch = torch.from_numpy(images[18:21]).contiguous(memory_format=torch.channels_last)
+        expected = crosslab.feature_maps(store.trunk, batch).half().numpy()
+    assert np.array_equal(alone[18:21], expected)
+    assert alone.flags["C_CONTIGUOUS"] and forked.flags["C_CONTIGUOUS"]  # as a cache hit returns them

@@ -54,7 +54,8 @@ from .benchmarks import CROSSLAB_SETTINGS
 from .cellcrop import COMMON_RATIO
 from .method_base import METHODS
 from .methods import create_method
-from .models import ImageTable, Normalized, create_backbone, default_workers
+from ._parallel import chunks, loader_workers, map_in_processes
+from .models import ImageTable, Normalized, create_backbone
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
 from .swad import SWAD, update_bn
 from .runs import files_fingerprint, inputs_fingerprint
@@ -139,6 +140,20 @@ SADA_TABLE_I = pd.DataFrame(
 SADA_TABLE_III = pd.DataFrame(
     [["M1 (ERM)", 79.6, 63.2], ["M2 (no L_LA)", 83.9, 68.2], ["M3 (SupCon, no L_LA)", 78.8, 62.2],
      ["SADA", 84.4, 68.6]], columns=["variant", "F1-micro", "F1-macro"]).set_index("variant")
+
+
+#: Batches of trunk maps per job of :meth:`MapStore.trunk_maps`.
+_MAP_BATCHES = 4
+
+
+def _maps_of(trunk: nn.Module, images: np.ndarray, rows: Sequence[int], batch_size: int) -> np.ndarray:
+    """float16 trunk maps of ``images[rows]``, in batches of ``batch_size`` (one job of :meth:`MapStore.trunk_maps`)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(rows[0], rows[-1] + 1, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start: min(start + batch_size, rows[-1] + 1)]))
+            out.append(feature_maps(trunk, x.contiguous(memory_format=torch.channels_last)).half().numpy())
+    return np.ascontiguousarray(np.concatenate(out))  # not the maps' channels-last strides (see cache.array)
 
 
 def one_thread(fn):
@@ -353,7 +368,8 @@ class MapStore:
         if self.cell_ratio > 0:
             unique = unique.assign(cell_crop=self.cell_ratio)
         data = ImageTable(unique, self.root, CLASSES, self.cfg.image_size, box_cache=self.cache_dir)
-        loader = DataLoader(data, batch_size=64, num_workers=min(2, default_workers()))
+        # Nothing computes here meanwhile: every core decodes (the images are the same whoever loads them).
+        loader = DataLoader(data, batch_size=64, num_workers=loader_workers("cpu"))
         return torch.cat([x for x, _, _ in tqdm(loader, desc="images", leave=False, disable=None)]).numpy()
 
     @one_thread
@@ -363,13 +379,17 @@ class MapStore:
         return self._over("images", rows, universe, self._load)
 
     @one_thread
-    @torch.inference_mode()
     def trunk_maps(self, images: np.ndarray, desc: str = "trunk maps") -> np.ndarray:
-        """float16 trunk feature maps (N, C, h, w) of uint8 images (N, 3, S, S)."""
-        out = []
-        for start in tqdm(range(0, len(images), self.batch_size), desc=desc, leave=False, disable=None):
-            x = torch.from_numpy(np.ascontiguousarray(images[start: start + self.batch_size]))
-            out.append(feature_maps(self.trunk, x.contiguous(memory_format=torch.channels_last)).half().numpy())
+        """float16 trunk feature maps (N, C, h, w) of uint8 images (N, 3, S, S).
+
+        Batches of ``batch_size`` images, each on one torch thread (the digits
+        of a convolution depend on the thread count), several batches at a
+        time in forked processes (:func:`_parallel.map_in_processes`): the
+        same digits with any number of cores."""
+        trunk = self.trunk  # built here, before the workers fork: they share it
+        jobs = [(trunk, images, batch, self.batch_size)
+                for batch in chunks(range(len(images)), self.batch_size * _MAP_BATCHES)]
+        out = map_in_processes(_maps_of, jobs, desc=desc)
         return np.concatenate(out) if out else np.zeros((0,), np.float16)
 
     @one_thread
