@@ -164,3 +164,23 @@ def test_single_torch_thread_restores_the_thread_count_even_after_an_error():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(outer)
+
+
+@pytest.mark.parametrize("loss,sampler", [("ce", "instance"), ("ldam_drw", "class_balanced")])
+def test_fitting_on_features_standardised_once_gives_the_per_batch_head(data, loss, sampler):
+    # fit_linear_head standardises the features once; the head it returns must be the one
+    # a loop standardising every batch inside the module trains, to the last bit.
+    from wbclib.heads import train_on_embeddings
+    from wbclib.losses import make_loss
+
+    x, y = data["train"]
+    hparams = {"drw_epoch": 2} if loss == "ldam_drw" else {}
+    fitted = fit_linear_head(x, y, 4, loss=loss, sampler=sampler, epochs=3, seed=5, loss_hparams=hparams)
+    torch.manual_seed(5)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    per_batch = StandardizedLinear(xt.mean(0), xt.std(0).clamp_min(1e-6), 4)
+    train_on_embeddings(per_batch, list(per_batch.parameters()), xt, yt,
+                        make_loss(loss, np.bincount(y, minlength=4).tolist(), **hparams), sampler, 3, 1e-2, 1e-4, 256, 5)
+    for name, tensor in per_batch.state_dict().items():
+        assert torch.equal(fitted.state_dict()[name], tensor), name
+    assert not fitted.training
