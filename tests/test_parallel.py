@@ -110,3 +110,23 @@ def test_cpu_loader_workers_yield_the_cores_to_the_model(monkeypatch):
     assert _parallel.loader_workers("cuda") == _parallel.default_workers()
     monkeypatch.setenv("WBC_WORKERS", "0")  # the user's count wins everywhere
     assert _parallel.loader_workers("cpu") == 0
+
+
+class _CountedLoader(torch.utils.data.DataLoader):
+    iterators = 0
+
+    def __iter__(self):
+        type(self).iterators += 1
+        return super().__iter__()
+
+
+def test_a_progress_bar_over_a_loader_starts_one_set_of_workers():
+    # tqdm.auto's bar calls iter() when it is built and again when the loop starts: around the
+    # DataLoader itself that is a second set of workers, which prefetch and then idle.
+    from tqdm.auto import tqdm
+
+    loader = _CountedLoader(list(range(10)), batch_size=4)
+    assert [b.tolist() for b in _parallel.batches(loader, desc="test")] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert _CountedLoader.iterators == 1
+    list(tqdm(loader))  # what the loops did before: two iterators
+    assert _CountedLoader.iterators == 3

@@ -15,6 +15,9 @@ Workers are forked, so they see the caller's memory as it was when the pool
 started (cached embeddings, open tables): nothing is pickled but the job's
 index and its result. Fork is not available on Windows and is unsafe on
 macOS; there the jobs run in the calling process.
+
+The image loaders of every pass whose model runs in this process come from
+:func:`image_loader`: on a CPU its workers yield the cores to the model.
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ _IN_WORKER = False
 
 
 def default_workers() -> int:
-    """Data-loading worker processes: ``$WBC_WORKERS`` when set, else the cores
-    but one (at most 8). Numbers never depend on it (per-draw seeds)."""
+    """Worker processes beside a busy main process: ``$WBC_WORKERS`` when set,
+    else the cores but one (at most 8). Loaders feeding a GPU use it
+    (:func:`loader_workers`), and :func:`job_processes` adds the calling
+    process to it. Numbers never depend on it (per-draw seeds)."""
     if os.environ.get("WBC_WORKERS", "").strip():
         return max(0, int(os.environ["WBC_WORKERS"]))
     return min(8, max(0, (os.cpu_count() or 1) - 1))
@@ -84,6 +89,18 @@ def image_loader(dataset: Dataset, batch_size: int, device=None, num_workers: Op
     workers = loader_workers(device) if num_workers is None else int(num_workers)
     init = _lowest_priority if workers and _on_cpu(device) else None
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=init, **kwargs)
+
+
+def batches(loader: DataLoader, **progress) -> tqdm:
+    """The batches of ``loader`` under a progress bar (``progress``: tqdm's
+    keyword arguments, e.g. ``desc``, ``leave``).
+
+    ``tqdm.auto``'s bar calls ``iter()`` on what it wraps as soon as it is
+    built, and again when the loop starts: around a ``DataLoader`` that is two
+    iterators, and the first one's workers load their prefetched batches and
+    then idle, alive as long as the bar (in a notebook, for the rest of the
+    chapter). Here the bar wraps one iterator."""
+    return tqdm(iter(loader), total=len(loader), **progress)
 
 
 def job_processes() -> int:

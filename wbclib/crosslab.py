@@ -54,7 +54,7 @@ from .benchmarks import CROSSLAB_SETTINGS
 from .cellcrop import COMMON_RATIO
 from .method_base import METHODS
 from .methods import create_method
-from ._parallel import chunks, loader_workers, map_in_processes
+from ._parallel import batches, chunks, loader_workers, map_in_processes
 from .models import ImageTable, Normalized, create_backbone
 from .sada import align_stain_order, feature_maps, pick_targets, pseudo_domains, restain_views, stain_statistics
 from .swad import SWAD, update_bn
@@ -370,7 +370,7 @@ class MapStore:
         data = ImageTable(unique, self.root, CLASSES, self.cfg.image_size, box_cache=self.cache_dir)
         # Nothing computes here meanwhile: every core decodes (the images are the same whoever loads them).
         loader = DataLoader(data, batch_size=64, num_workers=loader_workers("cpu"))
-        return torch.cat([x for x, _, _ in tqdm(loader, desc="images", leave=False, disable=None)]).numpy()
+        return torch.cat([x for x, _, _ in batches(loader, desc="images", leave=False, disable=None)]).numpy()
 
     @one_thread
     def images(self, rows: pd.DataFrame) -> np.ndarray:

@@ -21,11 +21,10 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import precision
 from .augment import dihedral, dihedral_inverse
-from ._parallel import image_loader
+from ._parallel import batches, image_loader
 
 __all__ = ["dihedral", "dihedral_inverse", "dihedral_views", "predict_tta", "average_predictions",
            "prob_columns", "classes_of"]
@@ -63,7 +62,7 @@ def predict_tta(method_or_fn: Union[nn.Module, Callable[[torch.Tensor], torch.Te
         device = device or torch.device("cpu")
     loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     out = []
-    for x, _, _ in tqdm(loader, desc=desc, leave=False):
+    for x, _, _ in batches(loader, desc=desc, leave=False):
         x = x.to(device)
         total = 0.0
         for view in dihedral_views(x)[:k]:

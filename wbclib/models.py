@@ -18,10 +18,9 @@ import timm
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import precision
-from ._parallel import default_workers, image_loader  # noqa: F401 - default_workers re-exported
+from ._parallel import batches, default_workers, image_loader  # noqa: F401 - default_workers re-exported
 from .streams import forward_in_streams
 from .augment import dihedral
 from .data import load_image
@@ -520,7 +519,7 @@ def _embed(backbone: Backbone, table: pd.DataFrame, root: Path, image_size: int,
                          degrade_seed=degrade_seed, transform=transform, box_cache=box_cache)
     loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     chunks = []
-    for x, _, _ in tqdm(loader, desc=desc, leave=False):
+    for x, _, _ in batches(loader, desc=desc, leave=False):
         with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
             chunks.append(forward_in_streams(model, x.to(device)).float().cpu())  # one batch part per CPU core
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)

@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import _io
 from . import distributed
@@ -32,7 +31,7 @@ from . import precision
 from .streams import forward_in_streams
 from .augment import eval_transform, make_augmentation
 from .methods import Method, create_method
-from ._parallel import image_loader
+from ._parallel import batches, image_loader
 from .models import ImageTable, Normalized, create_backbone, default_device, pretrained_weights_available
 from .runs import Run, RunMismatch, code_version, inputs_fingerprint
 from .runs import run as runs_run  # noqa: F401 (RunMismatch re-exported)
@@ -112,7 +111,7 @@ def predict_proba(method: Method, dataset: ImageTable, batch_size: int = 128,
     loader = image_loader(dataset, batch_size, device, num_workers, shuffle=False)
     method.eval()
     out = []
-    for x, _, _ in tqdm(loader, desc=desc, leave=False):
+    for x, _, _ in batches(loader, desc=desc, leave=False):
         with precision.autocast(device):  # bf16 where the hardware has it; WBC_PRECISION=fp32 turns it off
             out.append(torch.softmax(forward_in_streams(method.predict, x.to(device)).float(), dim=1).cpu())
     return torch.cat(out).numpy()
@@ -269,9 +268,9 @@ def train_run(config: TrainConfig, split: pd.DataFrame, root: Path, run_dir: Pat
             draws = distributed.shard_draws(draws.draws, config.batch_size, drop_last)
             batch_size = distributed.local_batch_size(config.batch_size)
         loader = image_loader(train_set, batch_size, device, workers, drop_last=drop_last, sampler=draws)
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not distributed.is_main())
-        losses = [log["loss"] for log in train_epoch(method, batches, update, schedulers, averager)]
+        epoch_batches = batches(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                                disable=not distributed.is_main())
+        losses = [log["loss"] for log in train_epoch(method, epoch_batches, update, schedulers, averager)]
         # Rank 0 validates; every rank takes the same decisions (best epoch, patience, SWAD) from its numbers.
         val_probs = distributed.broadcast_object(
             predict_proba(method, val_set, device=device, num_workers=workers, desc="validate")
