@@ -315,6 +315,17 @@ def test_paired_bootstrap_gain():
     after = ["A", "B", "R", "A"] * 10
     g = rescue.paired_bootstrap_gain(labels, before, after, ["A", "B", "R"], n_boot=200)
     assert g["gain"] > 0 and g["low"] <= g["gain"] <= g["high"]
+    # The book's one paired bootstrap: the same draws as scoring each replicate on its own.
+    from wbclib.metrics import scores
+
+    rng = np.random.default_rng(0)
+    y, a, b = (np.array([{"A": 0, "B": 1, "R": 2}[c] for c in names]) for names in (labels, before, after))
+    boots = []
+    for _ in range(200):
+        idx = rng.integers(0, len(y), len(y))
+        boots.append(scores(y[idx], b[idx], 3)["macro_f1"] - scores(y[idx], a[idx], 3)["macro_f1"])
+    assert g["gain"] == pytest.approx(scores(y, b, 3)["macro_f1"] - scores(y, a, 3)["macro_f1"])
+    assert [g["low"], g["high"]] == pytest.approx(list(np.quantile(boots, [0.025, 0.975])))
 
 
 def test_paper_table2_is_read_from_the_paper():

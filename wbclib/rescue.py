@@ -50,7 +50,7 @@ from torch import nn
 
 from .heads import single_torch_thread, train_on_embeddings
 from .losses import inverse_log_frequency_weights
-from .metrics import scores as _scores
+from .metrics import paired_difference, scores as _scores
 from .morphology import PAPER_FEATURES, MahalanobisFilter
 
 PathLike = Union[str, Path]
@@ -654,21 +654,13 @@ def fit_thresholds(val_frame: pd.DataFrame, counts: Mapping[str, int], rare_clas
 
 def paired_bootstrap_gain(labels: Sequence[str], before: Sequence[str], after: Sequence[str],
                           classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Macro-F1 of ``after`` minus ``before`` on the same images, with a 95 %
-    percentile interval from resampling the images (paired)."""
+    """Macro-F1 of ``after`` minus ``before`` on the same images (class names),
+    with its 95 % paired percentile interval: :func:`metrics.paired_difference`,
+    the book's one paired bootstrap. Returns ``gain``, ``low`` and ``high``."""
     index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[c] for c in labels])
-    a = np.array([index[c] for c in before])
-    b = np.array([index[c] for c in after])
-    k = len(classes)
-    gain = _scores(y, b, k)["macro_f1"] - _scores(y, a, k)["macro_f1"]
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        boots[i] = _scores(y[idx], b[idx], k)["macro_f1"] - _scores(y[idx], a[idx], k)["macro_f1"]
-    low, high = (np.quantile(boots, [0.025, 0.975]) if n_boot else (np.nan, np.nan))
-    return dict(gain=float(gain), low=float(low), high=float(high))
+    y, a, b = ([index[c] for c in names] for names in (labels, before, after))
+    d = paired_difference(y, b, a, len(classes), metrics=("macro_f1",), n_boot=n_boot, seed=seed)
+    return dict(gain=d["macro_f1"], low=d["macro_f1_low"], high=d["macro_f1_high"])
 
 
 # --------------------------------------------------------------------------
