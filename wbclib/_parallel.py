@@ -50,6 +50,11 @@ def default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _on_cpu(device) -> bool:
     return device is None or torch.device(device).type == "cpu"
 
@@ -61,7 +66,7 @@ def loader_workers(device=None) -> int:
     else :func:`default_workers`."""
     if os.environ.get("WBC_WORKERS", "").strip() or not _on_cpu(device):
         return default_workers()
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return min(8, _cores())
 
 
 def _lowest_priority(worker_id: int) -> None:
@@ -79,10 +84,10 @@ def image_loader(dataset: Dataset, batch_size: int, device=None, num_workers: Op
 
     Where the model computes on the CPU, its threads and the loader workers
     share the cores; a worker that competes with them at equal priority
-    stalls every step (two cores, Lite0 training at 128 px: 22.1 images/s
-    with one worker). Here the workers (``num_workers``, default
-    :func:`loader_workers`) run at the lowest priority instead, one per core:
-    26.0 images/s on the same loop (``bench/loader_priority.py``). On a GPU
+    stalls every step (two cores, Lite0 training at 128 px: 21.3 images/s
+    with one worker, 22.4 with two). Here the workers (``num_workers``,
+    default :func:`loader_workers`) run at the lowest priority instead, one
+    per core: 25.1 images/s on the same loop (``bench/loader_priority.py``). On a GPU
     nothing changes. Numbers never depend on the workers: datasets seed
     their draws (:class:`samplers.SeededDraws`). ``kwargs`` go to ``DataLoader``.
     """
@@ -110,8 +115,7 @@ def job_processes() -> int:
     the platform's safe default (Windows, macOS), and in a pool worker."""
     if _IN_WORKER or not sys.platform.startswith("linux"):
         return 1
-    cores = len(os.sched_getaffinity(0))
-    return max(1, min(cores, default_workers() + 1))
+    return max(1, min(_cores(), default_workers() + 1))
 
 
 def chunks(items: Sequence, size: int) -> List[list]:

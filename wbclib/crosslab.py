@@ -152,8 +152,9 @@ def _maps_of(trunk: nn.Module, images: np.ndarray, rows: Sequence[int], batch_si
     with torch.inference_mode():
         for start in range(rows[0], rows[-1] + 1, batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start: min(start + batch_size, rows[-1] + 1)]))
-            out.append(feature_maps(trunk, x.contiguous(memory_format=torch.channels_last)).half().numpy())
-    return np.ascontiguousarray(np.concatenate(out))  # not the maps' channels-last strides (see cache.array)
+            # C-contiguous, not the maps' channels-last strides: see cache.array
+            out.append(feature_maps(trunk, x.contiguous(memory_format=torch.channels_last)).half().contiguous().numpy())
+    return np.concatenate(out)
 
 
 def one_thread(fn):
