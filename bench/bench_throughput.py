@@ -20,7 +20,9 @@ after a warm-up pass of each, it times
 * a training step (ERM: forward, cross-entropy, backward, AdamW) on the plain
   eager float32 model, on ``Normalized`` in float32 (before these levers) and
   on ``Normalized`` under ``precision.autocast(training=True)`` (what
-  ``train_run`` runs).
+  ``train_run`` runs: float32 on CPU under the default precision since
+  bfloat16's backward proved slower there, so on CPU that line now matches
+  the float32 one; see ``bench/train_precision.py``).
 
 Prints images/s and lines ``NAME ratio X.XX`` (variant / reference, > 1 is faster).
 ``WBC_PRECISION=fp32`` shows the same figures with autocast off.

@@ -1,5 +1,5 @@
 """Images per second of the real CPU training loop (loader workers feeding
-Lite0's bf16 update in the main process) with the loader workers at the
+Lite0's update in the main process, in the trainer's precision: float32 on CPU) with the loader workers at the
 caller's priority and at the lowest priority (``_parallel.image_loader``).
 
     python bench/loader_priority.py [--root DIR] [--n 1120] [--size 128] [--batch-size 32]

@@ -28,7 +28,7 @@
 #   benchmark is about); the `cpu` profile fine-tunes
 #   $\rho = 1$ and $100$ only, because the training sets now keep the head's
 #   images (7,214 and 2,272 images): 2 epochs at $\rho = 1$, and at
-#   $\rho = 100$ as many as make at least the profile's `finetune_min_steps`
+#   $\rho = 100$ as many as schedule at least the profile's `finetune_min_steps`
 #   optimiser steps (5 epochs of 71 steps): with 2 epochs the new classifier
 #   saw too few steps to learn the tail.
 #
@@ -92,7 +92,7 @@ sns.relplot(data=pbc_lt.severity_curves(probe, cfg.probe_folds[0]), x="severity"
 # The profile's `finetune_frozen_stages` can keep the backbone's stem and
 # first stages at their ImageNet weights (3 in `smoke`; 0 in `cpu` and `gpu`,
 # the papers' full fine-tune). Freezing three stages makes Lite0's training
-# step 1.7x faster, but a run also loads, validates and evaluates: the
+# step about 1.6x faster (float32), but a run also loads, validates and evaluates: the
 # rho-1 run took 547 s frozen against 638 s unfrozen and scored
 # 0.828 against 0.885 macro-F1 on the pristine test (rho 100: 0.485 and
 # 0.479 on the phase-2 test; fold 0, one run each, measured when training

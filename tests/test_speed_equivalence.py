@@ -136,7 +136,10 @@ def test_precision_setting_resolves_and_can_be_forced(monkeypatch):
     assert precision.autocast_dtype("cpu") is expected
     assert precision.precision_tag("cpu") == ("bf16-autocast" if expected else "fp32")
     assert precision.autocast_dtype("mps") is None
-    # CPU training is float32 under "auto" (bf16's backward is slower there), bf16 when forced.
+    # CPU training is float32 under "auto" (bf16's backward is slower there), bf16 when forced;
+    # checked as on a CPU with native bf16, where inference does autocast.
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.autocast_dtype("cpu") is torch.bfloat16
     assert precision.autocast_dtype("cpu", training=True) is None
     assert precision.precision_tag("cpu", training=True) == "fp32"
     assert precision.autocast_dtype("cpu", "bf16", training=True) is torch.bfloat16

@@ -26,15 +26,16 @@ PBC-LT benchmark keys (``benchmarks.pbc_lt_split`` via ``protocols.pbc_lt.pbc_lt
   The ``cpu`` profile fine-tunes rho 1 and 100 only (``finetune_rhos``) for 2
   epochs (``finetune_epochs``), or more where 2 epochs would take fewer than
   ``finetune_min_steps`` optimiser steps (350: rho 1 trains 2 epochs of 225
-  steps, rho 100 5 epochs of 71; ``protocols.pbc_lt.finetune_epochs``); 0
-  turns the rule off (``gpu``: 30 epochs everywhere).
+  steps, rho 100 5 epochs of 71; ``protocols.pbc_lt.finetune_epochs``; 2 in
+  ``smoke``, so CI runs the rule); 0 turns it off (``gpu``: 30 epochs
+  everywhere).
 
 The long-tail chapters' end-to-end fine-tunes (chapters 03, 05, 06, 10) keep
 the backbone's stem and first ``finetune_frozen_stages`` stages frozen
 (``models.Normalized``): 3 in ``smoke`` (CI runs the frozen path), 0 in
 ``cpu`` and ``gpu`` (everything fine-tuned, as the papers do): on two cores
 freezing 3 stages made chapter 03's rho-1 fine-tune 14 % faster (547 s
-against 638 s) and cost 5.7 macro-F1 points on its pristine test (0.828
+against 638 s, when training ran under bfloat16 autocast) and cost 5.7 macro-F1 points on its pristine test (0.828
 against 0.885, same code, fold 0). The cross-lab fine-tunes (chapter 04,
 chapter 07's ``end_to_end`` regime) take ``crosslab_frozen_stages``
 instead: 3 in ``smoke`` and ``cpu``, 0 in ``gpu`` (the papers' full fine-tune;

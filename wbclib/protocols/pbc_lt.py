@@ -100,18 +100,22 @@ def pbc_lt_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: 
                          for (rho, fold, run, _), found in zip(planned, scored, strict=True) for r in found])
 
 
-def finetune_epochs(cfg: SimpleNamespace, n_train: Optional[int] = None) -> int:
-    """Epochs of an end-to-end PBC-LT fine-tune on ``n_train`` training images:
-    ``cfg.finetune_epochs``, or more where that would take fewer than
+def finetune_epochs(cfg: SimpleNamespace, n_train: Optional[int] = None, batch_size: Optional[int] = None) -> int:
+    """Epochs scheduled for an end-to-end PBC-LT fine-tune on ``n_train``
+    training images in batches of ``batch_size`` (default ``cfg.batch_size``):
+    ``cfg.finetune_epochs``, or more where that would schedule fewer than
     ``cfg.finetune_min_steps`` optimiser steps (the trainer drops a last
-    partial batch). The higher rho, the smaller the training set, and a fixed
-    number of epochs then trains the new classifier for few steps: on the
-    ``cpu`` profile (fold 0, rho 100, 2,272 images, 71 steps an epoch) 2
-    epochs gave 0.477 macro-F1 on the phase-2 test and 5 epochs 0.601
-    (validation 0.510 -> 0.612). None: ``cfg.finetune_epochs``."""
+    partial batch; early stopping may still end a run sooner). The higher
+    rho, the smaller the training set, and a fixed number of epochs then
+    trains the new classifier for few steps: on the ``cpu`` profile (fold 0,
+    rho 100, 2,272 images, 71 steps an epoch) 2 epochs gave 0.477 macro-F1 on
+    the phase-2 test and 5 epochs 0.601 (validation 0.510 -> 0.612), both
+    trained under bfloat16 autocast; in float32 (the default on CPU since) the
+    5-epoch run gives 0.671. None: ``cfg.finetune_epochs``."""
     if n_train is None or not cfg.finetune_min_steps:
         return cfg.finetune_epochs
-    steps = n_train // cfg.batch_size if n_train > cfg.batch_size else 1
+    batch_size = batch_size or cfg.batch_size
+    steps = n_train // batch_size if n_train > batch_size else 1
     return max(cfg.finetune_epochs, math.ceil(cfg.finetune_min_steps / steps))
 
 
@@ -126,8 +130,11 @@ def lt_finetune_config(cfg: SimpleNamespace, method: str = "erm", seed: int = 0,
     ``n_train`` training images) with ``cfg.finetune_augmentation`` (the
     degradation family included, ``dihedral_jitter_degrade``), unless
     ``overrides`` say otherwise."""
-    settings = dict(augmentation=cfg.finetune_augmentation, epochs=finetune_epochs(cfg, n_train))
-    return finetune_config(cfg, method, seed, dict(settings, **(overrides or {})))
+    overrides = overrides or {}
+    # The schedule counts steps in the batches the run will use (an overridden batch size included).
+    epochs = finetune_epochs(cfg, n_train, overrides.get("batch_size"))
+    settings = dict(augmentation=cfg.finetune_augmentation, epochs=epochs)
+    return finetune_config(cfg, method, seed, dict(settings, **overrides))
 
 
 def pbc_lt_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
