@@ -125,6 +125,25 @@ def test_swad_without_a_valley_falls_back_to_the_best_segment_and_update_bn_runs
     assert model[1].running_mean.abs().mean() > 0.5
 
 
+def test_update_bn_keeps_the_statistics_of_frozen_stages():
+    # A fine-tune with its stem and first stages frozen keeps their ImageNet batch statistics; SWAD's
+    # re-estimation must too (resetting them left mean 0 / variance 1 there: validation macro-F1 0.39).
+    from wbclib.train import TrainConfig, build_method
+
+    method = build_method(TrainConfig(pretrained=False, image_size=32, frozen_stages=3), 3, 1, [1, 1, 1])
+    model = method.featurizer.model
+    stem_bn, last_bn = model.bn1, model.bn2  # frozen stem; the head's batch norm trains
+    with torch.no_grad():
+        stem_bn.running_mean.fill_(0.3)  # stands for ImageNet statistics
+        stem_bn.running_var.fill_(2.0)
+    before_last = last_bn.running_mean.clone()
+    method.eval()
+    update_bn(method, [torch.rand(4, 3, 32, 32) for _ in range(2)], forward=method.predict)
+    assert torch.all(stem_bn.running_mean == 0.3) and torch.all(stem_bn.running_var == 2.0)
+    assert not torch.allclose(last_bn.running_mean, before_last)  # re-estimated on the batches
+    assert last_bn.momentum == 0.1 and not method.training  # settings and mode restored
+
+
 # --------------------------------------------------------------------------
 # Grad-CAM
 # --------------------------------------------------------------------------
