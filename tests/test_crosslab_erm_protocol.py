@@ -74,7 +74,7 @@ def test_augmentation_gain_is_paired_over_the_same_images_and_seeds(tmp_path):
     classes = list(B.CROSSLAB_CLASSES)
     labels = [c for c in classes for _ in range(5)]  # 20 images, 5 per class
     rows = []
-    for aug, correct in (("dihedral_jitter", 10), ("dihedral_colour_stain", 20)):
+    for aug, correct in (("dihedral_jitter", 10), (erm.STRONG, 20)):
         for seed in (0, 1):
             run = tmp_path / f"{aug}-{seed}"
             # the first `correct` images right, the rest called the next class
@@ -93,10 +93,10 @@ def test_augmentation_gain_refuses_unmatched_runs(tmp_path):
     write_predictions(tmp_path / "a", "zheng1", classes, classes)
     write_predictions(tmp_path / "b", "zheng1", classes, classes, first=1)
     runs = pd.DataFrame([dict(setting="pbc→others", augmentation=a, seed=0, eval_set="zheng1", run_dir=str(tmp_path / d))
-                         for a, d in (("dihedral_jitter", "a"), ("dihedral_colour_stain", "a"))])
+                         for a, d in (("dihedral_jitter", "a"), (erm.STRONG, "a"))])
     assert erm.augmentation_gain(runs, labs=["zheng1"], n_boot=10).loc["zheng1", "macro_f1"] == 0
-    with pytest.raises(ValueError, match="1 runs with 'dihedral_colour_stain' and 0 with 'dihedral_jitter'"):
-        erm.augmentation_gain(runs[runs.augmentation == "dihedral_colour_stain"], labs=["zheng1"], n_boot=10)
+    with pytest.raises(ValueError, match="1 runs with 'dihedral_colour_stain_blur' and 0 with 'dihedral_jitter'"):
+        erm.augmentation_gain(runs[runs.augmentation == erm.STRONG], labs=["zheng1"], n_boot=10)
     mixed = runs.assign(run_dir=[str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(ValueError, match="different images"):
         erm.augmentation_gain(mixed, labs=["zheng1"], n_boot=10)
@@ -110,7 +110,7 @@ def test_confusions_read_each_target_labs_predictions(tmp_path):
                  ).to_csv(run / "predictions_zheng1.csv", index=False)
     pd.DataFrame(dict(label=[classes[2]], pred=[classes[3]])).to_csv(run / "predictions_bccd.csv", index=False)
     finetune = pd.DataFrame(dict(setting=["pbc→others"] * 3, seed=[1, 0, 0], run_dir=["elsewhere", "plain", str(run)],
-                                 augmentation=["dihedral_colour_stain", "dihedral_jitter", "dihedral_colour_stain"]))
+                                 augmentation=[erm.STRONG, "dihedral_jitter", erm.STRONG]))
     cms = erm.confusions(finetune, seed=0)
     assert list(cms) == ["zheng1", "bccd"]
     assert cms["zheng1"][0, 0] == 1 and cms["zheng1"][0, 1] == 1 and cms["zheng1"][1, 1] == 1

@@ -89,17 +89,24 @@ def test_degrade_preset_applies_the_benchmarks_degradations_seeded():
     assert augment.eval_transform("dihedral_jitter_degrade", 32) is None
 
 
+def draws_on_1_and_2_threads(transform, x, seed):
+    """``transform(x)`` seeded alike on 1 and on 2 intra-op threads (a loader
+    worker runs 1, the main process several): the two draws."""
+    outs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(seed)
+            outs.append(transform(x))
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
 def test_stain_jitter_changes_stain_amounts_not_geometry_seeded_and_thread_independent():
     x = torch.from_numpy(cell_image(np.random.default_rng(0), size=48)).permute(2, 0, 1).contiguous()
     jitter = augment.RandomStainJitter()
-    outs, before = [], torch.get_num_threads()
-    try:
-        for threads in (1, 2):  # a loader worker runs 1 intra-op thread, the main process several
-            torch.set_num_threads(threads)
-            torch.manual_seed(3)
-            outs.append(jitter(x))
-    finally:
-        torch.set_num_threads(before)
+    outs = draws_on_1_and_2_threads(jitter, x, seed=3)
     assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
     draws = []
     for s in range(6):
@@ -119,6 +126,32 @@ def test_stain_jitter_changes_stain_amounts_not_geometry_seeded_and_thread_indep
     preset = augment.make_augmentation("dihedral_colour_stain", 48)
     assert isinstance(preset.transforms[-1], augment.RandomStainJitter) and preset.transforms[-1].sigma1 == 0.5
     assert augment.eval_transform("dihedral_colour_stain", 48) is None
+
+
+def test_random_blur_softens_edges_seeded_thread_independent_and_scales_with_the_input():
+    x = torch.from_numpy(cell_image(np.random.default_rng(1), size=128)).permute(2, 0, 1).contiguous()
+    always = augment.RandomBlur(128, p=1.0)
+    outs = draws_on_1_and_2_threads(always, x, seed=5)
+    assert outs[0].shape == x.shape and outs[0].dtype == torch.uint8 and torch.equal(*outs)
+
+    def edge_energy(img):  # mean absolute difference of horizontal neighbours
+        return (img.float()[..., 1:] - img.float()[..., :-1]).abs().mean().item()
+
+    draws = []
+    for seed in range(8):  # sigma is drawn per call: every draw is at most as sharp, most are clearly softer
+        torch.manual_seed(seed)
+        draws.append(edge_energy(always(x)))
+    assert max(draws) <= edge_energy(x) and np.mean(draws) < 0.7 * edge_energy(x)
+    assert augment.RandomBlur(64, p=0.0)(x) is x
+    # sigma 0.1-1.5 px and a 5 px kernel at 128 px, both scaled with the input size
+    blur = augment.RandomBlur(256).blur.transforms[0]
+    assert tuple(blur.kernel_size) == (9, 9) and list(blur.sigma) == [0.2, 3.0]
+    assert tuple(augment.RandomBlur(128).blur.transforms[0].kernel_size) == (5, 5)
+    # The preset: colour/stain jitter, then the blur for half the draws.
+    preset = augment.make_augmentation("dihedral_colour_stain_blur", 48)
+    assert isinstance(preset.transforms[-1], augment.RandomBlur) and preset.transforms[-1].blur.p == 0.5
+    assert isinstance(preset.transforms[0].transforms[-1], augment.RandomStainJitter)
+    assert augment.eval_transform("dihedral_colour_stain_blur", 48) is None
 
 
 def test_decoupled_preset_crops_the_centre_like_368_to_224_and_evaluation_does_too():

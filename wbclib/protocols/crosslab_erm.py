@@ -51,10 +51,11 @@ def crosslab_probe(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
 
 def crosslab_finetune_config(cfg: SimpleNamespace, method: str, seed: int, augmentation: str,
                              overrides: Optional[dict] = None) -> TrainConfig:
-    """A cross-lab fine-tune's settings: the profile's schedule with
-    ``cfg.crosslab_frozen_stages`` frozen (not the long-tail chapters' key)
-    and ``augmentation``; ``overrides`` win."""
-    return finetune_config(cfg, method, seed, {"frozen_stages": cfg.crosslab_frozen_stages, **(overrides or {}),
+    """A cross-lab fine-tune's settings: the profile's training settings for
+    ``cfg.crosslab_epochs`` epochs with ``cfg.crosslab_frozen_stages`` frozen
+    (not the long-tail chapters' keys) and ``augmentation``; ``overrides`` win."""
+    return finetune_config(cfg, method, seed, {"epochs": cfg.crosslab_epochs,
+                                               "frozen_stages": cfg.crosslab_frozen_stages, **(overrides or {}),
                                                "augmentation": augmentation})
 
 
@@ -120,7 +121,10 @@ def validation_note(results: pd.DataFrame) -> str:
 
 
 #: How the chapter names each fine-tuning augmentation preset.
-AUGMENTATION_NAMES = {"dihedral_jitter": "fine-tuned", "dihedral_colour_stain": "fine-tuned + colour/stain jitter"}
+AUGMENTATION_NAMES = {"dihedral_jitter": "fine-tuned", "dihedral_colour_stain": "fine-tuned + colour/stain jitter",
+                      "dihedral_colour_stain_blur": "fine-tuned + colour/stain jitter + blur"}
+#: The chapter's strong augmentation, compared with the default ``dihedral_jitter``.
+STRONG = "dihedral_colour_stain_blur"
 
 
 def regime_name(augmentation: str) -> str:
@@ -151,7 +155,7 @@ def _predictions(finetune: pd.DataFrame, setting: str, augmentation: str, lab: s
     return [_io.read_csv(Path(d) / f"predictions_{lab}.csv") for d in runs_["run_dir"]]
 
 
-def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_colour_stain",
+def augmentation_gain(finetune: pd.DataFrame, augmentation: str = STRONG,
                       base: str = "dihedral_jitter", setting: str = "pbc→others",
                       labs: Sequence[str] = ("zheng1", "bccd"), n_boot: int = 1000) -> pd.DataFrame:
     """Macro-F1 and balanced-accuracy gain of fine-tuning with ``augmentation``
@@ -176,7 +180,7 @@ def augmentation_gain(finetune: pd.DataFrame, augmentation: str = "dihedral_colo
 
 
 def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
-               labs: Sequence[str] = ("zheng1", "bccd"), augmentation: str = "dihedral_colour_stain") -> dict:
+               labs: Sequence[str] = ("zheng1", "bccd"), augmentation: str = STRONG) -> dict:
     """Confusion counts (:func:`wbclib.metrics.confusion`, classes in
     :data:`benchmarks.CROSSLAB_CLASSES` order) of the fine-tuned ``setting`` run
     with ``seed`` and ``augmentation`` on each target lab, from its saved

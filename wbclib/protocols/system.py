@@ -13,8 +13,9 @@ packaged ImageNet weights; the paper's ResNet/Swin ensemble needs hub
 weights, see ``hub_pretrained``) fine-tuned with plain ERM (stage 1) under
 strong colour and stain jitter (``dihedral_colour_stain``: on three seeds,
 chapter 04 measured it against the default augmentation for pbc-trained
-fine-tunes: bccd +21.3 [+17.7, +25.9] macro-F1 points, zheng1 +1.3
-[-2.4, +4.6]) with the stem and its first three stages frozen
+2-epoch fine-tunes at commit 79f7d82: bccd +21.3 [+17.7, +25.9] macro-F1
+points, zheng1 +1.3 [-2.4, +4.6]; chapter 04 now trains 6 epochs and adds a
+blur, ``dihedral_colour_stain_blur``, not yet tried here) with the stem and its first three stages frozen
 (``frozen_stages``; the long-tail chapters' ``finetune_frozen_stages`` does
 not apply here: the bundle is judged on other labs. On two training seeds,
 cpu profile, the bundle with three stages frozen against the one fine-tuned
