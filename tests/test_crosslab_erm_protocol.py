@@ -112,6 +112,8 @@ def test_confusions_read_each_target_labs_predictions(tmp_path):
     finetune = pd.DataFrame(dict(setting=["pbc→others"] * 3, seed=[1, 0, 0], run_dir=["elsewhere", "plain", str(run)],
                                  augmentation=[erm.STRONG, "dihedral_jitter", erm.STRONG]))
     cms = erm.confusions(finetune, seed=0)
+    with pytest.raises(ValueError, match="no pbc→others run with seed 0 and augmentation 'x'"):
+        erm.confusions(finetune, seed=0, augmentation="x")
     assert list(cms) == ["zheng1", "bccd"]
     assert cms["zheng1"][0, 0] == 1 and cms["zheng1"][0, 1] == 1 and cms["zheng1"][1, 1] == 1
     assert cms["zheng1"].sum() == 3 and cms["bccd"][2, 3] == 1 and cms["bccd"].shape == (len(classes),) * 2

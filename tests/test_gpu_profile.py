@@ -124,7 +124,9 @@ def test_cross_lab_fine_tunes_take_their_own_frozen_stages(profile, expected):
     assert cfg.crosslab_frozen_stages == expected
     config = crosslab_erm.crosslab_finetune_config(cfg, "erm", 2, "dihedral_colour_stain")
     assert (config.frozen_stages, config.seed, config.augmentation) == (expected, 2, "dihedral_colour_stain")
-    # and their own schedule, not the long-tail chapters' finetune_epochs
+    # the chapter compares the default preset with the strong one in every profile ...
+    assert cfg.crosslab_augmentations == ["dihedral_jitter", crosslab_erm.STRONG]
+    # ... on its own schedule, not the long-tail chapters' finetune_epochs
     assert config.epochs == cfg.crosslab_epochs == {"smoke": 1, "cpu": 6, "gpu": 30}[profile]
     assert crosslab_erm.crosslab_finetune_config(cfg.replace(finetune_epochs=99), "erm", 0, "x").epochs == cfg.crosslab_epochs
     assert crosslab_erm.crosslab_finetune_config(cfg, "erm", 2, "x", dict(frozen_stages=2)).frozen_stages == 2

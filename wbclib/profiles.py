@@ -77,9 +77,10 @@ Long-tail chapter keys (``protocols.pbc_lt.pbc_lt_heads`` / ``decoupled_finetune
 
 Cross-lab ERM keys (``protocols.crosslab_erm``, notebook 04): ``crosslab_*_per_class``
 cap each lab's split, ``crosslab_seeds`` are the training seeds of the probe and of
-every fine-tune, ``crosslab_epochs`` each fine-tune's epochs (cpu: 6, 108 steps on
-150 images per class; 2 epochs gave 0.480 / 0.517 zheng1 / bccd macro-F1 and 6
-epochs 0.595 / 0.592 with ``dihedral_colour_stain``, 3 seeds), and
+every fine-tune, ``crosslab_epochs`` each chapter-04 fine-tune's epochs (smoke 1,
+cpu 6: up to 108 steps on 150 images per class, gpu 30; chapter 07's ``end_to_end``
+regime trains ``dg_epochs``; on cpu 2 epochs gave 0.480 / 0.517 zheng1 / bccd
+macro-F1 and 6 epochs 0.595 / 0.592 with ``dihedral_colour_stain``, 3 seeds), and
 ``crosslab_augmentations`` the fine-tuning augmentation presets compared
 (``dihedral_jitter``, and ``dihedral_colour_stain_blur``: strong colour jitter,
 ``augment.RandomStainJitter`` and ``augment.RandomBlur``; chapter 04 reports the
@@ -160,7 +161,7 @@ _LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
 _DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
 _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
-#: Chapter 04's fine-tuning augmentations: the default preset, and strong colour and stain jitter.
+#: Chapter 04's fine-tuning augmentations: the default preset, and strong colour and stain jitter with a mild blur.
 _CROSSLAB_AUG = ["dihedral_jitter", "dihedral_colour_stain_blur"]
 
 PROFILES = {

@@ -246,15 +246,14 @@ def update_bn(module: nn.Module, batches: Iterable, forward=None, max_batches: i
     was_training = module.training
     module.train()
     norms = [m for m in norms if m.training]
-    states = {m: (m.momentum, m.training) for m in norms}
+    momenta = {m: m.momentum for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the pass
-    with torch.no_grad():  # statistics only: no graph to keep
-        for i, batch in enumerate(batches):
-            if i >= max_batches:
-                break
-            (forward or module)(batch)
-    for m, (momentum, _) in states.items():
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        (forward or module)(batch)
+    for m, momentum in momenta.items():
         m.momentum = momentum
     module.train(was_training)

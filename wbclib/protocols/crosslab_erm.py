@@ -187,8 +187,12 @@ def confusions(finetune: pd.DataFrame, seed: int, setting: str = "pbc→others",
     predictions: ``{lab: matrix}``."""
     classes = list(B.CROSSLAB_CLASSES)
     index = {c: i for i, c in enumerate(classes)}
-    run = Path(finetune[(finetune["setting"] == setting) & (finetune["seed"] == seed)
-                        & (finetune["augmentation"] == augmentation)]["run_dir"].iloc[0])
+    found = finetune[(finetune["setting"] == setting) & (finetune["seed"] == seed)
+                     & (finetune["augmentation"] == augmentation)]
+    if found.empty:
+        raise ValueError(f"no {setting} run with seed {seed} and augmentation {augmentation!r} "
+                         f"(augmentations run: {sorted(finetune['augmentation'].unique())})")
+    run = Path(found["run_dir"].iloc[0])
     out = {}
     for lab in labs:
         pred = _io.read_csv(run / f"predictions_{lab}.csv")
