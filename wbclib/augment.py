@@ -145,13 +145,13 @@ class RandomBlur:
     ``sigma`` (in pixels of a 128 px input, scaled with ``image_size``) in a
     kernel of 5 px at 128 px (9 at 224): the kernel truncates the widest
     draws, whose blur is then about 1.2 px rather than 1.5, and draws under
-    about 0.4 px barely change the image. Other labs image their cells at a lower resolution
-    than pbc's CellaVision (zheng1's 120 px crops, bccd's 640x480 fields), so
-    at the network's input their cells are softer than any pbc training
-    image; blurring some pbc draws shows the network that softness. The draws
-    come from torch's generator (seeded per draw by the trainer), the blur runs
-    on one thread (as :class:`RandomDegradation`, so a draw is the same in
-    every process)."""
+    about 0.4 px barely change the image. Other labs image their cells at a
+    lower resolution than pbc's CellaVision (zheng1's 120 px crops, bccd's
+    640x480 fields), so at the network's input their cells are softer than
+    any pbc training image; blurring some pbc draws shows the network that
+    softness. The draws come from torch's generator (seeded per draw by the
+    trainer), the blur runs on one thread (as :class:`RandomDegradation`, so
+    a draw is the same in every process)."""
 
     def __init__(self, image_size: int, p: float = 0.5, sigma: tuple = (0.1, 1.5)):
         scale = image_size / 128
@@ -207,8 +207,8 @@ def dihedral_colour_stain(image_size: int):
 @AUGMENTATIONS.register("dihedral_colour_stain_blur")
 def dihedral_colour_stain_blur(image_size: int):
     """``dihedral_colour_stain`` and, for half the draws, a mild Gaussian blur
-    (:class:`RandomBlur`, sigma 0.1-1.5 px in a 5 px kernel at 128 px): the labs differ in
-    resolution as well as in stain. Chosen on chapter 04's pbc-to-others split
+    (:class:`RandomBlur`, sigma 0.1-1.5 px in a 5 px kernel at 128 px): the
+    labs differ in resolution as well as in stain. Chosen on chapter 04's pbc-to-others split
     (cpu profile, 150 pbc images per class, 3 seeds, mean target macro-F1
     zheng1 / bccd): 2 epochs 0.480 / 0.517 without the blur, 0.486 / 0.558
     with it; 6 epochs 0.595 / 0.592 without, 0.600 / 0.630 with it. The
