@@ -56,10 +56,9 @@ print(crosslab_erm.validation_note(probe))
 # `smoke` and `cpu`, 0 in `gpu`): a model judged on other labs keeps the
 # low-level filters learnt on millions of images instead of re-learning them
 # on one lab's stain (the reproducibility notes give the system's bundle
-# trained both ways on these labs). It is trained for `crosslab_epochs`
-# epochs (6 in `cpu`: up to 108 steps on 150 pbc images per class) once
-# with the book's default augmentation (flips, quarter turns, mild colour
-# jitter) and
+# trained both ways on these labs). It is trained for `crosslab_epochs` epochs
+# (6 in `cpu`: up to 108 steps on 150 pbc images per class) once with the
+# book's default augmentation (flips, quarter turns, mild colour jitter) and
 # once with strong colour, stain and resolution augmentation instead:
 # brightness, contrast and saturation jittered by up to 30 %, hue by 0.1,
 # every training draw given its own haematoxylin and eosin concentrations,
@@ -67,10 +66,10 @@ print(crosslab_erm.validation_note(probe))
 # (`augment.RandomStainJitter`, Tellez et al.'s HED augmentation with a
 # Macenko stain matrix), and half the draws blurred a little
 # (`augment.RandomBlur`, sigma 0.1-1.5 px in a 5 px kernel at 128 px). The
-# labs differ most in stain and camera colour, and zheng1 and bccd image their cells at a lower
-# resolution than pbc's analyser, so this is the augmentation that should
-# matter for a pbc-trained model. Each regime is trained with every seed of
-# the profile on the same split.
+# labs differ most in stain and camera colour, and zheng1 and bccd image their
+# cells at a lower resolution than pbc's analyser, so this is the augmentation
+# that should matter for a pbc-trained model. Each regime is trained with
+# every seed of the profile on the same split.
 #
 # ```{admonition} Chosen on the target labs
 # :class: warning
