@@ -194,6 +194,29 @@ def test_sada_restains_uint8_batches_itself_and_stage_two_trains_only_the_classi
     assert not torch.equal(classifier, model.classifier.weight)
 
 
+def test_images_without_stain_keep_plain_copies_as_views_instead_of_failing_the_batch():
+    # Strong colour jitter before SADA's on-the-fly re-staining can leave an image with no pixel
+    # dark in every channel; the whole batch used to fail with NoStainError.
+    model = make_sada(k=2)
+    images = np.concatenate([synthetic_cells(4, "purple", seed=3), synthetic_cells(4, "teal", seed=4)])
+    images[2] = 250  # blank
+    images[5] = np.maximum(images[5], 235)  # washed out: every channel above the stained range
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    assert model._normalizer.has_stain(images).tolist() == [True, True, False, True, True, False, True, True]
+    raw, views = model.make_views(x)
+    assert views.shape == (1, 8, 3, 24, 24)
+    assert torch.equal(views[0, 2], x[2]) and torch.equal(views[0, 5], x[5])
+    changed = [not torch.equal(views[0, i], x[i]) for i in (0, 1, 3, 4, 6, 7)]
+    assert all(changed)  # the others took another cluster's stain
+    model.train()
+    model.set_epoch(0)
+    assert np.isfinite(model.update([(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))])["la"])
+    # fewer stained images than clusters: nothing to cluster, every view a copy
+    few = x.clone()
+    few[1:] = 250
+    assert torch.equal(model.make_views(few)[1][0], few)
+
+
 def test_erm_on_restained_views_trains_on_every_view():
     torch.manual_seed(0)
     model = methods.create_method("erm_restain", TinyMaps(), 8, 3, hparams={"k": 3})

@@ -268,12 +268,25 @@ class StainViews:
                              f"{x.dtype} {tuple(x.shape)} (or pass precomputed views as (N, 1 + V, ...))")
         with torch.no_grad(), full_precision(x):
             images = x.permute(0, 2, 3, 1).contiguous()
-            matrices, maxima = align_stain_order(*stain_statistics(images, self._normalizer))
             k = int(self.hparams["k"])
-            labels = pseudo_domains(matrices.cpu(), k, self.generator)
-            targets = pick_targets(labels, k, self.generator).to(x.device)
-            views = restain_views(images, matrices, maxima, targets)
+            # Strong colour jitter can wash an image out until no pixel counts as stained: it has
+            # no stain to estimate or swap, so its views are plain copies (as augment.RandomStainJitter
+            # leaves such a draw unchanged), and a batch with fewer such images than clusters keeps all.
+            stained = self._normalizer.has_stain(images)
+            if bool(stained.all()):
+                views = self._restained(images, k)
+            else:
+                views = images.unsqueeze(0).repeat(k - 1, 1, 1, 1, 1)
+                if int(stained.sum()) >= k:
+                    views[:, stained] = self._restained(images[stained], k)
         return x, views.permute(0, 1, 4, 2, 3).contiguous()
+
+    def _restained(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """Views (k - 1, N, H, W, 3) of uint8 images (N, H, W, 3) that all have a stain."""
+        matrices, maxima = align_stain_order(*stain_statistics(images, self._normalizer))
+        labels = pseudo_domains(matrices.cpu(), k, self.generator)
+        targets = pick_targets(labels, k, self.generator).to(images.device)
+        return restain_views(images, matrices, maxima, targets)
 
 
 @METHODS.register("sada")

@@ -420,9 +420,24 @@ class _StainNormalizer(ABC):
         # OD falls as the pixel value rises, so "OD >= beta in every channel"
         # is "brightest channel <= the last value whose OD is >= beta",
         # decided on the uint8 pixels exactly as on the OD.
+        return od, self._stain_matrices(od, self._stained(batch))
+
+    def _stained(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, P) mask of the pixels with OD >= beta in every channel."""
         darkest_background = int((self._od_table >= self.beta).sum()) - 1
-        stained = batch.amax(-1).flatten(1) <= darkest_background
-        return od, self._stain_matrices(od, stained)
+        return batch.amax(-1).flatten(1) <= darkest_background
+
+    def _estimated(self, stained: torch.Tensor) -> torch.Tensor:
+        """The columns of a (N, P) pixel mask that the stain estimate looks at."""
+        return stained
+
+    def has_stain(self, images: Images) -> torch.Tensor:
+        """Whether each image has a stain to estimate, (N,) bool: at least 2
+        stained pixels (OD >= beta in every channel) among those the estimate
+        looks at. Blank or overexposed images, and some that strong colour
+        jitter washed out, have none (:class:`NoStainError` for a batch)."""
+        batch, _ = _as_uint8_batch(images)
+        return self._estimated(self._stained(batch)).sum(-1) >= 2
 
     def fit(self, target: Images) -> "_StainNormalizer":
         """Estimate the reference stain matrix and max concentrations from one image."""
@@ -573,6 +588,9 @@ class VahadaneNormalizer(_StainNormalizer):
             raise ValueError(f"beta must be non-negative, got {beta}")
         self.lambda1, self.n_iter = lambda1, n_iter
         self.concentration_lambda, self.beta, self.max_pixels = concentration_lambda, beta, max_pixels
+
+    def _estimated(self, stained: torch.Tensor) -> torch.Tensor:
+        return stained[:, ::-(-stained.shape[-1] // self.max_pixels)]
 
     def _stain_matrices(self, od: torch.Tensor, stained: torch.Tensor) -> torch.Tensor:
         stride = -(-od.shape[-1] // self.max_pixels)
