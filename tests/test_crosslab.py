@@ -1,5 +1,6 @@
 """Cross-lab protocol pieces: scale normalisation, SWAD, Grad-CAM, the frozen-map
 regime, tables, and the end-to-end (gpu profile) path on tiny synthetic data."""
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import write_png
-from wbclib import crosslab, profiles, scale
+from wbclib import _io, crosslab, profiles, scale
 from wbclib.protocols import crosslab_dg as dg
 from wbclib.gradcam import grad_cam, last_conv
 from wbclib.models import ImageTable
@@ -224,6 +225,9 @@ def test_profiles_carry_the_cross_lab_keys():
     for name in profiles.PROFILES:
         cfg = profiles.get(name)
         assert set(cfg.dg_rows) <= set(crosslab.ROWS) and set(cfg.dg_ablation_rows) <= set(crosslab.ROWS)
+        # the fine-tuned regime runs coupled rows only, ERM (chapter 04's run) among them
+        assert "ERM" in cfg.dg_finetune_rows and set(cfg.dg_finetune_rows) <= set(cfg.dg_rows)
+        assert not any(crosslab.row_hparams(cfg, r)[2] for r in cfg.dg_finetune_rows)
 
 
 # --------------------------------------------------------------------------
@@ -269,6 +273,39 @@ def test_end_to_end_path_trains_on_images_on_tiny_synthetic_labs(tmp_path):
     assert np.allclose(again["macro_f1"], out[out["method"] == "SADA"]["macro_f1"])
     examples, images, cams = dg.gradcam_examples(cfg, root, splits, cache, results, rows=["SADA"], per_lab=1)
     assert images.shape == (3, 32, 32, 3) and cams["SADA"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])  # gpu: nothing frozen
+def test_fine_tuned_rows_share_chapter_04s_erm_run_and_give_dg_methods_stain_domains(tmp_path, profile):
+    from wbclib.protocols import crosslab_erm
+
+    root, splits, results, cache = (tmp_path / n for n in ("data", "splits", "results", "cache"))
+    splits.mkdir()
+    synthetic_labs(root).to_csv(splits / "crosslab_seed0.csv", index=False)
+    cfg = SimpleNamespace(**{**profiles.PROFILES[profile], "name": "test", "pretrained": False, "image_size": 32,
+                             "batch_size": 8, "crosslab_epochs": 2, "crosslab_seeds": [0], "n_boot": 10,
+                             "crosslab_train_per_class": None, "crosslab_val_per_class": None,
+                             "crosslab_test_per_class": None, "num_workers": 0})
+    torch.manual_seed(0)
+    chapter_04 = crosslab_erm.crosslab_finetune(cfg, root, splits, results, augmentations=[crosslab_erm.STRONG])
+    trained = (Path(chapter_04["run_dir"].iloc[0]) / "metrics.json").stat().st_mtime_ns
+    out = dg.finetuned_rows(cfg, root, splits, cache, results, rows=["ERM", "BoDA", "SADA"])
+    assert set(out["eval_set"]) == {"val", "zheng1", "bccd"} and len(out) == 9
+    erm_dir = out[out["method"] == "ERM"]["run_dir"].unique()
+    assert list(erm_dir) == list(chapter_04["run_dir"].unique())  # the same run folder: read back, not retrained
+    assert (Path(erm_dir[0]) / "metrics.json").stat().st_mtime_ns == trained
+    # One source lab: BoDA's centroid table has a row per (stain cluster, class), not one domain.
+    boda = _io.torch_load(Path(out[out["method"] == "BoDA"]["run_dir"].iloc[0]) / "best.pt")
+    k = crosslab.stain_clusters_k(cfg)
+    assert boda["centroids"].shape[0] == k > 1
+    sada = json.loads((Path(out[out["method"] == "SADA"]["run_dir"].iloc[0]) / "config.json").read_text())
+    assert sada["identity"]["config"]["hparams"] == {"seed": 0, "stage1_epochs": 1}  # views drawn with the run's seed
+    assert sada["identity"]["config"]["augmentation"] == crosslab_erm.STRONG
+    assert sada["identity"]["config"]["frozen_stages"] == cfg.crosslab_frozen_stages
+    gain = dg.paired_gain(out, "SADA", "ERM", seeds=[0], lolo=False, n_boot=20)
+    assert gain["macro_f1_gain_low"] <= gain["macro_f1_gain"] <= gain["macro_f1_gain_high"]
+    with pytest.raises(ValueError, match="BoDA decoupled"):
+        dg.finetuned_rows(cfg, root, splits, cache, results, rows=["BoDA decoupled"])
 
 
 def test_row_hyper_parameters_have_one_home(monkeypatch):

@@ -540,14 +540,15 @@ def acceptance_heatmap(acceptance: pd.DataFrame,
 
 
 def lolo_bars(bars: pd.DataFrame, title: str = "leave-one-lab-out",
-              ylabel: str = "macro-F1 (mean over seeds;\ninterval: first seed)") -> plt.Figure:
+              ylabel: str = "macro-F1 (mean over seeds;\ninterval: first seed)",
+              xlabel: str = "held-out lab") -> plt.Figure:
     """:func:`metric_bars` of macro-F1 per held-out lab (x) and method (hue),
     with the legend outside the axes (``bars``: ``eval_set``, ``method``,
     ``macro_f1``, ``macro_f1_low``, ``macro_f1_high``)."""
     fig = metric_bars(bars, x="eval_set", y="macro_f1", hue="method", low="macro_f1_low", high="macro_f1_high",
                       title=title, ylabel=ylabel)
     fig.axes[0].legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.axes[0].set_xlabel("held-out lab")
+    fig.axes[0].set_xlabel(xlabel)
     fig.set_size_inches(10, 3.8)
     fig.tight_layout()
     return fig

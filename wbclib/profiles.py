@@ -90,6 +90,9 @@ Cross-lab chapter keys (``protocols.crosslab_dg.crosslab_dg``, notebook 07): ``d
 the regime, rows, seeds, sizes and schedule; ``sada_k`` and ``sada_beta``
 override SADA's declared defaults (``Method.defaults``) only when set (None:
 the method's own), through the one resolver ``crosslab.row_hparams``.
+``dg_finetune_rows`` are the rows also trained in chapter 04's fine-tuned
+regime (``crosslab_dg.finetuned_rows``: pbc→others, its split, epochs, frozen
+stages, strong augmentation and seeds, no SWAD), beside ERM, on every profile.
 
 Restoration chapter keys (``restore``, notebook 08):
 
@@ -160,6 +163,10 @@ _LT_RECIPES = ["ib", "cb_sampling", "focal", "cb", "hybrid", "ldam_drw", "logit_
 #: Cross-lab chapter (``protocols.crosslab_dg.crosslab_dg``): the table rows, the SADA ablations and the LOLO settings.
 _DG_ROWS = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "BoDA decoupled", "SADA"]
 _DG_ABLATIONS = ["M2: SADA without L_LA", "M3: SupCon, no L_LA", "ERM + re-stained views"]
+#: Rows also trained in chapter 04's fine-tuned regime (chapter 07's fine-tuned table); ERM is chapter 04's run.
+#: On CPU the paper's headline pair (about 70 and 90 s a run on 2 cores); every coupled row on the gpu profile.
+_DG_FINETUNE = ["ERM", "BoDA", "SADA"]
+_DG_FINETUNE_ALL = ["ERM", "CORAL", "DANN", "Mixup", "SelfReg", "BoDA", "SADA"]
 _LOLO = ["LOLO:pbc", "LOLO:zheng1", "LOLO:bccd"]
 #: Chapter 04's fine-tuning augmentations: the default preset, and strong colour and stain jitter with a mild blur.
 _CROSSLAB_AUG = ["dihedral_jitter", "dihedral_colour_stain_blur"]
@@ -181,7 +188,7 @@ PROFILES = {
         dg_regime="maps", dg_rows=list(_DG_ROWS), dg_seeds=[0], dg_train_per_class=8, dg_test_per_class=4,
         dg_epochs=2, dg_head_width=16, dg_swad=True, dg_scale="max", dg_scale_per_lab=6, sada_k=None, sada_beta=None,
         sada_sweep_k=[2, 3], sada_sweep_beta=[0.1], sada_sweep_settings=["LOLO:zheng1"],
-        dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=1,
+        dg_ablation_rows=list(_DG_ABLATIONS), dg_finetune_rows=list(_DG_FINETUNE), dg_gradcam_per_lab=1,
         restore_detector_images=18, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=27, restore_heldout_images=1,
         restore_kinds=["salt_pepper"], p2p_crop=32, p2p_epochs=1, p2p_crops_per_image=1, p2p_batch_size=8,
         p2p_channels=8, p2p_depth=3, p2p_d_channels=8, p2p_d_layers=1, p2p_lr=1e-3,
@@ -209,7 +216,7 @@ PROFILES = {
         dg_epochs=20, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=150,
         sada_k=None, sada_beta=None,
         sada_sweep_k=[2, 3, 4], sada_sweep_beta=[0.01, 0.1, 1.0], sada_sweep_settings=["LOLO:zheng1"],
-        dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=2,
+        dg_ablation_rows=list(_DG_ABLATIONS), dg_finetune_rows=list(_DG_FINETUNE), dg_gradcam_per_lab=2,
         restore_detector_images=360, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=450,
         restore_heldout_images=18, restore_kinds=["salt_pepper"], p2p_crop=64, p2p_epochs=6,
         p2p_crops_per_image=8, p2p_batch_size=16, p2p_channels=16, p2p_depth=4, p2p_d_channels=16, p2p_d_layers=2,
@@ -236,7 +243,8 @@ PROFILES = {
         dg_regime="end_to_end", dg_rows=list(_DG_ROWS), dg_seeds=[0, 1, 2], dg_train_per_class=None,
         dg_test_per_class=None, dg_epochs=30, dg_head_width=128, dg_swad=True, dg_scale="max", dg_scale_per_lab=None,
         sada_k=None, sada_beta=None, sada_sweep_k=[2, 3, 4, 5], sada_sweep_beta=[0.01, 0.1, 1.0],
-        sada_sweep_settings=list(_LOLO), dg_ablation_rows=list(_DG_ABLATIONS), dg_gradcam_per_lab=3,
+        sada_sweep_settings=list(_LOLO), dg_ablation_rows=list(_DG_ABLATIONS),
+        dg_finetune_rows=list(_DG_FINETUNE_ALL), dg_gradcam_per_lab=3,
         restore_detector_images=2000, restore_rates=[0.1, 0.3, 0.5], restore_pool_images=None,
         restore_heldout_images=180, restore_kinds=["salt_pepper"], p2p_crop=256, p2p_epochs=20,
         p2p_crops_per_image=1, p2p_batch_size=16, p2p_channels=64, p2p_depth=8, p2p_d_channels=64, p2p_d_layers=3,
@@ -320,6 +328,7 @@ class Profile:
     sada_sweep_beta: List[float]
     sada_sweep_settings: List[str]
     dg_ablation_rows: List[str]
+    dg_finetune_rows: List[str]
     dg_gradcam_per_lab: int
     # Restoration
     restore_detector_images: int

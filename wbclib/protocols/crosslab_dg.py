@@ -34,6 +34,7 @@ from ..scale import mask_agreement
 from .._parallel import image_loader, map_in_processes
 from ..train import TrainConfig, build_method, predictions_frame, score_predictions, train_run
 from ..verdicts import interval, views_carry_gain
+from . import crosslab_erm
 from .common import cell_centred
 
 def _score_sets(run_dir: Path, eval_sets: Dict[str, pd.DataFrame], probs: Dict[str, np.ndarray], n_boot: int) -> dict:
@@ -115,6 +116,21 @@ class _MapsRunner:
         return results
 
 
+def image_hparams(method_name: str, hparams: dict, epochs: int, n_train: int, batch_size: int, seed: int) -> dict:
+    """``hparams`` of a run that trains on images for ``epochs``, with what
+    follows from the schedule filled in: SADA's first stage is half the epochs,
+    BoDA warms up over a fifth of the steps, and methods with re-stained views
+    draw them with the run's ``seed`` (set values win)."""
+    hparams = dict(hparams)
+    if method_name == "sada":
+        hparams.setdefault("stage1_epochs", epochs // 2)
+    if method_name in VIEW_METHODS:
+        hparams.setdefault("seed", seed)
+    if method_name == "boda":
+        hparams.setdefault("warmup_steps", int(0.2 * epochs * max(1, n_train // batch_size)))
+    return hparams
+
+
 def end_to_end_config(cfg, method_name: str, hparams: dict, seed: int) -> TrainConfig:
     """The settings of one ``end_to_end`` run: the DG schedule (``dg_epochs``,
     no early stop) with ``cfg.crosslab_frozen_stages`` frozen."""
@@ -132,13 +148,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
     if single_source:
         clusters = store.stain_clusters(train, stain_clusters_k(cfg))
         split.loc[train.index, "domain"] = [f"stain{c}" for c in clusters[store.index(train, train)]]
-    hparams = dict(hparams)
-    if method_name == "sada":
-        hparams.setdefault("stage1_epochs", cfg.dg_epochs // 2)
-    if method_name in VIEW_METHODS:
-        hparams.setdefault("seed", seed)
-    if method_name == "boda":
-        hparams.setdefault("warmup_steps", int(0.2 * cfg.dg_epochs * max(1, len(train) // cfg.batch_size)))
+    hparams = image_hparams(method_name, hparams, cfg.dg_epochs, len(train), cfg.batch_size, seed)
     config = end_to_end_config(cfg, method_name, hparams, seed)
     stage1 = run_dir
     results = train_run(config, split, root, stage1 / "train", CLASSES, eval_sets=eval_sets, n_boot=n_boot,
@@ -246,6 +256,46 @@ def crosslab_dg(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: P
                                 macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
                                 **{f"{k}": v for k, v in (overrides or {}).get(p.row, {}).items()}))
     bar.close()
+    return pd.DataFrame(out)
+
+
+def finetuned_rows(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir: Path, results_dir: Path,
+                   rows: Optional[Sequence[str]] = None, setting: str = "pbc→others",
+                   augmentation: str = crosslab_erm.STRONG, split_seed: int = 0) -> pd.DataFrame:
+    """Table rows (default ``cfg.dg_finetune_rows``) trained like chapter 04's
+    strong regime (:func:`crosslab_erm.finetune_run`: the same split, cell
+    crops, ``crosslab_epochs``, ``crosslab_frozen_stages`` and ``augmentation``,
+    every seed of ``crosslab_seeds``), so the ERM row is chapter 04's run and
+    only the training objective changes. With one source lab the methods
+    that need domains see SADA's stain-colour clusters of the training images
+    (ERM keeps its lab). No SWAD, for any row. Returns :func:`crosslab_dg`'s
+    columns (``variant`` "fine-tuned") plus ``augmentation``."""
+    table = cell_centred(B.read_crosslab(splits_dir, split_seed), cfg)
+    (name, sources, targets), = settings_named([setting])
+    split, eval_sets = crosslab_erm.crosslab_sets(cfg, table, sources, targets)
+    train = split[split["split"] == "train"]
+    clustered = None
+    out = []
+    for row in rows if rows is not None else cfg.dg_finetune_rows:
+        method_name, hparams, options = row_hparams(cfg, row)
+        if options:
+            raise ValueError(f"row {row!r} has options {options}, which the fine-tuned regime does not run")
+        row_split = split
+        if method_name != "erm" and len(sources) == 1:
+            if clustered is None:
+                store = MapStore(cfg, root, cache_dir)
+                clusters = store.stain_clusters(train, stain_clusters_k(cfg))[store.index(train, train)]
+                clustered = split.copy()
+                clustered.loc[train.index, "domain"] = [f"stain{c}" for c in clusters]
+            row_split = clustered
+        for seed in cfg.crosslab_seeds:
+            run_hparams = image_hparams(method_name, hparams, cfg.crosslab_epochs, len(train), cfg.batch_size, seed)
+            for r in crosslab_erm.finetune_run(cfg, root, results_dir, name, row_split, eval_sets, method_name, seed,
+                                               augmentation, run_hparams):
+                out.append(dict(variant="fine-tuned", method=row, setting=name, seed=seed, eval_set=r["eval_set"],
+                                run_dir=r["run_dir"], macro_f1=r["macro_f1"], micro_f1=r["accuracy"],
+                                macro_f1_low=r.get("macro_f1_low"), macro_f1_high=r.get("macro_f1_high"),
+                                augmentation=augmentation))
     return pd.DataFrame(out)
 
 
@@ -495,12 +545,13 @@ def interval_table(results: pd.DataFrame, seed: int, order: Sequence[str]) -> pd
                              aggfunc="first").loc[list(order)]
 
 
-def lolo_bars(results: pd.DataFrame, seed: int, order: Sequence[str]) -> pd.DataFrame:
-    """Per (method, held-out lab) of leave-one-lab-out: macro-F1 averaged over
-    seeds, with the bootstrap interval of the run with ``seed``; methods in ``order``."""
+def lolo_bars(results: pd.DataFrame, seed: int, order: Sequence[str], lolo: bool = True) -> pd.DataFrame:
+    """Per (method, held-out lab) of leave-one-lab-out (or, with ``lolo``
+    False, per target lab of pbc→others): macro-F1 averaged over seeds, with
+    the bootstrap interval of the run with ``seed``; methods in ``order``."""
     order = list(order)
-    bars = target_rows(results, lolo=True).groupby(["method", "eval_set"], as_index=False)[["macro_f1"]].mean()
-    first = target_rows(results[results["seed"] == seed], lolo=True)
+    bars = target_rows(results, lolo=lolo).groupby(["method", "eval_set"], as_index=False)[["macro_f1"]].mean()
+    first = target_rows(results[results["seed"] == seed], lolo=lolo)
     bars = bars.merge(first[["method", "eval_set", "macro_f1_low", "macro_f1_high"]], on=["method", "eval_set"])
     bars = bars.sort_values(["method", "eval_set"], key=lambda c: c.map(order.index) if c.name == "method" else c)
     return bars.reset_index(drop=True)
@@ -516,6 +567,16 @@ def gains_over_erm(results: pd.DataFrame, seeds: Sequence[int], n_boot: int,
             gains.append(dict(protocol=label, **paired_gain(results, method, "ERM", seeds=seeds, lolo=lolo,
                                                             n_boot=n_boot)))
     return pd.DataFrame(gains)
+
+
+def finetuned_gains(results: pd.DataFrame, seeds: Sequence[int], n_boot: int,
+                    methods: Sequence[str]) -> pd.DataFrame:
+    """:func:`paired_gain` over ERM of each of ``methods`` but ERM in the
+    fine-tuned regime (:func:`finetuned_rows`: pbc→others), in
+    :func:`gains_over_erm`'s shape (``protocol`` "pbc→others, fine-tuned")."""
+    return pd.DataFrame([dict(protocol="pbc→others, fine-tuned",
+                              **paired_gain(results, m, "ERM", seeds=seeds, lolo=False, n_boot=n_boot))
+                         for m in methods if m != "ERM"])
 
 
 def gains_table(gains: pd.DataFrame) -> pd.DataFrame:
@@ -643,8 +704,11 @@ def scale_table(compare: pd.DataFrame) -> pd.DataFrame:
 
 
 def chapter_summary(results: pd.DataFrame, ablation: pd.DataFrame, compare: pd.DataFrame,
-                    gains: pd.DataFrame) -> str:
-    """The chapter's closing bullet points (Markdown), every number from the tables above."""
+                    gains: pd.DataFrame, finetuned: Optional[pd.DataFrame] = None,
+                    finetuned_gain: Optional[pd.DataFrame] = None) -> str:
+    """The chapter's closing bullet points (Markdown), every number from the
+    tables above (``finetuned`` and ``finetuned_gain``: :func:`finetuned_rows`
+    and :func:`finetuned_gains`, when run)."""
     average = average_over_targets(results, lolo=True)
     abl = ablation["F1-macro"]
     scale_gain = (compare[compare.scale != "resized only"].macro_f1.mean()
@@ -666,4 +730,10 @@ def chapter_summary(results: pd.DataFrame, ablation: pd.DataFrame, compare: pd.D
                       if views_carry_gain(views, sada) else
                       f"in the ablation (first seed), ERM on the re-stained copies reaches "
                       f"{views:.1f} F1-macro, SADA {sada:.1f}, ERM {erm:.1f}.")
+    if finetuned is not None and finetuned_gain is not None:
+        tuned = average_over_targets(finetuned, lolo=False).macro_f1_mean
+        scores = ", ".join(f"{m} {100 * tuned[m]:.1f}" for m in finetuned["method"].unique())
+        verdicts = "; ".join(f"{r.method}: {gain_verdict(r, sep=', ')}" for r in finetuned_gain.itertuples())
+        points.append(f"with the backbone partly fine-tuned as in chapter 04 (trained on pbc; F1-macro averaged "
+                      f"over zheng1 and bccd): {scores}; against ERM, {verdicts}.")
     return "\n".join(f"- {p}" for p in points)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import pandas as pd
 
@@ -59,6 +59,22 @@ def crosslab_finetune_config(cfg: SimpleNamespace, method: str, seed: int, augme
                                                "augmentation": augmentation})
 
 
+def finetune_run(cfg: SimpleNamespace, root: Path, results_dir: Path, setting: str, split: pd.DataFrame,
+                 eval_sets: dict, method: str, seed: int, augmentation: str, hparams: Optional[dict] = None,
+                 **train_overrides) -> List[dict]:
+    """One cross-lab fine-tune (:func:`crosslab_finetune_config`) of ``method``
+    with ``hparams`` on ``split`` in its ``crosslab/finetune`` run folder (read
+    back when done). One row per eval set: setting, method, augmentation, seed,
+    eval set, run folder and the scores."""
+    overrides = {**train_overrides, **({"hparams": dict(hparams)} if hparams else {})}
+    config = crosslab_finetune_config(cfg, method, seed, augmentation, overrides)
+    run, result = train_in(results_dir, "crosslab/finetune",
+                           dict(setting=setting_key(setting), method=method, augmentation=augmentation, seed=seed),
+                           config, split, root, list(B.CROSSLAB_CLASSES), eval_sets=eval_sets, n_boot=cfg.n_boot)
+    return [dict(setting=setting, method=method, augmentation=augmentation, seed=seed, eval_set=name,
+                 run_dir=str(run.dir), **result[name]) for name in eval_sets]
+
+
 def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, results_dir: Path, method: str = "erm",
                       settings: Sequence[str] = ("pbc→others",), seed: int = 0,
                       augmentations: Optional[Sequence[str]] = None, **train_overrides) -> pd.DataFrame:
@@ -66,7 +82,6 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
     profile and every training augmentation of ``augmentations`` (default: the
     profile's ``crosslab_augmentations``; column ``augmentation``)."""
     table = cell_centred(B.read_crosslab(splits_dir, seed), cfg)
-    classes = list(B.CROSSLAB_CLASSES)
     rows = []
     for name, src, tgt in CROSSLAB_SETTINGS:
         if name not in settings:
@@ -74,13 +89,8 @@ def crosslab_finetune(cfg: SimpleNamespace, root: Path, splits_dir: Path, result
         split, eval_sets = crosslab_sets(cfg, table, src, tgt)
         for augmentation in augmentations or cfg.crosslab_augmentations:
             for s in cfg.crosslab_seeds:
-                config = crosslab_finetune_config(cfg, method, s, augmentation, train_overrides)
-                run, result = train_in(results_dir, "crosslab/finetune",
-                                       dict(setting=setting_key(name), augmentation=augmentation, seed=s), config,
-                                       split, root, classes, eval_sets=eval_sets, n_boot=cfg.n_boot)
-                for set_name in eval_sets:
-                    rows.append(dict(setting=name, augmentation=augmentation, seed=s, eval_set=set_name,
-                                     run_dir=str(run.dir), **result[set_name]))
+                rows += finetune_run(cfg, root, results_dir, name, split, eval_sets, method, s, augmentation,
+                                     **train_overrides)
     return pd.DataFrame(rows)
 
 
