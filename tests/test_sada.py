@@ -211,10 +211,37 @@ def test_images_without_stain_keep_plain_copies_as_views_instead_of_failing_the_
     model.train()
     model.set_epoch(0)
     assert np.isfinite(model.update([(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))])["la"])
-    # fewer stained images than clusters: nothing to cluster, every view a copy
+    # one stained image: it is its own donor, the rest stay copies
     few = x.clone()
     few[1:] = 250
-    assert torch.equal(model.make_views(few)[1][0], few)
+    assert torch.equal(model.make_views(few)[1][0, 1:], few[1:])
+
+
+def test_has_stain_counts_only_the_pixels_vahadanes_estimate_looks_at():
+    from wbclib.stain import VahadaneNormalizer
+
+    image = np.full((1, 16, 16, 3), 250, np.uint8)
+    image[0, 0, 1:3] = 60  # two stained pixels, both off a stride of 4 (64 of 256 pixels looked at)
+    assert VahadaneNormalizer(max_pixels=4096).has_stain(image).tolist() == [True]
+    assert VahadaneNormalizer(max_pixels=64).has_stain(image).tolist() == [False]
+    model = make_sada(k=2, vahadane_max_pixels=64)
+    batch = np.concatenate([synthetic_cells(3, "purple", size=16, seed=1), image])
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    views = model.make_views(x)[1]  # no NoStainError from the estimate's strided pixels
+    assert torch.equal(views[0, 3], x[3])
+
+
+def test_view_draws_of_an_epoch_are_those_of_a_run_resumed_there():
+    model = make_sada(k=2)
+    images = np.concatenate([synthetic_cells(4, "purple", seed=3), synthetic_cells(4, "teal", seed=4)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    model.set_epoch(1)
+    first = model.make_views(x)[1]
+    model.make_views(x)  # later batches move the generator on
+    model.set_epoch(1)  # a resumed run starts the epoch afresh
+    assert torch.equal(model.make_views(x)[1], first)
+    model.set_epoch(2)
+    assert not torch.equal(model.make_views(x)[1], first)
 
 
 def test_erm_on_restained_views_trains_on_every_view():

@@ -23,8 +23,8 @@ Two regimes, chosen by the profile's ``dg_regime``:
   images through :func:`train.train_run` (SADA re-stains inside each batch).
 
 Besides either regime, the rows of the profile's ``dg_finetune_rows`` are also
-trained like chapter 04's strong ERM (pbc→others, last stages fine-tuned with
-colour, stain and blur jitter, every profile;
+trained like chapter 04's strong ERM (pbc→others, ``crosslab_frozen_stages``
+frozen, colour, stain and blur jitter, every profile;
 :func:`wbclib.protocols.crosslab_dg.finetuned_rows`), ERM being chapter 04's run.
 
 With one source lab (pbc→others) the domain-aware baselines (CORAL, DANN,

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -258,6 +259,13 @@ class StainViews:
         self.generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
         self._normalizer = S.VahadaneNormalizer(max_pixels=int(self.hparams["vahadane_max_pixels"]))
 
+    def set_epoch(self, epoch: int) -> None:
+        # The clusters and donors of each epoch come from (seed, epoch), so a run resumed from
+        # its checkpoint at an epoch draws what the uninterrupted run drew.
+        super().set_epoch(epoch)
+        state = np.random.SeedSequence([int(self.hparams["seed"]), int(epoch)]).generate_state(1)[0]
+        self.generator.manual_seed(int(state))
+
     def make_views(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(raw (N, ...), views (V, N, ...)). A 5-D input carries its views;
         uint8 images are decomposed, clustered and re-stained here."""
@@ -269,15 +277,16 @@ class StainViews:
         with torch.no_grad(), full_precision(x):
             images = x.permute(0, 2, 3, 1).contiguous()
             k = int(self.hparams["k"])
-            # Strong colour jitter can wash an image out until no pixel counts as stained: it has
-            # no stain to estimate or swap, so its views are plain copies (as augment.RandomStainJitter
-            # leaves such a draw unchanged), and a batch with fewer such images than clusters keeps all.
+            # Strong colour jitter can wash an image out until no pixel counts as stained: such an
+            # image has no stain to estimate or swap, so its views are plain copies (as
+            # augment.RandomStainJitter leaves such a draw unchanged); the others are clustered and
+            # re-stained among themselves.
             stained = self._normalizer.has_stain(images)
             if bool(stained.all()):
                 views = self._restained(images, k)
             else:
                 views = images.unsqueeze(0).repeat(k - 1, 1, 1, 1, 1)
-                if int(stained.sum()) >= k:
+                if bool(stained.any()):
                     views[:, stained] = self._restained(images[stained], k)
         return x, views.permute(0, 1, 4, 2, 3).contiguous()
 

@@ -589,11 +589,15 @@ class VahadaneNormalizer(_StainNormalizer):
         self.lambda1, self.n_iter = lambda1, n_iter
         self.concentration_lambda, self.beta, self.max_pixels = concentration_lambda, beta, max_pixels
 
+    def _stride(self, pixels: int) -> int:
+        """Every how many pixels the estimate looks at (at most ``max_pixels`` of them)."""
+        return -(-pixels // self.max_pixels)
+
     def _estimated(self, stained: torch.Tensor) -> torch.Tensor:
-        return stained[:, ::-(-stained.shape[-1] // self.max_pixels)]
+        return stained[:, :: self._stride(stained.shape[-1])]
 
     def _stain_matrices(self, od: torch.Tensor, stained: torch.Tensor) -> torch.Tensor:
-        stride = -(-od.shape[-1] // self.max_pixels)
+        stride = self._stride(od.shape[-1])
         od, stained = od[..., ::stride], stained[:, ::stride]
         stains = _macenko_stain_matrices(od, stained, alpha=1).clamp(min=1e-3)
         stains = stains / stains.norm(dim=1, keepdim=True)
