@@ -209,11 +209,15 @@ finetuned = dg.finetuned_rows(cfg, root, splits, cache, results, split_seed=seed
 display(dg.table_one(finetuned, lolo=False, order=cfg.dg_finetune_rows))
 
 # %% [markdown]
-# Per target lab, with the bootstrap interval of the first seed's run:
+# Per target lab: the bars are the mean over seeds, the dots each seed's
+# score, the line the bootstrap interval of the first seed's run over the
+# test images. The seeds spread about as widely as one run's interval.
 
 # %%
 plots.lolo_bars(dg.lolo_bars(finetuned, cfg.crosslab_seeds[0], cfg.dg_finetune_rows, lolo=False),
-                title=f"trained on pbc, {dg.finetuned_regime(cfg)}", xlabel="target lab");
+                title=f"trained on pbc, {dg.finetuned_regime(cfg)}", xlabel="target lab",
+                ylabel="macro-F1 (bars: mean over seeds;\ndots: each seed; line: first seed's interval)",
+                seeds=dg.target_rows(finetuned, lolo=False));
 
 # %% [markdown]
 # And the paired bootstrap against ERM, as above (every seed, both target

@@ -69,6 +69,27 @@ def test_lolo_bars_mean_over_seeds_interval_of_one_seed():
     assert set(bars.eval_set) == {"pbc", "zheng1", "bccd"}
 
 
+def test_lolo_bars_figure_puts_each_seed_on_its_own_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import PathCollection
+
+    from wbclib import plots
+
+    results = results_frame()
+    bars = dg.lolo_bars(results, seed=0, order=["SADA", "ERM", "BoDA"], lolo=False)
+    fig = plots.lolo_bars(bars, seeds=dg.target_rows(results, lolo=False))
+    dots = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    assert len(dots) == 1
+    xy = dots[0].get_offsets()
+    assert len(xy) == 3 * 2 * 2  # methods x target labs x seeds
+    # both seeds of one (lab, method) share an x; the mean bar sits between them
+    erm = results[(results.method == "ERM") & (results.setting == "pbc→others") & (results.eval_set == "bccd")]
+    assert sorted(np.round(xy[:, 1], 6)).count(round(erm.macro_f1.iloc[0], 6)) >= 1
+    assert len({round(x, 6) for x in xy[:, 0]}) == 6
+
+
 def gain(method, protocol, macro, micro):
     return dict(protocol=protocol, method=method, baseline="ERM", macro_f1_gain=macro[0], macro_f1_gain_low=macro[1],
                 macro_f1_gain_high=macro[2], micro_f1_gain=micro[0], micro_f1_gain_low=micro[1],

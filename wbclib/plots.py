@@ -541,12 +541,21 @@ def acceptance_heatmap(acceptance: pd.DataFrame,
 
 def lolo_bars(bars: pd.DataFrame, title: str = "leave-one-lab-out",
               ylabel: str = "macro-F1 (mean over seeds;\ninterval: first seed)",
-              xlabel: str = "held-out lab") -> plt.Figure:
+              xlabel: str = "held-out lab", seeds: Optional[pd.DataFrame] = None) -> plt.Figure:
     """:func:`metric_bars` of macro-F1 per held-out lab (x) and method (hue),
     with the legend outside the axes (``bars``: ``eval_set``, ``method``,
-    ``macro_f1``, ``macro_f1_low``, ``macro_f1_high``)."""
+    ``macro_f1``, ``macro_f1_low``, ``macro_f1_high``). ``seeds`` (the same
+    columns, one row per seed) adds each seed's score as a dot on its bar, so a
+    wide spread over seeds shows beside the one seed's interval."""
     fig = metric_bars(bars, x="eval_set", y="macro_f1", hue="method", low="macro_f1_low", high="macro_f1_high",
                       title=title, ylabel=ylabel)
+    if seeds is not None:
+        ax = fig.axes[0]
+        centres = {(r["eval_set"], r["method"]): bar.get_x() + bar.get_width() / 2
+                   for bar, (_, r) in zip(_bars_in_data_order(ax, bars, "eval_set", "method"), bars.iterrows())}
+        shown = seeds[[(e, m) in centres for e, m in zip(seeds["eval_set"], seeds["method"])]]
+        ax.scatter([centres[(e, m)] for e, m in zip(shown["eval_set"], shown["method"])], shown["macro_f1"],
+                   s=14, color="black", zorder=3, label="each seed")
     fig.axes[0].legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.axes[0].set_xlabel(xlabel)
     fig.set_size_inches(10, 3.8)
