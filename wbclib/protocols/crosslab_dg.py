@@ -131,6 +131,16 @@ def image_hparams(method_name: str, hparams: dict, epochs: int, n_train: int, ba
     return hparams
 
 
+def with_stain_domains(cfg, store: MapStore, split: pd.DataFrame) -> pd.DataFrame:
+    """``split`` with its training rows' ``domain`` set to SADA's stain-colour
+    cluster (``stain0`` ...): the domains of a one-lab training set."""
+    train = split[split["split"] == "train"]
+    clusters = store.stain_clusters(train, stain_clusters_k(cfg))[store.index(train, train)]
+    split = split.copy()
+    split.loc[train.index, "domain"] = [f"stain{c}" for c in clusters]
+    return split
+
+
 def end_to_end_config(cfg, method_name: str, hparams: dict, seed: int) -> TrainConfig:
     """The settings of one ``end_to_end`` run: the DG schedule (``dg_epochs``,
     no early stop) with ``cfg.crosslab_frozen_stages`` frozen."""
@@ -146,8 +156,7 @@ def _end_to_end(cfg, store: MapStore, root: Path, split: pd.DataFrame, eval_sets
     split = split.copy()
     train = split[split["split"] == "train"]
     if single_source:
-        clusters = store.stain_clusters(train, stain_clusters_k(cfg))
-        split.loc[train.index, "domain"] = [f"stain{c}" for c in clusters[store.index(train, train)]]
+        split = with_stain_domains(cfg, store, split)
     hparams = image_hparams(method_name, hparams, cfg.dg_epochs, len(train), cfg.batch_size, seed)
     config = end_to_end_config(cfg, method_name, hparams, seed)
     stage1 = run_dir
@@ -286,14 +295,9 @@ def finetuned_rows(cfg: SimpleNamespace, root: Path, splits_dir: Path, cache_dir
         method_name, hparams, options = row_hparams(cfg, row)
         if options:
             raise ValueError(f"row {row!r} has options {options}, which the fine-tuned regime does not run")
-        row_split = split
-        if method_name != "erm":
-            if clustered is None:
-                store = MapStore(cfg, root, cache_dir)
-                clusters = store.stain_clusters(train, stain_clusters_k(cfg))[store.index(train, train)]
-                clustered = split.copy()
-                clustered.loc[train.index, "domain"] = [f"stain{c}" for c in clusters]
-            row_split = clustered
+        if method_name != "erm" and clustered is None:
+            clustered = with_stain_domains(cfg, MapStore(cfg, root, cache_dir), split)
+        row_split = split if method_name == "erm" else clustered
         for seed in cfg.crosslab_seeds:
             run_hparams = image_hparams(method_name, hparams, cfg.crosslab_epochs, len(train), cfg.batch_size, seed)
             two_stage = {"patience": cfg.crosslab_epochs} if "stage1_epochs" in run_hparams else {}
