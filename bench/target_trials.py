@@ -5,7 +5,7 @@ cache, into a results folder of its own (run folders as the book's: a rerun
 reads a finished trial back).
 
     python bench/target_trials.py rho1 [--train JSON] [--profile JSON] [--seed 0]
-    python bench/target_trials.py crosslab [--train JSON] [--profile JSON] [--swad] [--seeds 0 1 2]
+    python bench/target_trials.py crosslab [--train JSON] [--profile JSON] [--swad] [--stain macenko] [--seeds 0 1 2]
     python bench/target_trials.py crosslab-ensemble --book-results results
     python bench/target_trials.py crosslab-padding --book-results results [--padding reflect|median]
 
@@ -23,7 +23,10 @@ the repository's), ``--out trials`` (where the trial runs go), ``--data-root``.
   ``dihedral_colour_stain_blur``) with ``--train`` overrides
   (``{"frozen_stages": 5}``), ``--profile`` overrides
   (``{"crosslab_train_per_class": 300, "crosslab_epochs": 3}``) and, with
-  ``--swad``, SWAD's weight average; one line per seed and the mean.
+  ``--swad``, SWAD's weight average, and with ``--stain macenko`` every
+  image (pbc training rows and the target labs) Macenko-normalised to the
+  long-tail chapters' pbc reference (:func:`protocols.pbc_lt.stain_reference`);
+  one line per seed and the mean.
 * ``crosslab-ensemble``: the mean class probabilities of a book's three
   strong-preset runs of each fine-tuned row (ERM, BoDA, SADA), scored like one
   model; no training.
@@ -82,9 +85,19 @@ def _crosslab_sets(ctx):
     return crosslab_erm.crosslab_sets(ctx.cfg, table, sources, targets)
 
 
+def _macenko(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
+    # every row, training and target lab alike, mapped to the reference's stain by the loader
+    return frame.assign(stain="macenko", stain_reference=reference)
+
+
 def crosslab(args) -> None:
     ctx = _context(args, json.loads(args.profile))
     split, eval_sets = _crosslab_sets(ctx)
+    if args.stain == "macenko":
+        table, _ = B.read_pbc_lt(ctx.splits, 0)
+        reference = pbc_lt.stain_reference(table, ctx.root, ctx.results / "pbc_lt" / "stain_reference.json")
+        print("Macenko reference", reference)
+        split, eval_sets = _macenko(split, reference), {k: _macenko(v, reference) for k, v in eval_sets.items()}
     scores = []
     for seed in args.seeds:
         config = crosslab_erm.crosslab_finetune_config(ctx.cfg, "erm", seed, STRONG, json.loads(args.train))
@@ -176,6 +189,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--swad", action="store_true")
     parser.add_argument("--padding", choices=["reflect", "median"], default="median")
+    parser.add_argument("--stain", choices=["none", "macenko"], default="none",
+                        help="crosslab: Macenko-normalise every image to chapter 05's pbc reference")
     parser.add_argument("--splits", default="splits")
     parser.add_argument("--cache", default="cache")
     parser.add_argument("--out", default="trials")
