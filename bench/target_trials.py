@@ -85,11 +85,6 @@ def _crosslab_sets(ctx):
     return crosslab_erm.crosslab_sets(ctx.cfg, table, sources, targets)
 
 
-def _macenko(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
-    # every row, training and target lab alike, mapped to the reference's stain by the loader
-    return frame.assign(stain="macenko", stain_reference=reference)
-
-
 def crosslab(args) -> None:
     ctx = _context(args, json.loads(args.profile))
     split, eval_sets = _crosslab_sets(ctx)
@@ -97,7 +92,9 @@ def crosslab(args) -> None:
         table, _ = B.read_pbc_lt(ctx.splits, 0)
         reference = pbc_lt.stain_reference(table, ctx.root, ctx.results / "pbc_lt" / "stain_reference.json")
         print("Macenko reference", reference)
-        split, eval_sets = _macenko(split, reference), {k: _macenko(v, reference) for k, v in eval_sets.items()}
+        # every row, training and target lab alike, mapped to the reference's stain by the loader
+        stained = dict(stain="macenko", stain_reference=reference)
+        split, eval_sets = split.assign(**stained), {k: v.assign(**stained) for k, v in eval_sets.items()}
     scores = []
     for seed in args.seeds:
         config = crosslab_erm.crosslab_finetune_config(ctx.cfg, "erm", seed, STRONG, json.loads(args.train))
